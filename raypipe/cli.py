@@ -1,0 +1,144 @@
+"""The `raypipe` command: one subcommand per user step; each handler imports its module lazily."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+log = logging.getLogger("raypipe")
+
+
+def _cmd_synth(a: argparse.Namespace) -> int:
+    if a.kind == "drr":
+        from raypipe.data.drr import synth_drr_cli
+
+        return synth_drr_cli(a)
+    if a.out is None:
+        raise SystemExit("raypipe synth: --out is required")
+    from raypipe.data.synth import synth_cohort
+
+    out = synth_cohort(a.kind, a.out, patients=a.patients, seed=a.seed, workers=a.workers, overwrite=a.overwrite)
+    print(f"synthetic {a.kind} cohort: {out} (manifest: {Path(out) / 'manifest.csv'})")
+    return 0
+
+
+def _cmd_validate(a: argparse.Namespace) -> int:
+    from raypipe.io.manifest import validate_manifest
+
+    rep = validate_manifest(a.manifest, check_files=not a.no_file_check)
+    print(rep.summary())
+    return 0 if rep.ok else 1
+
+
+def _cmd_inspect(a: argparse.Namespace) -> int:
+    from raypipe.io.inspect import format_inspection, inspect_path
+
+    info = inspect_path(a.path, masks=a.masks, mask_labels=a.mask_labels)
+    print(json.dumps(info, indent=2) if a.json else format_inspection(info))
+    return 0
+
+
+def _cmd_preprocess(a: argparse.Namespace) -> int:
+    from raypipe.ray_utils import init_ray
+
+    init_ray()
+    if a.kind == "ct":
+        from raypipe.data.ct_pipeline import preprocess_ct
+
+        summary = preprocess_ct(a.manifest, a.out, config_path=a.config)
+    else:
+        from raypipe.data.xray_pipeline import preprocess_xray
+
+        summary = preprocess_xray(a.manifest, a.out, config_path=a.config)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _cmd_evaluate(a: argparse.Namespace) -> int:
+    from raypipe.evaluate import evaluate, summary_lines
+
+    result = evaluate(a.predictions, a.out, reference_model=a.reference, n_boot=a.n_boot, seed=a.seed)
+    for line in summary_lines(result):
+        print(line)
+    print(f"report: {Path(a.out) / 'report.html'}")
+    return 0
+
+
+def _cmd_demo(a: argparse.Namespace) -> int:
+    from raypipe.demo import run_demo
+
+    return run_demo(a.out, patients=a.patients, seed=a.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """All subcommands and their options (DESIGN.md's command table)."""
+    p = argparse.ArgumentParser(prog="raypipe", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("synth", help="synthetic cohort (DICOM + masks/keypoints + manifest.csv)")
+    s.add_argument("kind", choices=["ct", "xray", "both", "drr"])
+    s.add_argument("--out", type=str)
+    s.add_argument("--patients", type=int, default=20)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--workers", type=int, default=None)
+    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--ct", type=str, help="(drr) CT volume: NIfTI or DICOM folder")
+    s.add_argument("--masks", type=str, help="(drr) vertebra masks")
+    s.set_defaults(func=_cmd_synth)
+
+    s = sub.add_parser("validate", help="check a cohort manifest; exit 1 listing every problem")
+    s.add_argument("manifest")
+    s.add_argument("--no-file-check", action="store_true", help="skip checking that image/mask files exist")
+    s.set_defaults(func=_cmd_validate)
+
+    s = sub.add_parser("inspect", help="geometry, orientation and intensity of a CT or radiograph")
+    s.add_argument("path")
+    s.add_argument("--masks", type=str, default=None)
+    s.add_argument("--mask-labels", type=str, default=None, help="verse | totalseg | label-map JSON")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_cmd_inspect)
+
+    s = sub.add_parser("preprocess", help="Ray Data: manifest -> Parquet shards + qc.csv")
+    s.add_argument("kind", choices=["ct", "xray"])
+    s.add_argument("--manifest", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--config", default=None)
+    s.set_defaults(func=_cmd_preprocess)
+
+    s = sub.add_parser("evaluate", help="metrics.json + report.html from prediction files")
+    s.add_argument("predictions", nargs="+")
+    s.add_argument("--out", required=True)
+    s.add_argument("--reference", default=None, help="model the others are compared against")
+    s.add_argument("--n-boot", type=int, default=1000)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_cmd_evaluate)
+
+    s = sub.add_parser("demo", help="the whole pipeline on a small synthetic cohort (+ the real CT)")
+    s.add_argument("--out", default="demo_out")
+    s.add_argument("--patients", type=int, default=40)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: run one subcommand; input errors print one clear message and exit 1."""
+    from raypipe.io.errors import RaypipeInputError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    handler: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return int(handler(args) or 0)
+    except RaypipeInputError as e:
+        print(f"raypipe {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Typed configs: YAML in, validated pydantic objects out, with errors naming the file, key and expected type.
+
+Each task owns one config class (with the papers' values as defaults); this module only loads and checks.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from raypipe.io.errors import RaypipeInputError
+
+T = TypeVar("T", bound=BaseModel)
+
+
+class StrictModel(BaseModel):
+    """Base for every raypipe config: unknown keys are typos, so they are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ConfigError(RaypipeInputError):
+    """A config file that cannot be read or does not match its schema."""
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with a clear error for a missing file, bad syntax or a non-mapping."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}", path=str(p))
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: invalid YAML: {e}", path=str(p)) from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping at the top level, got {type(data).__name__}", path=str(p))
+    return data
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line per problem: `file: key.path: message (got value)`."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "<root>"
+        got = e.get("input")
+        got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{source}: {loc}: unknown key{got_s}")
+        else:
+            lines.append(f"{source}: {loc}: {e['msg']}{got_s}")
+    return "\n".join(lines)
+
+
+def parse_config(cls: type[T], data: dict[str, Any], source: str = "<config>") -> T:
+    """Validate a mapping into `cls`, turning pydantic's error into a ConfigError naming each key."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source), path=source) from e
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> T:
+    """Load `cls` from a YAML file (or its defaults when `path` is None), applying dotted-key overrides."""
+    data: dict[str, Any] = read_yaml(path) if path else {}
+    for key, value in (overrides or {}).items():
+        _set_dotted(data, key, value)
+    return parse_config(cls, data, str(path) if path else "<defaults>")
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    cur = data
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+
+
+def dump_config(cfg: BaseModel, path: str | Path) -> None:
+    """Write the resolved config next to a run's outputs (atomically)."""
+    from raypipe.storage import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+def config_hash(cfg: BaseModel | dict[str, Any]) -> str:
+    """Short stable hash of a config, recorded with predictions and registry entries."""
+    data = cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else cfg
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]

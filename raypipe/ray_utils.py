@@ -1,0 +1,86 @@
+"""One place that connects to Ray: `RAY_ADDRESS` when set, else a local instance sized to this machine.
+
+On small machines Ray's defaults starve Ray Data when training workers take every CPU (the run sits at
+0 rows with no error), so raypipe starts local Ray with more logical CPUs than cores and gives training
+workers a fraction of a CPU. `worker_resources()` is the single source of those numbers.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+# Logical CPUs advertised per physical core on a local instance: lets Ray Data and train workers coexist.
+LOGICAL_CPUS_PER_CORE = 2
+MIN_LOCAL_CPUS = 4
+
+
+@dataclass(frozen=True)
+class WorkerResources:
+    """Resources for one training worker and how many of them fit next to Ray Data."""
+
+    cpus_per_worker: float
+    use_gpu: bool
+    data_cpus_reserved: float
+
+
+def local_num_cpus() -> int:
+    """Logical CPUs to give a local Ray: at least 4, twice the cores (see module docstring)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(MIN_LOCAL_CPUS, cores * LOGICAL_CPUS_PER_CORE)
+
+
+def init_ray(num_cpus: int | None = None, quiet: bool = True, **kwargs) -> None:
+    """Connect to RAY_ADDRESS if set (a cluster), else start a local Ray sized to the machine; idempotent."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    address = os.environ.get("RAY_ADDRESS")
+    common = dict(ignore_reinit_error=True, log_to_driver=not quiet, include_dashboard=False, **kwargs)
+    if address:
+        log.info("connecting to Ray at %s", address)
+        common.pop("include_dashboard")
+        ray.init(address=address, **common)
+        return
+    n = num_cpus or local_num_cpus()
+    log.info("starting local Ray with %d logical CPUs", n)
+    ray.init(num_cpus=n, **common)
+    _quiet_data_progress()
+
+
+def _quiet_data_progress() -> None:
+    """Keep Ray Data's progress bars but drop its verbose per-operator logging."""
+    try:
+        from ray.data import DataContext
+
+        ctx = DataContext.get_current()
+        ctx.enable_progress_bars = True
+        ctx.print_on_execution_start = False
+    except Exception:  # pragma: no cover - older/newer Ray without these fields
+        pass
+
+
+def worker_resources(num_workers: int, use_gpu: bool | None = None) -> WorkerResources:
+    """CPUs per training worker leaving at least one logical CPU (a quarter of the total) for Ray Data."""
+    import ray
+
+    if use_gpu is None:
+        use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    total = float(ray.cluster_resources().get("CPU", local_num_cpus()))
+    reserve = max(1.0, total / 4)
+    per = max(0.25, min(2.0, (total - reserve - 1.0) / max(1, num_workers)))
+    # Round down to a quarter CPU so placement is predictable.
+    per = max(0.25, int(per * 4) / 4)
+    return WorkerResources(cpus_per_worker=per, use_gpu=bool(use_gpu), data_cpus_reserved=reserve)
+
+
+def shutdown_ray() -> None:
+    """Shut down Ray if this process started or connected to it."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
