@@ -31,15 +31,15 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping, with a clear error for a missing file, bad syntax or a non-mapping."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file not found: {p}", path=str(p))
+        raise ConfigError("config file not found", path=str(p))
     try:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: invalid YAML: {e}", path=str(p)) from e
+        raise ConfigError(f"invalid YAML: {e}", path=str(p)) from e
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{p}: expected a mapping at the top level, got {type(data).__name__}", path=str(p))
+        raise ConfigError(f"expected a mapping at the top level, got {type(data).__name__}", path=str(p))
     return data
 
 
@@ -62,7 +62,7 @@ def parse_config(cls: type[T], data: dict[str, Any], source: str = "<config>") -
     try:
         return cls.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, source), path=source) from e
+        raise ConfigError(format_validation_error(e, source)) from e
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> T:

@@ -19,12 +19,18 @@ def is_uri(path: str | os.PathLike) -> bool:
     return "://" in str(path) and not str(path).startswith("file://")
 
 
+def local_path(path: str | os.PathLike) -> str:
+    """A `file://` URI or plain path as a local path."""
+    p = str(path)
+    return p[len("file://"):] if p.startswith("file://") else p
+
+
 def filesystem(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     """Resolve a local path or URI to (pyarrow filesystem, path inside it)."""
     p = str(path)
-    if is_uri(p) or p.startswith("file://"):
+    if is_uri(p):
         return pafs.FileSystem.from_uri(p)
-    return pafs.LocalFileSystem(), os.path.abspath(p)
+    return pafs.LocalFileSystem(), os.path.abspath(local_path(p))
 
 
 def join(base: str | os.PathLike, *parts: str) -> str:
@@ -66,7 +72,7 @@ def atomic_local_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Pat
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write bytes so readers never see a partial file: temp name in the same folder, then rename."""
     if not is_uri(path):
-        with atomic_local_path(path) as tmp:
+        with atomic_local_path(local_path(path)) as tmp:
             tmp.write_bytes(data)
         return
     fs, p = filesystem(path)

@@ -94,14 +94,15 @@ class ManifestError(RaypipeInputError):
 
     def __init__(self, report: ManifestReport):
         self.report = report
-        super().__init__(report.summary(), path=str(report.path))
+        super().__init__(report.summary())
+        self.path = str(report.path)
 
 
 def read_manifest_table(path: str | Path) -> pd.DataFrame:
     """Read the raw manifest table (CSV or Parquet) with identifiers kept as strings."""
     p = Path(path)
     if not p.is_file():
-        raise RaypipeInputError(f"manifest not found: {p}", path=str(p))
+        raise RaypipeInputError("manifest not found", path=str(p))
     try:
         if p.suffix.lower() in (".parquet", ".pq"):
             return pd.read_parquet(p)
@@ -109,7 +110,7 @@ def read_manifest_table(path: str | Path) -> pd.DataFrame:
                                      "sex": str, "mask_labels": str, "modality": str},
                            keep_default_na=True)
     except Exception as e:  # noqa: BLE001 - any parser error becomes one clear message
-        raise RaypipeInputError(f"{p}: cannot read manifest: {e}", path=str(p)) from e
+        raise RaypipeInputError(f"cannot read manifest: {e}", path=str(p)) from e
 
 
 def resolve_path(value: object, base: Path) -> Path | None:
@@ -217,7 +218,7 @@ def _check_row(i: int, r: dict, base: Path, check_files: bool, add) -> None:
             fp = resolve_path(r[c], base)
             if fp is not None and not fp.exists():
                 add(ManifestProblem(i, c, r[c], f"file not found ({fp})"))
-    if isinstance(mod, str) and mod.strip().upper() == "CT" and "mask_path" in r and _is_missing(r["mask_path"]):
+    if isinstance(mod, str) and mod.strip().upper() == "CT" and _is_missing(r.get("mask_path")):
         add(ManifestProblem(i, "mask_path", None, "CT studies need vertebra masks (mask_path)"))
 
 

@@ -1,0 +1,603 @@
+"""`raypipe evaluate`: prediction files in, metrics.json (DESIGN.md schema) and a self-contained report.html out.
+
+Per model, on one evaluation split (``test`` when present, else another held-out split, else the
+validation split): binary metrics when a label column exists (AUROC with CI; accuracy, sensitivity,
+specificity, PPV, NPV at the Youden threshold of the validation split, else a given threshold or 0.5),
+survival metrics when ``time_days``/``event`` exist (Harrell and Uno C, td-AUROC, IBS from a Breslow
+baseline), and hazard ratios, Kaplan-Meier curves and a log-rank test by risk ``group``. Every model
+is compared with the reference model on their common studies: DeLong for AUROC, a paired
+patient-level bootstrap for the C-index and the threshold metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.fs as pafs
+from scipy import stats
+from sklearn.metrics import roc_curve
+
+from raypipe import metrics as M
+from raypipe import storage
+from raypipe.metrics.bootstrap import bootstrap_indices
+from raypipe.predictions import PathLike, label_columns, read_predictions
+from raypipe.report.plots import Curve
+from raypipe.report.tables import CharacteristicsTable, characteristics_table
+
+logger = logging.getLogger(__name__)
+
+TRAIN_SPLITS = ("train", "training")
+VALIDATION_SPLITS = ("val", "valid", "validation", "tune")
+THRESHOLD_METRICS = ("accuracy", "sensitivity", "specificity", "ppv", "npv")
+CALIBRATION_DAYS = 1825
+MAX_GRADCAM = 12
+
+
+@dataclass(frozen=True)
+class HazardRow:
+    """Hazard ratio of one risk group against the reference group (Cox model on group indicators)."""
+
+    group: str
+    n: int
+    events: int
+    hr: float
+    ci_low: float | None
+    ci_high: float | None
+    p_value: float | None
+    reference: bool = False
+
+
+@dataclass
+class ModelResult:
+    """Everything the report shows for one model, besides its metrics.json entries."""
+
+    name: str
+    score_kind: str
+    n_studies: int
+    n_patients: int
+    metrics: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    label_column: str | None = None
+    n_positive: int | None = None
+    n_events: int | None = None
+    threshold: float | None = None
+    threshold_source: str | None = None
+    roc: Curve | None = None
+    td_curve: Curve | None = None
+    km: list[Curve] = field(default_factory=list)
+    logrank_p: float | None = None
+    hazard_ratios: list[HazardRow] = field(default_factory=list)
+    calibration: Curve | None = None
+    gradcam: list[tuple[str, bytes]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Evaluation:
+    """The result of evaluating prediction files: metrics.json content plus what the report draws."""
+
+    metrics: dict[str, Any]
+    models: list[ModelResult]
+    reference: str
+    split: str
+    sources: dict[str, dict[str, Any]]
+    characteristics: list[CharacteristicsTable]
+    times_days: tuple[int, ...]
+    n_boot: int
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------- public API
+def evaluate(
+    prediction_paths: PathLike | Sequence[PathLike],
+    out_dir: PathLike,
+    reference_model: str | None = None,
+    times_days: Sequence[int] = (365, 730, 1095, 1825),
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Evaluate prediction files; write metrics.json, report.html and the report's PNGs to `out_dir`; return the metrics."""
+    from raypipe.report import build_report
+
+    df = read_predictions(prediction_paths)
+    result = evaluate_frame(df, reference_model=reference_model, times_days=times_days, n_boot=n_boot, seed=seed)
+    out = os.fspath(out_dir)
+    storage.makedirs(out)
+    storage.atomic_write_json(storage.join(out, "metrics.json"), result.metrics)
+    build_report(result, out)
+    logger.info("evaluated %d model(s) on split %r; wrote %s", len(result.models), result.split, out)
+    return result.metrics
+
+
+def summary_lines(metrics: Mapping[str, Any]) -> list[str]:
+    """One line per model with its headline metrics (95% CI) and p-values against the reference."""
+    pvals: dict[tuple[str, str], float] = {}
+    reference = None
+    for c in metrics.get("comparisons", []):
+        reference = c["a"]
+        pvals[(c["b"], c["metric"])] = c["p_value"]
+    lines = []
+    for name, entries in metrics.get("models", {}).items():
+        parts = []
+        for key in ("auroc", "accuracy", "c_index", "c_index_uno", "td_auroc_mean", "ibs"):
+            e = entries.get(key)
+            if not e or e.get("value") is None:
+                continue
+            text = f"{key} {e['value']:.3f}"
+            if e.get("ci_low") is not None and e.get("ci_high") is not None:
+                text += f" ({e['ci_low']:.3f}-{e['ci_high']:.3f})"
+            p = pvals.get((name, key))
+            if p is not None:
+                text += f" p={p:.3g}"
+            parts.append(text)
+        tag = " [reference]" if name == reference or (reference is None and not lines) else ""
+        lines.append(f"{name}{tag}: " + (", ".join(parts) if parts else "no metrics"))
+    return lines
+
+
+def evaluate_frame(
+    df: pd.DataFrame,
+    reference_model: str | None = None,
+    times_days: Sequence[int] = (365, 730, 1095, 1825),
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> Evaluation:
+    """Compute all metrics and report content from validated predictions (see `read_predictions`)."""
+    models = list(dict.fromkeys(df["model"].tolist()))
+    if not models:
+        raise ValueError("no predictions to evaluate")
+    reference = reference_model if reference_model is not None else models[0]
+    if reference not in models:
+        raise ValueError(f"reference model {reference!r} is not in the predictions (models: {', '.join(models)})")
+    split, notes = _choose_split(df)
+    times = tuple(int(t) for t in times_days)
+
+    results: list[ModelResult] = []
+    for name in models:
+        rows = df[df["model"] == name]
+        held_out = rows[rows["split"] == split]
+        if held_out.empty:
+            notes.append(f"model {name!r} has no rows in split {split!r}: not evaluated")
+            continue
+        results.append(_evaluate_model(name, rows, held_out, split, times, n_boot, seed))
+    if reference not in [r.name for r in results]:
+        raise ValueError(f"reference model {reference!r} has no rows in the evaluated split {split!r}")
+    results.sort(key=lambda r: r.name != reference)
+
+    comparisons = _comparisons(df[df["split"] == split], results, reference, n_boot, seed)
+    metrics_json = {"models": {r.name: r.metrics for r in results}, "comparisons": comparisons}
+    characteristics = _characteristics(df[df["split"] == split], results, reference)
+    return Evaluation(
+        metrics=_sanitize(metrics_json), models=results, reference=reference, split=split,
+        sources=dict(df.attrs.get("sources", {})), characteristics=characteristics, times_days=times,
+        n_boot=n_boot, notes=notes,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- per model
+def _choose_split(df: pd.DataFrame) -> tuple[str, list[str]]:
+    """The split to evaluate: test, else another held-out split, else validation, else train (with a note)."""
+    splits = list(dict.fromkeys(df["split"].tolist()))
+    if "test" in splits:
+        return "test", []
+    held_out = [s for s in splits if s not in TRAIN_SPLITS and s not in VALIDATION_SPLITS]
+    if held_out:
+        notes = [f"several held-out splits ({', '.join(held_out)}): evaluated {held_out[0]!r}"] if len(held_out) > 1 else []
+        return held_out[0], notes
+    val = [s for s in splits if s in VALIDATION_SPLITS]
+    if val:
+        return val[0], []
+    return splits[0], [f"no held-out split: metrics are on the {splits[0]!r} rows and are optimistic"]
+
+
+def _evaluate_model(name: str, rows: pd.DataFrame, held_out: pd.DataFrame, split: str,
+                    times: tuple[int, ...], n_boot: int, seed: int) -> ModelResult:
+    """Binary, survival and risk-group results of one model on its held-out rows."""
+    kind = str(held_out["score_kind"].iloc[0])
+    res = ModelResult(name=name, score_kind=kind, n_studies=len(held_out),
+                      n_patients=int(held_out["patient_id"].nunique()))
+    train = rows[rows["split"].isin(TRAIN_SPLITS)]
+    val = rows[rows["split"].isin(VALIDATION_SPLITS) & (rows["split"] != split)]
+    _binary_part(res, held_out, val, n_boot, seed)
+    if "time_days" in held_out.columns and "event" in held_out.columns:
+        _survival_part(res, held_out, train, times, n_boot, seed)
+    res.gradcam = _gradcam_images(held_out)
+    return res
+
+
+def _label_of(df: pd.DataFrame) -> str | None:
+    """First label column with both classes among the rows."""
+    for col in label_columns(list(df.columns)):
+        y = df[col].dropna()
+        if y.nunique() == 2:
+            return col
+    return None
+
+
+def _binary_part(res: ModelResult, held_out: pd.DataFrame, val: pd.DataFrame, n_boot: int, seed: int) -> None:
+    """AUROC with CI, ROC curve and threshold metrics with CIs."""
+    col = _label_of(held_out)
+    if col is None:
+        return
+    rows = held_out[held_out[col].notna()]
+    if len(rows) < len(held_out):
+        res.notes.append(f"{len(held_out) - len(rows)} studies without {col!r} left out of the binary metrics")
+    y = rows[col].to_numpy(dtype=int)
+    s = rows["score"].to_numpy(dtype=float)
+    groups = rows["patient_id"].to_numpy(dtype=str)
+    res.label_column, res.n_positive = col, int(y.sum())
+    res.metrics["auroc"] = M.auroc_ci(y, s, n_boot=n_boot, seed=seed, groups=groups).to_dict()
+    fpr, tpr, _ = roc_curve(y, s)
+    res.roc = Curve(res.name, fpr, tpr, res.metrics["auroc"]["value"])
+
+    val_rows = val[val[col].notna()] if col in val.columns else val.iloc[0:0]
+    if len(val_rows) and val_rows[col].nunique() == 2:
+        thr = M.youden_threshold(val_rows[col].to_numpy(dtype=int), val_rows["score"].to_numpy(dtype=float))
+        source = "Youden index on the validation split"
+    elif res.score_kind == "probability":
+        given = _given_threshold(held_out)
+        thr, source = (given, "given in the run metadata") if given is not None else (0.5, "0.5 (no validation split)")
+    else:
+        thr = M.youden_threshold(y, s)
+        source = "Youden index on the evaluated rows (no validation split: optimistic)"
+        res.notes.append("threshold chosen on the evaluated rows themselves: threshold metrics are optimistic")
+    res.threshold, res.threshold_source = float(thr), source
+    ci = M.binary_metrics_ci(y, s, thr, n_boot=n_boot, seed=seed, groups=groups)
+    for key in THRESHOLD_METRICS:
+        res.metrics[key] = getattr(ci, key).to_dict()
+
+
+def _given_threshold(rows: pd.DataFrame) -> float | None:
+    """A `threshold` from the run metadata of the rows' prediction file, when one was recorded."""
+    sources = rows.attrs.get("sources") or {}
+    for path in rows.get("source_file", pd.Series(dtype=object)).unique():
+        value = (sources.get(path) or {}).get("threshold")
+        if isinstance(value, (int, float)):
+            return float(value)
+    return None
+
+
+def _survival_part(res: ModelResult, held_out: pd.DataFrame, train: pd.DataFrame, times: tuple[int, ...],
+                   n_boot: int, seed: int) -> None:
+    """C-indices, td-AUROC, IBS, calibration and risk groups on the held-out rows."""
+    t = held_out["time_days"].to_numpy(dtype=float)
+    e = held_out["event"].to_numpy(dtype=int)
+    s = held_out["score"].to_numpy(dtype=float)
+    groups = held_out["patient_id"].to_numpy(dtype=str)
+    res.n_events = int(e.sum())
+    if res.n_events == 0:
+        res.notes.append("no events among the evaluated rows: survival metrics skipped")
+        return
+    res.metrics["c_index"] = _as_entry(M.c_index(t, e, s, n_boot=n_boot, seed=seed, groups=groups))
+
+    if len(train) and train["event"].sum() > 0:
+        t_tr, e_tr, s_tr = (train["time_days"].to_numpy(dtype=float), train["event"].to_numpy(dtype=int),
+                            train["score"].to_numpy(dtype=float))
+        fit_on = "training rows"
+    else:
+        t_tr, e_tr, s_tr = t, e, s
+        fit_on = "evaluated rows"
+        res.notes.append("no training rows: censoring distribution (Uno C, td-AUROC, IBS) and Breslow baseline "
+                         "estimated on the evaluated rows themselves")
+    res.metrics["c_index_uno"] = _as_entry(M.c_index_uno(t_tr, e_tr, t, e, s, n_boot=n_boot, seed=seed, groups=groups))
+
+    usable = [x for x in times if _evaluable_time(x, t, e, t_tr)]
+    dropped = [x for x in times if x not in usable]
+    if dropped:
+        res.notes.append(f"td-AUROC/IBS times {dropped} days are outside the follow-up of the data: skipped")
+    if usable:
+        td = M.td_auroc(t_tr, e_tr, t, e, s, usable, n_boot=n_boot, seed=seed, groups=groups)
+        for x, entry in zip(usable, _td_entries(td)):
+            res.metrics[f"td_auroc@{x}"] = entry
+        res.metrics["td_auroc_mean"] = _as_entry(_field(td, "mean"))
+    grid = _time_grid(t, e, t_tr)
+    if len(grid) >= 2:
+        td_grid = M.td_auroc(t_tr, e_tr, t, e, s, grid)
+        res.td_curve = Curve(res.name, np.asarray(grid, float), np.asarray(_field(td_grid, "values"), float),
+                             _num(_field(td_grid, "mean")))
+
+    surv_fn = None
+    if res.score_kind == "log_risk":
+        baseline = M.breslow_baseline(t_tr, e_tr, s_tr)
+        surv_fn = lambda log_risk, at: _survival_from_baseline(baseline, log_risk, at)  # noqa: E731
+        if usable:
+            surv = surv_fn(s, np.asarray(usable, float))
+            res.metrics["ibs"] = _as_entry(M.integrated_brier_score(t_tr, e_tr, t, e, surv, usable,
+                                                                    n_boot=n_boot, seed=seed, groups=groups))
+            res.notes.append(f"IBS from a Breslow baseline fitted on the {fit_on}")
+    else:
+        res.notes.append("IBS needs survival curves: not computed for probability scores")
+    res.calibration = _calibration(res, held_out, surv_fn)
+    _risk_groups(res, held_out)
+
+
+def _evaluable_time(x: float, t: np.ndarray, e: np.ndarray, t_train: np.ndarray) -> bool:
+    """A time point with an event before it and follow-up beyond it, in both the test and the training rows."""
+    return bool(np.any((t <= x) & (e == 1)) and np.any(t > x) and x < t_train.max())
+
+
+def _time_grid(t: np.ndarray, e: np.ndarray, t_train: np.ndarray, n: int = 12) -> list[float]:
+    """Time points for the td-AUROC curve: from the 10th percentile of event times to the 90th of follow-up."""
+    ev = t[e == 1]
+    if ev.size < 2:
+        return []
+    lo, hi = float(np.quantile(ev, 0.1)), float(min(np.quantile(t, 0.9), t_train.max() - 1))
+    if hi <= lo:
+        return []
+    return [float(x) for x in np.linspace(lo, hi, n) if _evaluable_time(x, t, e, t_train)]
+
+
+def _survival_from_baseline(baseline: Any, log_risk: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """S(t | x) = exp(-H0(t) exp(log_risk)), n x len(at)."""
+    if hasattr(baseline, "survival"):
+        return np.asarray(baseline.survival(log_risk, at), float)
+    h0 = np.interp(at, np.asarray(baseline.time, float), np.asarray(baseline.cumulative_hazard, float), left=0.0)
+    return np.exp(-np.outer(np.exp(log_risk), h0))
+
+
+def _km_at(t: np.ndarray, e: np.ndarray, horizon: float) -> float:
+    """Kaplan-Meier survival at `horizon` (step function, 1 before the first time)."""
+    km = M.kaplan_meier(t, e)
+    times, surv = np.asarray(km.time, float), np.asarray(km.survival, float)
+    idx = np.searchsorted(times, horizon, side="right") - 1
+    return 1.0 if idx < 0 else float(surv[idx])
+
+
+def _calibration(res: ModelResult, rows: pd.DataFrame, surv_fn: Callable[[np.ndarray, np.ndarray], np.ndarray] | None
+                 ) -> Curve | None:
+    """Predicted against observed 5-year risk by deciles of predicted risk (KM for observed risk)."""
+    s = rows["score"].to_numpy(dtype=float)
+    if res.score_kind == "probability":
+        predicted = s
+    elif surv_fn is not None:
+        predicted = 1.0 - surv_fn(s, np.array([float(CALIBRATION_DAYS)]))[:, 0]
+    else:
+        return None
+    t = rows["time_days"].to_numpy(dtype=float)
+    e = rows["event"].to_numpy(dtype=int)
+    if len(rows) < 20 or t.max() < CALIBRATION_DAYS * 0.5:
+        return None
+    bins = pd.qcut(pd.Series(predicted), 10, labels=False, duplicates="drop").to_numpy()
+    xs, ys = [], []
+    for b in np.unique(bins):
+        sel = bins == b
+        if sel.sum() < 5 or e[sel].sum() == 0:
+            xs.append(float(predicted[sel].mean()))
+            ys.append(0.0 if e[sel].sum() == 0 else math.nan)
+            continue
+        xs.append(float(predicted[sel].mean()))
+        ys.append(1.0 - _km_at(t[sel], e[sel], float(CALIBRATION_DAYS)))
+    return Curve(res.name, np.asarray(xs), np.asarray(ys))
+
+
+def _risk_groups(res: ModelResult, rows: pd.DataFrame) -> None:
+    """Hazard ratios against the lowest-risk group, KM curves per group and the log-rank p-value."""
+    if "group" not in rows.columns:
+        return
+    sub = rows[rows["group"].notna()]
+    names = list(sub.groupby("group", observed=True)["score"].mean().sort_values(kind="mergesort").index.astype(str))
+    if len(names) < 2:
+        return
+    t = sub["time_days"].to_numpy(dtype=float)
+    e = sub["event"].to_numpy(dtype=int)
+    g = sub["group"].astype(str).to_numpy()
+    for name in names:
+        km = M.kaplan_meier(t[g == name], e[g == name])
+        res.km.append(Curve(name, np.asarray(km.time, float), np.asarray(km.survival, float), float((g == name).sum())))
+    res.logrank_p = _num(_field(M.logrank_test(t, e, g), "p_value"))
+    ref = names[0]
+    design = pd.DataFrame({f"group_{n}": (g == n).astype(float) for n in names[1:]})
+    design["time_days"], design["event"] = t, e
+    hrs = M.cox_hazard_ratios(design, "time_days", "event")
+    res.hazard_ratios.append(HazardRow(ref, int((g == ref).sum()), int(e[g == ref].sum()), 1.0, None, None, None, True))
+    res.metrics[f"hr@{ref}"] = {"value": 1.0, "ci_low": None, "ci_high": None}
+    for n in names[1:]:
+        hr = _hr_lookup(hrs, f"group_{n}")
+        row = HazardRow(n, int((g == n).sum()), int(e[g == n].sum()), _num(_field(hr, "value")),
+                        _num(_field(hr, "ci_low")), _num(_field(hr, "ci_high")), _num(_field(hr, "p_value")))
+        res.hazard_ratios.append(row)
+        res.metrics[f"hr@{n}"] = {"value": row.hr, "ci_low": row.ci_low, "ci_high": row.ci_high}
+    res.notes.append(f"hazard ratios against risk group {ref!r} (lowest mean score)")
+
+
+def _hr_lookup(hrs: Any, column: str) -> Any:
+    """The hazard-ratio result of one covariate from `cox_hazard_ratios` output (mapping or DataFrame)."""
+    if isinstance(hrs, pd.DataFrame):
+        row = hrs.loc[column]
+        return {k: float(row[k]) for k in ("value", "ci_low", "ci_high", "p_value") if k in row}
+    if isinstance(hrs, Mapping):
+        return hrs[column]
+    return getattr(hrs, column)
+
+
+def _gradcam_images(rows: pd.DataFrame) -> list[tuple[str, bytes]]:
+    """Up to MAX_GRADCAM PNGs from `gradcam/` folders next to the model's prediction files."""
+    images: list[tuple[str, bytes]] = []
+    if "source_file" not in rows.columns:
+        return images
+    for path in dict.fromkeys(rows["source_file"].tolist()):
+        folder = storage.join(os.path.dirname(str(path)) if not storage.is_uri(path) else str(path).rsplit("/", 1)[0],
+                              "gradcam")
+        fs, inner = storage.filesystem(folder)
+        if fs.get_file_info(inner).type != pafs.FileType.Directory:
+            continue
+        infos = fs.get_file_info(pafs.FileSelector(inner, recursive=True))
+        pngs = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.lower().endswith(".png"))
+        for p in pngs[: MAX_GRADCAM - len(images)]:
+            with fs.open_input_stream(p) as f:
+                images.append((p.rsplit("/", 1)[-1], f.read()))
+    return images
+
+
+# ---------------------------------------------------------------------------------------------- comparisons
+def _comparisons(rows: pd.DataFrame, results: list[ModelResult], reference: str, n_boot: int, seed: int
+                 ) -> list[dict[str, Any]]:
+    """p-values of every model against the reference on their common studies."""
+    ref = next(r for r in results if r.name == reference)
+    key = ["patient_id", "study_id"]
+    ref_rows = rows[rows["model"] == reference]
+    out: list[dict[str, Any]] = []
+    for res in results:
+        if res.name == reference:
+            continue
+        other = rows[rows["model"] == res.name][[*key, "score"]]
+        both = ref_rows.merge(other, on=key, suffixes=("", "_b"))
+        if len(both) < 10:
+            logger.warning("models %r and %r share %d studies: not compared", reference, res.name, len(both))
+            res.notes.append(f"only {len(both)} studies in common with the reference: no p-values")
+            continue
+        if len(both) < min(len(ref_rows), res.n_studies):
+            res.notes.append(f"compared with the reference on the {len(both)} studies both scored")
+        a, b = both["score"].to_numpy(float), both["score_b"].to_numpy(float)
+        groups = both["patient_id"].to_numpy(dtype=str)
+        col = ref.label_column if ref.label_column and res.label_column == ref.label_column else None
+        if col is not None:
+            lab = both[both[col].notna()]
+            sel = both[col].notna().to_numpy()
+            y = lab[col].to_numpy(dtype=int)
+            if len(np.unique(y)) == 2:
+                p = M.delong_test(y, a[sel], b[sel]).p_value
+                out.append(_comparison(reference, res.name, "auroc", p))
+                if ref.threshold is not None and res.threshold is not None:
+                    pvals = _paired_threshold_p(y, a[sel], b[sel], ref.threshold, res.threshold, groups[sel], n_boot, seed)
+                    out.extend(_comparison(reference, res.name, k, pvals[k]) for k in THRESHOLD_METRICS)
+        if "c_index" in ref.metrics and "c_index" in res.metrics:
+            t = both["time_days"].to_numpy(float)
+            e = both["event"].to_numpy(int)
+            if e.sum() > 0:
+                p = _paired_bootstrap_p(lambda i: _harrell(t[i], e[i], a[i]) - _harrell(t[i], e[i], b[i]),
+                                        e, groups, n_boot, seed)
+                out.append(_comparison(reference, res.name, "c_index", p))
+    return out
+
+
+def _comparison(a: str, b: str, metric: str, p: float | None) -> dict[str, Any]:
+    """One metrics.json comparison entry."""
+    return {"a": a, "b": b, "metric": metric, "p_value": _num(p)}
+
+
+def _harrell(t: np.ndarray, e: np.ndarray, s: np.ndarray) -> float:
+    """Harrell's C point estimate from raypipe.metrics (no CI)."""
+    return _num(_field(M.c_index(t, e, s, n_boot=0), "value"))
+
+
+def _paired_bootstrap_p(diff: Callable[[np.ndarray], float], strata: np.ndarray, groups: np.ndarray,
+                        n_boot: int, seed: int) -> float | None:
+    """Two-sided p-value of a paired difference: observed difference over its bootstrap SE, normal reference."""
+    n = len(strata)
+    observed = diff(np.arange(n))
+    reps = []
+    for idx in bootstrap_indices(strata, n_boot, seed, groups):
+        try:
+            reps.append(diff(idx))
+        except ValueError:
+            continue
+    return _z_p(observed, np.asarray(reps, float))
+
+
+def _z_p(observed: float, reps: np.ndarray) -> float | None:
+    """Normal-approximation p-value of `observed` with the SD of bootstrap replicates as its SE."""
+    reps = reps[np.isfinite(reps)]
+    if not math.isfinite(observed) or reps.size < 2:
+        return None
+    se = float(reps.std(ddof=1))
+    if se == 0:
+        return 1.0 if observed == 0 else 0.0
+    return float(2 * stats.norm.sf(abs(observed) / se))
+
+
+def _paired_threshold_p(y: np.ndarray, a: np.ndarray, b: np.ndarray, thr_a: float, thr_b: float, groups: np.ndarray,
+                        n_boot: int, seed: int) -> dict[str, float | None]:
+    """Paired bootstrap p-values for accuracy/sensitivity/specificity/PPV/NPV at each model's own threshold."""
+    def diffs(idx: np.ndarray) -> np.ndarray:
+        ma, mb = M.binary_metrics(y[idx], a[idx], thr_a), M.binary_metrics(y[idx], b[idx], thr_b)
+        return np.array([getattr(ma, k) - getattr(mb, k) for k in THRESHOLD_METRICS])
+
+    observed = diffs(np.arange(len(y)))
+    reps = []
+    for idx in bootstrap_indices(y, n_boot, seed, groups):
+        try:
+            reps.append(diffs(idx))
+        except ValueError:
+            continue
+    mat = np.asarray(reps, float).reshape(-1, len(THRESHOLD_METRICS))
+    return {k: _z_p(float(observed[i]), mat[:, i]) for i, k in enumerate(THRESHOLD_METRICS)}
+
+
+# ---------------------------------------------------------------------------------------------- characteristics
+def _characteristics(rows: pd.DataFrame, results: list[ModelResult], reference: str) -> list[CharacteristicsTable]:
+    """Clinical characteristics of the evaluated studies by outcome and, when present, by risk group."""
+    tables: list[CharacteristicsTable] = []
+    base = rows[rows["model"] == reference].drop_duplicates(["patient_id", "study_id"])
+    ref = next(r for r in results if r.name == reference)
+    if ref.label_column:
+        d = base.assign(_outcome=base[ref.label_column].map({0.0: "No fracture", 1.0: "Fracture"}))
+        tables.append(characteristics_table(d, "_outcome", f"Clinical characteristics by outcome ({ref.label_column})",
+                                            order=["No fracture", "Fracture"]))
+    elif "event" in base.columns:
+        d = base.assign(_outcome=base["event"].map({0: "No incident fracture", 1: "Incident fracture"}))
+        tables.append(characteristics_table(d, "_outcome", "Clinical characteristics by incident fracture",
+                                            order=["No incident fracture", "Incident fracture"]))
+    for res in results:
+        if res.km:
+            sub = rows[rows["model"] == res.name].drop_duplicates(["patient_id", "study_id"])
+            order = [c.label for c in res.km]
+            tables.append(characteristics_table(sub, "group", f"Clinical characteristics by risk group ({res.name})",
+                                                order=order))
+            break
+    return [t for t in tables if t.rows]
+
+
+# ---------------------------------------------------------------------------------------------- small helpers
+def _field(obj: Any, name: str) -> Any:
+    """Attribute or mapping item `name` of a metrics result."""
+    if isinstance(obj, Mapping):
+        return obj.get(name)
+    return getattr(obj, name, None)
+
+
+def _num(x: Any) -> float | None:
+    """Finite float or None."""
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _as_entry(obj: Any) -> dict[str, float | None]:
+    """A metrics.json entry from a metrics result (with or without CI) or a bare number."""
+    if hasattr(obj, "to_dict"):
+        d = obj.to_dict()
+        return {k: _num(d.get(k)) for k in ("value", "ci_low", "ci_high")}
+    if isinstance(obj, (int, float, np.floating)):
+        return {"value": _num(obj), "ci_low": None, "ci_high": None}
+    return {k: _num(_field(obj, k)) for k in ("value", "ci_low", "ci_high")}
+
+
+def _td_entries(td: Any) -> list[dict[str, float | None]]:
+    """Per-time entries of a td-AUROC result (with per-time CIs when the result carries them)."""
+    values = list(np.asarray(_field(td, "values"), float))
+    lows, highs = _field(td, "ci_low"), _field(td, "ci_high")
+    if lows is not None and np.ndim(lows) == 1 and len(lows) == len(values):
+        return [{"value": _num(v), "ci_low": _num(lo), "ci_high": _num(hi)} for v, lo, hi in zip(values, lows, highs)]
+    return [{"value": _num(v), "ci_low": None, "ci_high": None} for v in values]
+
+
+def _sanitize(obj: Any) -> Any:
+    """JSON-safe copy: numpy scalars to Python, NaN/inf to None."""
+    if isinstance(obj, Mapping):
+        return {str(k): _sanitize(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_sanitize(v) for v in obj]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return _num(obj)
+    return obj

@@ -1,0 +1,347 @@
+"""Trainer plumbing every Ray Train loop in raypipe shares: device/AMP, seeding, checkpoints, early stopping.
+
+A training loop (one per task, e.g. `raypipe.train.ct`) runs inside each Ray Train worker and uses:
+
+- `DeviceSetup` / `autocast`: bf16 autocast + channels_last on CUDA, plain fp32 on CPU;
+- `seed_everything`: Python, NumPy and torch RNGs from one seed (plus the rank when asked);
+- `TrainState`: epoch, best monitored value, patience counter and the per-epoch history, saved with the
+  model and optimizer in every checkpoint so a resumed run continues the same early-stopping schedule
+  and still knows the metrics of every earlier epoch;
+- `save_checkpoint` / `load_checkpoint`: one `state.pt` (torch.save of plain state_dicts, loaded with
+  `weights_only=True`) inside a `ray.train.Checkpoint` directory; `resume` reads `ray.train.get_checkpoint()`;
+- `report_epoch`: rank 0 writes the checkpoint and the metrics CSV, every rank calls `ray.train.report`
+  (the report is a barrier, so every rank must call it the same number of times);
+- `make_trainer`: a `TorchTrainer` sized by `raypipe.ray_utils.worker_resources` (fractional CPUs on small
+  machines, so Ray Data keeps CPUs to stream with).
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import logging
+import math
+import os
+import random
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "state.pt"
+
+
+# ---------------------------------------------------------------------------------------------- device
+@dataclass(frozen=True)
+class DeviceSetup:
+    """Where a worker computes and in which precision: bf16 autocast and channels_last only on CUDA."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+
+
+def select_device(amp: bool = True, device: torch.device | None = None) -> DeviceSetup:
+    """The worker's device (Ray's when inside a Train worker) with bf16/channels_last on CUDA, fp32 on CPU."""
+    if device is None:
+        device = _ray_device() or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    on_cuda = device.type == "cuda"
+    return DeviceSetup(device=device, amp_dtype=torch.bfloat16 if (amp and on_cuda) else None, channels_last=on_cuda)
+
+
+def _ray_device() -> torch.device | None:
+    """Ray Train's device for this worker, or None outside a Train worker."""
+    try:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+    except Exception:
+        return None
+
+
+def autocast(setup: DeviceSetup) -> contextlib.AbstractContextManager:
+    """Autocast context for the forward pass (a no-op in fp32)."""
+    if setup.amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=setup.device.type, dtype=setup.amp_dtype)
+
+
+def to_device_model(model: nn.Module, setup: DeviceSetup) -> nn.Module:
+    """Move a model to its device, in channels_last memory format where that is faster (CUDA)."""
+    model = model.to(setup.device)
+    if setup.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch so a run is repeatable given its seed."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def freeze_batchnorm(model: nn.Module) -> int:
+    """Put BatchNorm layers in eval mode (running statistics) after `model.train()`; returns how many.
+
+    With tiny per-worker batches, batch statistics are noisy and differ between 1 and N workers; frozen
+    statistics make N-worker DDP compute exactly what one worker with the same global batch computes.
+    """
+    n = 0
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+            n += 1
+    return n
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside a DDP/FSDP wrapper (its state_dict has no `module.` prefix)."""
+    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+
+
+# ---------------------------------------------------------------------------------------------- distributed
+def world_rank() -> int:
+    """This worker's rank (0 outside Ray Train)."""
+    try:
+        import ray.train
+
+        return ray.train.get_context().get_world_rank()
+    except Exception:
+        return 0
+
+
+def world_size() -> int:
+    """Number of workers (1 outside Ray Train)."""
+    try:
+        import ray.train
+
+        return ray.train.get_context().get_world_size()
+    except Exception:
+        return 1
+
+
+def per_worker_batch(global_batch: int, n_workers: int) -> int:
+    """Per-worker batch so that the global batch is what the config says (at least 1)."""
+    if global_batch % n_workers:
+        log.warning("global batch %d is not divisible by %d workers; using %d per worker",
+                    global_batch, n_workers, global_batch // n_workers)
+    return max(1, global_batch // n_workers)
+
+
+def gather_arrays(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Concatenate each named array over all workers (identity with one process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return {k: np.asarray(v) for k, v in arrays.items()}
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, {k: np.asarray(v) for k, v in arrays.items()})
+    return {k: np.concatenate([p[k] for p in parts]) for k in arrays}
+
+
+def all_reduce_mean(value: float, weight: float = 1.0) -> float:
+    """Weighted mean of a scalar over all workers (identity with one process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value * weight, weight], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t[0] / t[1]) if t[1] > 0 else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------- state
+@dataclass
+class TrainState:
+    """Training progress saved with every checkpoint: last finished epoch, early stopping, history."""
+
+    epoch: int = 0  # epochs finished (1-based count); the next epoch to run is epoch + 1
+    best_value: float | None = None
+    best_epoch: int = 0
+    epochs_since_best: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def update(self, value: float, mode: str = "max", min_delta: float = 0.0) -> bool:
+        """Record this epoch's monitored value; True when it improves on the best so far."""
+        finite = value is not None and math.isfinite(value)
+        if finite and (
+            self.best_value is None
+            or (mode == "max" and value > self.best_value + min_delta)
+            or (mode == "min" and value < self.best_value - min_delta)
+        ):
+            self.best_value, self.best_epoch, self.epochs_since_best = float(value), self.epoch, 0
+            return True
+        self.epochs_since_best += 1
+        return False
+
+    def should_stop(self, patience: int) -> bool:
+        """Early stopping: no improvement for `patience` epochs."""
+        return self.epochs_since_best >= patience
+
+
+def checkpoint_payload(model: nn.Module, optimizer: torch.optim.Optimizer | None, state: TrainState) -> dict:
+    """Plain containers and tensors only, so the file loads with `torch.load(weights_only=True)`."""
+    return {
+        "model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
+        "optimizer": optimizer.state_dict() if optimizer is not None else {},
+        "state": asdict(state),
+    }
+
+
+def save_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                    state: TrainState) -> str:
+    """Write `state.pt` (model + optimizer + training state) into `directory`; returns the file path."""
+    path = os.path.join(os.fspath(directory), CHECKPOINT_FILE)
+    torch.save(checkpoint_payload(model, optimizer, state), path)
+    return path
+
+
+def read_checkpoint(checkpoint: Any) -> dict:
+    """Load the payload of a `ray.train.Checkpoint` (or a local directory) on CPU, weights_only."""
+    if isinstance(checkpoint, (str, os.PathLike)):
+        return torch.load(os.path.join(os.fspath(checkpoint), CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+    with checkpoint.as_directory() as d:
+        return torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+
+
+def load_checkpoint(checkpoint: Any, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> TrainState:
+    """Restore model (and optimizer) from a checkpoint and return its training state."""
+    payload = read_checkpoint(checkpoint)
+    unwrap(model).load_state_dict(payload["model"])
+    if optimizer is not None and payload.get("optimizer"):
+        optimizer.load_state_dict(payload["optimizer"])
+    return TrainState(**payload["state"])
+
+
+def resume(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> TrainState:
+    """Continue from `ray.train.get_checkpoint()` when Ray restores a run (retry or same name), else start fresh."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return TrainState()
+    state = load_checkpoint(checkpoint, model, optimizer)
+    log.info("resuming after epoch %d (best %s at epoch %d)", state.epoch, state.best_value, state.best_epoch)
+    return state
+
+
+# ---------------------------------------------------------------------------------------------- reporting
+def metrics_csv_text(history: Sequence[Mapping[str, Any]]) -> str:
+    """Per-epoch metrics as CSV text (union of keys, `epoch` first)."""
+    keys: list[str] = []
+    for row in history:
+        keys.extend(k for k in row if k not in keys)
+    keys.sort(key=lambda k: k != "epoch")
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    return buf.getvalue()
+
+
+def write_metrics_csv(path: str, history: Sequence[Mapping[str, Any]]) -> None:
+    """Rewrite the per-epoch metrics CSV atomically (readers never see half a file)."""
+    from raypipe.storage import atomic_write_text
+
+    atomic_write_text(path, metrics_csv_text(history))
+
+
+def report_epoch(
+    metrics: Mapping[str, float],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    state: TrainState,
+    metrics_csv: str | None = None,
+) -> None:
+    """Report one finished epoch: rank 0 saves the checkpoint and the CSV, every rank calls `ray.train.report`."""
+    import ray.train
+
+    rank = world_rank()
+    clean = {k: (float(v) if isinstance(v, (int, float, np.floating, np.integer)) else v) for k, v in metrics.items()}
+    if rank != 0:
+        ray.train.report(clean, checkpoint=None)
+        return
+    if metrics_csv:
+        write_metrics_csv(metrics_csv, state.history)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(tmp, model, optimizer, state)
+        ray.train.report(clean, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"checkpoint_epoch_{state.epoch:04d}")
+
+
+def score_for_ranking(value: float, mode: str) -> float:
+    """A finite number Ray can rank checkpoints by (undefined metrics rank last)."""
+    if value is None or not math.isfinite(value):
+        return -1e30 if mode == "max" else 1e30
+    return float(value)
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+def make_trainer(
+    train_loop: Callable[[dict], None],
+    config: Mapping[str, Any],
+    datasets: Mapping[str, Any],
+    num_workers: int,
+    storage_path: str,
+    name: str,
+    max_failures: int = 1,
+    num_to_keep: int | None = 2,
+    score_attribute: str | None = None,
+    score_order: str = "max",
+    use_gpu: bool | None = None,
+) -> Any:
+    """A TorchTrainer with fractional worker CPUs, failure retries and best-plus-latest checkpoint retention.
+
+    Rerunning with the same `storage_path` and `name` resumes from that run's latest checkpoint
+    (Ray Train V2 restores its checkpoint manager from storage).
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from raypipe.ray_utils import worker_resources
+
+    res = worker_resources(num_workers, use_gpu=use_gpu)
+    resources = {"CPU": res.cpus_per_worker}
+    if res.use_gpu:
+        resources["GPU"] = 1
+    log.info("Ray Train: %d worker(s), %s each, gpu=%s", num_workers, resources, res.use_gpu)
+    return TorchTrainer(
+        train_loop,
+        train_loop_config=dict(config),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=res.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            storage_path=storage_path,
+            name=name,
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=num_to_keep,
+                checkpoint_score_attribute=score_attribute,
+                checkpoint_score_order=score_order,
+            ),
+        ),
+        datasets=dict(datasets),
+    )
+
+
+def best_checkpoint(result: Any, attribute: str | None, mode: str = "max") -> Any:
+    """The best reported checkpoint by `attribute` (the latest when None or nothing ranks)."""
+    if attribute and result.best_checkpoints:
+        ranked = [(c, m) for c, m in result.best_checkpoints if m and attribute in m]
+        if ranked:
+            pick = max if mode == "max" else min
+            return pick(ranked, key=lambda cm: cm[1][attribute])[0]
+    return result.checkpoint
+
+
+def iterate_in_chunks(n: int, size: int) -> Iterator[slice]:
+    """Slices covering range(n) in chunks of `size` (driver-side batched scoring)."""
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
