@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--ct", type=str, help="(drr) CT volume: NIfTI or DICOM folder")
     s.add_argument("--masks", type=str, help="(drr) vertebra masks")
+    s.add_argument("--config", type=str, default=None, help="(drr) DRR geometry config YAML")
     s.set_defaults(func=_cmd_synth)
 
     s = sub.add_parser("validate", help="check a cohort manifest; exit 1 listing every problem")

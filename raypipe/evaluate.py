@@ -26,7 +26,6 @@ from sklearn.metrics import roc_curve
 
 from raypipe import metrics as M
 from raypipe import storage
-from raypipe.metrics.bootstrap import bootstrap_indices
 from raypipe.predictions import PathLike, label_columns, read_predictions
 from raypipe.report.plots import Curve
 from raypipe.report.tables import CharacteristicsTable, characteristics_table
@@ -165,7 +164,8 @@ def evaluate_frame(
         if held_out.empty:
             notes.append(f"model {name!r} has no rows in split {split!r}: not evaluated")
             continue
-        results.append(_evaluate_model(name, rows, held_out, split, times, n_boot, seed))
+        results.append(_evaluate_model(name, rows, held_out, split, times, n_boot, seed,
+                                       df.attrs.get("sources", {})))
     if reference not in [r.name for r in results]:
         raise ValueError(f"reference model {reference!r} has no rows in the evaluated split {split!r}")
     results.sort(key=lambda r: r.name != reference)
@@ -188,23 +188,24 @@ def _choose_split(df: pd.DataFrame) -> tuple[str, list[str]]:
         return "test", []
     held_out = [s for s in splits if s not in TRAIN_SPLITS and s not in VALIDATION_SPLITS]
     if held_out:
-        notes = [f"several held-out splits ({', '.join(held_out)}): evaluated {held_out[0]!r}"] if len(held_out) > 1 else []
-        return held_out[0], notes
+        if len(held_out) > 1:
+            return held_out[0], [f"several held-out splits ({', '.join(held_out)}): evaluated {held_out[0]!r}"]
+        return held_out[0], []
     val = [s for s in splits if s in VALIDATION_SPLITS]
     if val:
         return val[0], []
     return splits[0], [f"no held-out split: metrics are on the {splits[0]!r} rows and are optimistic"]
 
 
-def _evaluate_model(name: str, rows: pd.DataFrame, held_out: pd.DataFrame, split: str,
-                    times: tuple[int, ...], n_boot: int, seed: int) -> ModelResult:
+def _evaluate_model(name: str, rows: pd.DataFrame, held_out: pd.DataFrame, split: str, times: tuple[int, ...],
+                    n_boot: int, seed: int, sources: Mapping[str, Mapping[str, Any]]) -> ModelResult:
     """Binary, survival and risk-group results of one model on its held-out rows."""
     kind = str(held_out["score_kind"].iloc[0])
     res = ModelResult(name=name, score_kind=kind, n_studies=len(held_out),
                       n_patients=int(held_out["patient_id"].nunique()))
     train = rows[rows["split"].isin(TRAIN_SPLITS)]
     val = rows[rows["split"].isin(VALIDATION_SPLITS) & (rows["split"] != split)]
-    _binary_part(res, held_out, val, n_boot, seed)
+    _binary_part(res, held_out, val, n_boot, seed, _given_threshold(held_out, sources))
     if "time_days" in held_out.columns and "event" in held_out.columns:
         _survival_part(res, held_out, train, times, n_boot, seed)
     res.gradcam = _gradcam_images(held_out)
@@ -220,7 +221,8 @@ def _label_of(df: pd.DataFrame) -> str | None:
     return None
 
 
-def _binary_part(res: ModelResult, held_out: pd.DataFrame, val: pd.DataFrame, n_boot: int, seed: int) -> None:
+def _binary_part(res: ModelResult, held_out: pd.DataFrame, val: pd.DataFrame, n_boot: int, seed: int,
+                 given: float | None) -> None:
     """AUROC with CI, ROC curve and threshold metrics with CIs."""
     col = _label_of(held_out)
     if col is None:
@@ -240,9 +242,10 @@ def _binary_part(res: ModelResult, held_out: pd.DataFrame, val: pd.DataFrame, n_
     if len(val_rows) and val_rows[col].nunique() == 2:
         thr = M.youden_threshold(val_rows[col].to_numpy(dtype=int), val_rows["score"].to_numpy(dtype=float))
         source = "Youden index on the validation split"
+    elif given is not None:
+        thr, source = given, "given in the run metadata"
     elif res.score_kind == "probability":
-        given = _given_threshold(held_out)
-        thr, source = (given, "given in the run metadata") if given is not None else (0.5, "0.5 (no validation split)")
+        thr, source = 0.5, "0.5 (no validation split)"
     else:
         thr = M.youden_threshold(y, s)
         source = "Youden index on the evaluated rows (no validation split: optimistic)"
@@ -253,9 +256,8 @@ def _binary_part(res: ModelResult, held_out: pd.DataFrame, val: pd.DataFrame, n_
         res.metrics[key] = getattr(ci, key).to_dict()
 
 
-def _given_threshold(rows: pd.DataFrame) -> float | None:
+def _given_threshold(rows: pd.DataFrame, sources: Mapping[str, Mapping[str, Any]]) -> float | None:
     """A `threshold` from the run metadata of the rows' prediction file, when one was recorded."""
-    sources = rows.attrs.get("sources") or {}
     for path in rows.get("source_file", pd.Series(dtype=object)).unique():
         value = (sources.get(path) or {}).get("threshold")
         if isinstance(value, (int, float)):
@@ -265,7 +267,7 @@ def _given_threshold(rows: pd.DataFrame) -> float | None:
 
 def _survival_part(res: ModelResult, held_out: pd.DataFrame, train: pd.DataFrame, times: tuple[int, ...],
                    n_boot: int, seed: int) -> None:
-    """C-indices, td-AUROC, IBS, calibration and risk groups on the held-out rows."""
+    """C-indices, td-AUROC, IBS (with bootstrap CIs), calibration and risk groups on the held-out rows."""
     t = held_out["time_days"].to_numpy(dtype=float)
     e = held_out["event"].to_numpy(dtype=int)
     s = held_out["score"].to_numpy(dtype=float)
@@ -274,8 +276,6 @@ def _survival_part(res: ModelResult, held_out: pd.DataFrame, train: pd.DataFrame
     if res.n_events == 0:
         res.notes.append("no events among the evaluated rows: survival metrics skipped")
         return
-    res.metrics["c_index"] = _as_entry(M.c_index(t, e, s, n_boot=n_boot, seed=seed, groups=groups))
-
     if len(train) and train["event"].sum() > 0:
         t_tr, e_tr, s_tr = (train["time_days"].to_numpy(dtype=float), train["event"].to_numpy(dtype=int),
                             train["score"].to_numpy(dtype=float))
@@ -285,36 +285,44 @@ def _survival_part(res: ModelResult, held_out: pd.DataFrame, train: pd.DataFrame
         fit_on = "evaluated rows"
         res.notes.append("no training rows: censoring distribution (Uno C, td-AUROC, IBS) and Breslow baseline "
                          "estimated on the evaluated rows themselves")
-    res.metrics["c_index_uno"] = _as_entry(M.c_index_uno(t_tr, e_tr, t, e, s, n_boot=n_boot, seed=seed, groups=groups))
 
     usable = [x for x in times if _evaluable_time(x, t, e, t_tr)]
     dropped = [x for x in times if x not in usable]
     if dropped:
-        res.notes.append(f"td-AUROC/IBS times {dropped} days are outside the follow-up of the data: skipped")
-    if usable:
-        td = M.td_auroc(t_tr, e_tr, t, e, s, usable, n_boot=n_boot, seed=seed, groups=groups)
-        for x, entry in zip(usable, _td_entries(td)):
-            res.metrics[f"td_auroc@{x}"] = entry
-        res.metrics["td_auroc_mean"] = _as_entry(_field(td, "mean"))
+        res.notes.append(f"td-AUROC/IBS at {dropped} days skipped: outside the follow-up of the data")
+    baseline = M.breslow_baseline(t_tr, e_tr, s_tr) if res.score_kind == "log_risk" else None
+    surv = None
+    if baseline is None:
+        res.notes.append("IBS needs survival curves: not computed for probability scores")
+    elif len(usable) >= 2:
+        surv = baseline.survival(s, usable)
+        res.notes.append(f"IBS over {usable[0]}-{usable[-1]} days from a Breslow baseline fitted on the {fit_on}")
+    try:
+        summary = M.survival_summary(t, e, s, time_train=t_tr, event_train=e_tr, times=usable or None, surv=surv,
+                                     n_boot=n_boot, seed=seed, groups=groups)
+    except ValueError as exc:  # e.g. evaluated follow-up beyond the training rows' censoring distribution
+        logger.warning("%s: IPCW survival metrics failed (%s); Harrell's C only", res.name, exc)
+        res.notes.append(f"Uno C, td-AUROC and IBS not computed: {exc}")
+        summary = {"c_index": M.concordance_ci(t, e, s, n_boot=n_boot, seed=seed, groups=groups)}
+    res.metrics.update(M.metric_summary(summary))
+
     grid = _time_grid(t, e, t_tr)
     if len(grid) >= 2:
-        td_grid = M.td_auroc(t_tr, e_tr, t, e, s, grid)
-        res.td_curve = Curve(res.name, np.asarray(grid, float), np.asarray(_field(td_grid, "values"), float),
-                             _num(_field(td_grid, "mean")))
-
-    surv_fn = None
-    if res.score_kind == "log_risk":
-        baseline = M.breslow_baseline(t_tr, e_tr, s_tr)
-        surv_fn = lambda log_risk, at: _survival_from_baseline(baseline, log_risk, at)  # noqa: E731
-        if usable:
-            surv = surv_fn(s, np.asarray(usable, float))
-            res.metrics["ibs"] = _as_entry(M.integrated_brier_score(t_tr, e_tr, t, e, surv, usable,
-                                                                    n_boot=n_boot, seed=seed, groups=groups))
-            res.notes.append(f"IBS from a Breslow baseline fitted on the {fit_on}")
-    else:
-        res.notes.append("IBS needs survival curves: not computed for probability scores")
-    res.calibration = _calibration(res, held_out, surv_fn)
-    _risk_groups(res, held_out)
+        try:
+            td_grid = M.td_auroc(t_tr, e_tr, t, e, s, grid)
+            res.td_curve = Curve(res.name, np.asarray(grid, float), np.asarray(td_grid.values, float),
+                                 float(td_grid.mean))
+        except ValueError as exc:
+            logger.warning("%s: td-AUROC curve skipped: %s", res.name, exc)
+    res.calibration = _calibration(res, held_out, baseline)
+    try:
+        _risk_groups(res, held_out)
+    except (ValueError, ArithmeticError, np.linalg.LinAlgError) as exc:  # e.g. a group without events
+        logger.warning("%s: risk-group analysis failed: %s", res.name, exc)
+        res.notes.append(f"risk-group analysis failed: {exc}")
+        res.km, res.hazard_ratios, res.logrank_p = [], [], None
+        for key in [k for k in res.metrics if k.startswith("hr@")]:
+            del res.metrics[key]
 
 
 def _evaluable_time(x: float, t: np.ndarray, e: np.ndarray, t_train: np.ndarray) -> bool:
@@ -333,30 +341,13 @@ def _time_grid(t: np.ndarray, e: np.ndarray, t_train: np.ndarray, n: int = 12) -
     return [float(x) for x in np.linspace(lo, hi, n) if _evaluable_time(x, t, e, t_train)]
 
 
-def _survival_from_baseline(baseline: Any, log_risk: np.ndarray, at: np.ndarray) -> np.ndarray:
-    """S(t | x) = exp(-H0(t) exp(log_risk)), n x len(at)."""
-    if hasattr(baseline, "survival"):
-        return np.asarray(baseline.survival(log_risk, at), float)
-    h0 = np.interp(at, np.asarray(baseline.time, float), np.asarray(baseline.cumulative_hazard, float), left=0.0)
-    return np.exp(-np.outer(np.exp(log_risk), h0))
-
-
-def _km_at(t: np.ndarray, e: np.ndarray, horizon: float) -> float:
-    """Kaplan-Meier survival at `horizon` (step function, 1 before the first time)."""
-    km = M.kaplan_meier(t, e)
-    times, surv = np.asarray(km.time, float), np.asarray(km.survival, float)
-    idx = np.searchsorted(times, horizon, side="right") - 1
-    return 1.0 if idx < 0 else float(surv[idx])
-
-
-def _calibration(res: ModelResult, rows: pd.DataFrame, surv_fn: Callable[[np.ndarray, np.ndarray], np.ndarray] | None
-                 ) -> Curve | None:
+def _calibration(res: ModelResult, rows: pd.DataFrame, baseline: Any) -> Curve | None:
     """Predicted against observed 5-year risk by deciles of predicted risk (KM for observed risk)."""
     s = rows["score"].to_numpy(dtype=float)
     if res.score_kind == "probability":
         predicted = s
-    elif surv_fn is not None:
-        predicted = 1.0 - surv_fn(s, np.array([float(CALIBRATION_DAYS)]))[:, 0]
+    elif baseline is not None:
+        predicted = baseline.risk(s, float(CALIBRATION_DAYS))
     else:
         return None
     t = rows["time_days"].to_numpy(dtype=float)
@@ -372,48 +363,38 @@ def _calibration(res: ModelResult, rows: pd.DataFrame, surv_fn: Callable[[np.nda
             ys.append(0.0 if e[sel].sum() == 0 else math.nan)
             continue
         xs.append(float(predicted[sel].mean()))
-        ys.append(1.0 - _km_at(t[sel], e[sel], float(CALIBRATION_DAYS)))
+        ys.append(1.0 - float(M.kaplan_meier(t[sel], e[sel]).at([float(CALIBRATION_DAYS)])[0]))
     return Curve(res.name, np.asarray(xs), np.asarray(ys))
 
 
 def _risk_groups(res: ModelResult, rows: pd.DataFrame) -> None:
-    """Hazard ratios against the lowest-risk group, KM curves per group and the log-rank p-value."""
+    """Hazard ratios against the reference group (LL, else the lowest mean score), KM curves and the log-rank p."""
     if "group" not in rows.columns:
         return
     sub = rows[rows["group"].notna()]
-    names = list(sub.groupby("group", observed=True)["score"].mean().sort_values(kind="mergesort").index.astype(str))
+    names = [str(n) for n in sub.groupby("group", observed=True)["score"].mean().sort_values(kind="mergesort").index]
     if len(names) < 2:
         return
+    if len(sub) < len(rows):
+        res.notes.append(f"{len(rows) - len(sub)} studies without a risk group left out of the group analysis")
     t = sub["time_days"].to_numpy(dtype=float)
     e = sub["event"].to_numpy(dtype=int)
     g = sub["group"].astype(str).to_numpy()
     for name in names:
         km = M.kaplan_meier(t[g == name], e[g == name])
-        res.km.append(Curve(name, np.asarray(km.time, float), np.asarray(km.survival, float), float((g == name).sum())))
-    res.logrank_p = _num(_field(M.logrank_test(t, e, g), "p_value"))
-    ref = names[0]
-    design = pd.DataFrame({f"group_{n}": (g == n).astype(float) for n in names[1:]})
-    design["time_days"], design["event"] = t, e
-    hrs = M.cox_hazard_ratios(design, "time_days", "event")
-    res.hazard_ratios.append(HazardRow(ref, int((g == ref).sum()), int(e[g == ref].sum()), 1.0, None, None, None, True))
-    res.metrics[f"hr@{ref}"] = {"value": 1.0, "ci_low": None, "ci_high": None}
-    for n in names[1:]:
-        hr = _hr_lookup(hrs, f"group_{n}")
-        row = HazardRow(n, int((g == n).sum()), int(e[g == n].sum()), _num(_field(hr, "value")),
-                        _num(_field(hr, "ci_low")), _num(_field(hr, "ci_high")), _num(_field(hr, "p_value")))
+        res.km.append(Curve(name, km.time, km.survival, float((g == name).sum())))
+    res.logrank_p = float(M.logrank_test(t, e, g).p_value)
+    ref = "LL" if "LL" in names else names[0]
+    hrs = M.group_hazard_ratios(g, t, e, reference=ref)
+    for name in names:
+        n, events = int((g == name).sum()), int(e[g == name].sum())
+        if name == ref:
+            row = HazardRow(name, n, events, 1.0, 1.0, 1.0, None, reference=True)
+        else:
+            hr = hrs[name]
+            row = HazardRow(name, n, events, _num(hr.value), _num(hr.ci_low), _num(hr.ci_high), _num(hr.p_value))
         res.hazard_ratios.append(row)
-        res.metrics[f"hr@{n}"] = {"value": row.hr, "ci_low": row.ci_low, "ci_high": row.ci_high}
-    res.notes.append(f"hazard ratios against risk group {ref!r} (lowest mean score)")
-
-
-def _hr_lookup(hrs: Any, column: str) -> Any:
-    """The hazard-ratio result of one covariate from `cox_hazard_ratios` output (mapping or DataFrame)."""
-    if isinstance(hrs, pd.DataFrame):
-        row = hrs.loc[column]
-        return {k: float(row[k]) for k in ("value", "ci_low", "ci_high", "p_value") if k in row}
-    if isinstance(hrs, Mapping):
-        return hrs[column]
-    return getattr(hrs, column)
+        res.metrics[f"hr@{name}"] = {"value": row.hr, "ci_low": row.ci_low, "ci_high": row.ci_high}
 
 
 def _gradcam_images(rows: pd.DataFrame) -> list[tuple[str, bytes]]:
@@ -465,7 +446,8 @@ def _comparisons(rows: pd.DataFrame, results: list[ModelResult], reference: str,
                 p = M.delong_test(y, a[sel], b[sel]).p_value
                 out.append(_comparison(reference, res.name, "auroc", p))
                 if ref.threshold is not None and res.threshold is not None:
-                    pvals = _paired_threshold_p(y, a[sel], b[sel], ref.threshold, res.threshold, groups[sel], n_boot, seed)
+                    pvals = _paired_threshold_p(y, a[sel], b[sel], ref.threshold, res.threshold, groups[sel],
+                                                n_boot, seed)
                     out.extend(_comparison(reference, res.name, k, pvals[k]) for k in THRESHOLD_METRICS)
         if "c_index" in ref.metrics and "c_index" in res.metrics:
             t = both["time_days"].to_numpy(float)
@@ -484,21 +466,15 @@ def _comparison(a: str, b: str, metric: str, p: float | None) -> dict[str, Any]:
 
 def _harrell(t: np.ndarray, e: np.ndarray, s: np.ndarray) -> float:
     """Harrell's C point estimate from raypipe.metrics (no CI)."""
-    return _num(_field(M.c_index(t, e, s, n_boot=0), "value"))
+    return float(M.c_index(t, e, s).value)
 
 
 def _paired_bootstrap_p(diff: Callable[[np.ndarray], float], strata: np.ndarray, groups: np.ndarray,
                         n_boot: int, seed: int) -> float | None:
     """Two-sided p-value of a paired difference: observed difference over its bootstrap SE, normal reference."""
-    n = len(strata)
-    observed = diff(np.arange(n))
-    reps = []
-    for idx in bootstrap_indices(strata, n_boot, seed, groups):
-        try:
-            reps.append(diff(idx))
-        except ValueError:
-            continue
-    return _z_p(observed, np.asarray(reps, float))
+    index = np.arange(len(strata))
+    reps = M.bootstrap_replicates(diff, (index,), strata, n_boot, seed, groups)
+    return _z_p(float(diff(index)), reps[:, 0])
 
 
 def _z_p(observed: float, reps: np.ndarray) -> float | None:
@@ -519,14 +495,9 @@ def _paired_threshold_p(y: np.ndarray, a: np.ndarray, b: np.ndarray, thr_a: floa
         ma, mb = M.binary_metrics(y[idx], a[idx], thr_a), M.binary_metrics(y[idx], b[idx], thr_b)
         return np.array([getattr(ma, k) - getattr(mb, k) for k in THRESHOLD_METRICS])
 
-    observed = diffs(np.arange(len(y)))
-    reps = []
-    for idx in bootstrap_indices(y, n_boot, seed, groups):
-        try:
-            reps.append(diffs(idx))
-        except ValueError:
-            continue
-    mat = np.asarray(reps, float).reshape(-1, len(THRESHOLD_METRICS))
+    index = np.arange(len(y))
+    observed = diffs(index)
+    mat = M.bootstrap_replicates(diffs, (index,), y, n_boot, seed, groups)
     return {k: _z_p(float(observed[i]), mat[:, i]) for i, k in enumerate(THRESHOLD_METRICS)}
 
 
@@ -539,11 +510,11 @@ def _characteristics(rows: pd.DataFrame, results: list[ModelResult], reference: 
     if ref.label_column:
         d = base.assign(_outcome=base[ref.label_column].map({0.0: "No fracture", 1.0: "Fracture"}))
         tables.append(characteristics_table(d, "_outcome", f"Clinical characteristics by outcome ({ref.label_column})",
-                                            order=["No fracture", "Fracture"]))
+                                            order=["No fracture", "Fracture"], outcome_rows=False))
     elif "event" in base.columns:
         d = base.assign(_outcome=base["event"].map({0: "No incident fracture", 1: "Incident fracture"}))
         tables.append(characteristics_table(d, "_outcome", "Clinical characteristics by incident fracture",
-                                            order=["No incident fracture", "Incident fracture"]))
+                                            order=["No incident fracture", "Incident fracture"], outcome_rows=False))
     for res in results:
         if res.km:
             sub = rows[rows["model"] == res.name].drop_duplicates(["patient_id", "study_id"])
@@ -555,13 +526,6 @@ def _characteristics(rows: pd.DataFrame, results: list[ModelResult], reference: 
 
 
 # ---------------------------------------------------------------------------------------------- small helpers
-def _field(obj: Any, name: str) -> Any:
-    """Attribute or mapping item `name` of a metrics result."""
-    if isinstance(obj, Mapping):
-        return obj.get(name)
-    return getattr(obj, name, None)
-
-
 def _num(x: Any) -> float | None:
     """Finite float or None."""
     try:
@@ -569,25 +533,6 @@ def _num(x: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return v if math.isfinite(v) else None
-
-
-def _as_entry(obj: Any) -> dict[str, float | None]:
-    """A metrics.json entry from a metrics result (with or without CI) or a bare number."""
-    if hasattr(obj, "to_dict"):
-        d = obj.to_dict()
-        return {k: _num(d.get(k)) for k in ("value", "ci_low", "ci_high")}
-    if isinstance(obj, (int, float, np.floating)):
-        return {"value": _num(obj), "ci_low": None, "ci_high": None}
-    return {k: _num(_field(obj, k)) for k in ("value", "ci_low", "ci_high")}
-
-
-def _td_entries(td: Any) -> list[dict[str, float | None]]:
-    """Per-time entries of a td-AUROC result (with per-time CIs when the result carries them)."""
-    values = list(np.asarray(_field(td, "values"), float))
-    lows, highs = _field(td, "ci_low"), _field(td, "ci_high")
-    if lows is not None and np.ndim(lows) == 1 and len(lows) == len(values):
-        return [{"value": _num(v), "ci_low": _num(lo), "ci_high": _num(hi)} for v, lo, hi in zip(values, lows, highs)]
-    return [{"value": _num(v), "ci_low": None, "ci_high": None} for v in values]
 
 
 def _sanitize(obj: Any) -> Any:

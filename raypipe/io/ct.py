@@ -26,6 +26,9 @@ CANONICAL_ORIENTATION = "LPS"
 VOLUME_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 _IDENTITY: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 _DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+_SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # (FFFE,E0DD), length 0
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
+_ITEM_TAG = b"\xfe\xff\x00\xe0"  # (FFFE,E000)
 
 PathLike = str | os.PathLike[str]
 
@@ -94,6 +97,9 @@ def read_ct_image(path: PathLike, series_uid: str | None = None) -> sitk.Image:
         return _read_dicom_folder(p, series_uid)
     if is_volume_file(p):
         return _read_volume_file(p)
+    problem = _truncation(p)
+    if problem is not None:
+        raise ImageReadError(p, problem)
     return _read_dicom_files(p, [str(p)])
 
 
@@ -134,7 +140,16 @@ def choose_series(folder: PathLike, series: Mapping[str, Sequence[object]], seri
 def _read_dicom_folder(folder: Path, series_uid: str | None) -> sitk.Image:
     files = sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith("."))
     if not files:
+        subfolders = [d for d in folder.iterdir() if d.is_dir()]
+        if subfolders:
+            raise ImageReadError(
+                folder, f"no files here, only {len(subfolders)} subfolder(s): pass the folder of one DICOM series"
+            )
         raise ImageReadError(folder, "folder is empty: expected a DICOM series")
+    for f in files:  # before GDCM: its folder scan takes seconds per truncated JPEG 2000 file
+        problem = _truncation(f)
+        if problem is not None:
+            raise ImageReadError(f, problem)
     series = list_dicom_series(folder)
     listed = {os.path.abspath(f) for names in series.values() for f in names}
     for f in files:
@@ -146,8 +161,7 @@ def _read_dicom_folder(folder: Path, series_uid: str | None) -> sitk.Image:
     if not series:
         raise ImageReadError(folder, f"no DICOM image series found among {len(files)} files")
     uid = choose_series(folder, series, series_uid)
-    image = _read_dicom_files(folder, series[uid])
-    return image
+    return _read_dicom_files(folder, series[uid])
 
 
 def _read_dicom_files(where: Path, files: Sequence[str]) -> sitk.Image:
@@ -211,6 +225,60 @@ def _read_volume_file(path: Path) -> sitk.Image:
     return image
 
 
+def _truncation(path: Path) -> str | None:
+    """Cheap check that a Part-10 file's encapsulated pixel data is complete; None when fine or not applicable."""
+    import pydicom
+
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(132)[128:132] != b"DICM":
+                return None
+            size = fh.seek(0, os.SEEK_END)
+            fh.seek(size - 8)
+            if fh.read(8) == _SEQUENCE_DELIMITER:  # encapsulated pixel data, ends properly
+                return None
+            fh.seek(0)
+            syntax = pydicom.filereader.read_file_meta_info(path).get("TransferSyntaxUID")
+            if syntax is None or not syntax.is_encapsulated:
+                return None  # GDCM skips truncated native files quickly; _dicom_problem names them
+            fh.seek(0)
+            ds = pydicom.dcmread(fh, stop_before_pixels=True)
+            if "Rows" not in ds:
+                return None
+            syntax = ds.file_meta.get("TransferSyntaxUID")
+            if syntax is None or syntax.is_deflated or not syntax.is_little_endian:
+                return None
+            start = fh.tell()
+            element = fh.read(12)
+    except Exception as exc:  # OSError, or any of pydicom's parse errors on a damaged header
+        return f"broken DICOM file: {exc}"
+    if len(element) < 8 or element[:4] != _PIXEL_DATA_TAG:
+        return "truncated DICOM file: no pixel data"
+    if syntax.is_implicit_VR:
+        length, header_len = int.from_bytes(element[4:8], "little"), 8
+    else:
+        length, header_len = int.from_bytes(element[8:12], "little"), 12
+    if length == 0xFFFFFFFF:
+        return _encapsulated_truncation(path, start + header_len, size)
+    if start + header_len + length > size:
+        return f"truncated DICOM file: {size - start - header_len} of {length} pixel data bytes"
+    return None
+
+
+def _encapsulated_truncation(path: Path, offset: int, size: int) -> str | None:
+    """Walk the fragment items of encapsulated pixel data; a missing end delimiter means truncation."""
+    with open(path, "rb") as fh:
+        while offset + 8 <= size:
+            fh.seek(offset)
+            item = fh.read(8)
+            if item == _SEQUENCE_DELIMITER:
+                return None
+            if item[:4] != _ITEM_TAG:
+                return "broken DICOM file: unexpected element inside encapsulated pixel data"
+            offset += 8 + int.from_bytes(item[4:8], "little")
+    return "truncated DICOM file: encapsulated pixel data is cut short"
+
+
 def _dicom_problem(path: Path) -> str | None:
     """Why a file that claims to be a DICOM image cannot be one; None when fine or not DICOM at all."""
     import pydicom
@@ -241,8 +309,12 @@ def _dicom_problem(path: Path) -> str | None:
         return "truncated DICOM file: pixel data missing or cut short"
     if not ds.file_meta.get("TransferSyntaxUID", pydicom.uid.ImplicitVRLittleEndian).is_compressed:
         expected = (
-            int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1)
-            * int(ds.get("NumberOfFrames", 1) or 1) * int(ds.get("BitsAllocated", 16)) // 8
+            int(ds.Rows)
+            * int(ds.Columns)
+            * int(ds.get("SamplesPerPixel", 1) or 1)
+            * int(ds.get("NumberOfFrames", 1) or 1)
+            * int(ds.get("BitsAllocated", 16))
+            // 8
         )
         if len(ds.PixelData) < expected:
             return f"truncated DICOM file: {len(ds.PixelData)} of {expected} pixel data bytes"

@@ -41,45 +41,60 @@ def _json_float(x: float) -> float | None:
     return None if x is None or not math.isfinite(float(x)) else float(x)
 
 
-def _patient_strata(
-    strata: NDArray[np.int64], groups: NDArray[np.int64] | None
-) -> tuple[NDArray[np.int64] | None, NDArray[np.int64]]:
-    """Stratum per sampling unit: a patient's stratum is the largest of its studies' (any positive)."""
-    if groups is None:
-        return None, strata
-    unit_strata = np.full(int(groups.max()) + 1, np.iinfo(np.int64).min, dtype=np.int64)
-    np.maximum.at(unit_strata, groups, strata)
-    return groups, unit_strata
+def unit_counts(
+    strata: ArrayLike, n_boot: int = 1000, seed: int = 0, groups: ArrayLike | None = None
+) -> tuple[NDArray[np.int64], Iterator[NDArray[np.int64]]]:
+    """Stratified draws of sampling units (patients, or studies without `groups`), as counts.
 
-
-def bootstrap_weights(
-    strata: ArrayLike,
-    n_boot: int = 1000,
-    seed: int = 0,
-    groups: ArrayLike | None = None,
-    chunk_size: int | None = None,
-) -> Iterator[NDArray[np.int64]]:
-    """Yield (chunk, n) matrices of resample multiplicities; stratified and patient-level.
-
-    `strata` holds one integer per study (e.g. the label); with `groups` (patient ids) whole
-    patients are resampled, stratified by their largest study stratum. Chunks keep memory bounded
-    (about 4e6 weights each); the sequence is deterministic given `seed` and the input size.
+    Returns `unit_of_study` (n,) and an iterator of (n_units, chunk) count matrices, one column per
+    resample. Units are numbered stratum by stratum, so each stratum's draws are one
+    `integers(lo, hi)` call and one `bincount`, with no gathers; column-major counts feed sparse
+    products directly. A patient's stratum is its largest study stratum (any positive study).
     """
     strata_arr = np.asarray(strata).astype(np.int64).ravel()
     n = strata_arr.shape[0]
     if n_boot < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    codes, unit_strata = _patient_strata(strata_arr, as_groups(groups, n))
-    n_units = unit_strata.shape[0]
-    members = [np.flatnonzero(unit_strata == s) for s in np.unique(unit_strata)]
-    rng = np.random.default_rng(seed)
-    step = chunk_size or max(1, min(n_boot, _CHUNK_ELEMENTS // max(n, n_units)))
-    for start in range(0, n_boot, step):
-        b = min(step, n_boot - start)
-        drawn = np.concatenate([m[rng.integers(0, m.size, size=(b, m.size))] for m in members], axis=1)
-        drawn += (np.arange(b, dtype=np.int64) * n_units)[:, None]
-        counts = np.bincount(drawn.ravel(), minlength=b * n_units).reshape(b, n_units)
-        yield counts if codes is None else counts[:, codes]
+    codes = as_groups(groups, n)
+    if codes is None:
+        codes = np.arange(n, dtype=np.int64)
+    n_units = int(codes.max()) + 1
+    per_unit = np.full(n_units, np.iinfo(np.int64).min, dtype=np.int64)
+    np.maximum.at(per_unit, codes, strata_arr)
+    order = np.argsort(per_unit, kind="stable")
+    rank = np.empty(n_units, dtype=np.int64)
+    rank[order] = np.arange(n_units)
+    bounds = np.flatnonzero(np.r_[True, np.diff(per_unit[order]) != 0, True])
+
+    def chunks() -> Iterator[NDArray[np.int64]]:
+        rng = np.random.default_rng(seed)
+        step = max(1, min(n_boot, _CHUNK_ELEMENTS // max(n, n_units)))
+        for start in range(0, n_boot, step):
+            b = min(step, n_boot - start)
+            counts = np.empty((n_units, b), dtype=np.int64)
+            column = np.arange(b, dtype=np.int64)[:, None]
+            for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+                drawn = rng.integers(0, hi - lo, size=(b, hi - lo))
+                drawn *= b
+                drawn += column
+                counts[lo:hi] = np.bincount(drawn.ravel(), minlength=(hi - lo) * b).reshape(hi - lo, b)
+            yield counts
+
+    return rank[codes], chunks()
+
+
+def bootstrap_weights(
+    strata: ArrayLike, n_boot: int = 1000, seed: int = 0, groups: ArrayLike | None = None
+) -> Iterator[NDArray[np.int64]]:
+    """Yield (chunk, n) matrices of study multiplicities, stratified and patient-level (see `unit_counts`).
+
+    `strata` holds one integer per study (e.g. the label); with `groups` (patient ids) whole
+    patients are resampled, stratified by their largest study stratum. Chunks keep memory bounded
+    (about 4e6 weights each); the draws are deterministic given `seed` and the data.
+    """
+    unit_of_study, chunks = unit_counts(strata, n_boot, seed, groups)
+    for counts in chunks:
+        yield counts[unit_of_study].T
 
 
 def bootstrap_indices(

@@ -230,7 +230,7 @@ def logrank_test(time: ArrayLike, event: ArrayLike, group: ArrayLike) -> LogRank
     if np.unique(g).size < 2:
         raise ValueError("group must contain at least two groups")
     res = multivariate_logrank_test(t, g, e)
-    return LogRankResult(float(res.test_statistic), int(res.degrees_freedom), float(res.p_value))
+    return LogRankResult(float(res.test_statistic), int(res.degrees_of_freedom), float(res.p_value))
 
 
 @dataclass(frozen=True)

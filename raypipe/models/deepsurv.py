@@ -18,9 +18,11 @@ from torch import Tensor, nn
 
 from raypipe.models.backbones import ResNetEncoder, build_backbone
 
-__all__ = ["DEEPSURV_TINY", "DeepSurv", "deepsurv", "deepsurv_tiny"]
+__all__ = ["DEEPSURV_PAPER", "DEEPSURV_TINY", "DeepSurv", "deepsurv", "deepsurv_tiny"]
 
-DEEPSURV_TINY: dict[str, Any] = {"backbone": "resnet_tiny", "width": 8, "hidden_sizes": (16,)}
+# Paper 001 clinical model 3: age, sex, BMI, glucocorticoid use, secondary osteoporosis.
+DEEPSURV_PAPER: dict[str, Any] = {"n_clinical": 5}
+DEEPSURV_TINY: dict[str, Any] = {**DEEPSURV_PAPER, "backbone": "resnet_tiny", "width": 8, "hidden_sizes": (16,)}
 
 
 class DeepSurv(nn.Module):
@@ -84,8 +86,8 @@ class DeepSurv(nn.Module):
 
 
 def deepsurv(**kwargs: Any) -> DeepSurv:
-    """Paper-scale DeepSurv: ResNet-18 image branch (any ResNet by ``backbone``) + MLP 32-32."""
-    return DeepSurv(**kwargs)
+    """Paper-scale DeepSurv: ResNet-18 image branch (any ResNet by ``backbone``), 5 clinical inputs, MLP 32-32."""
+    return DeepSurv(**{**DEEPSURV_PAPER, **kwargs})
 
 
 def deepsurv_tiny(**kwargs: Any) -> DeepSurv:

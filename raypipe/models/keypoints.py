@@ -24,6 +24,8 @@ from torch import Tensor, nn
 from raypipe.models.backbones import load_pretrained
 
 __all__ = [
+    "KEYPOINTS_HRNET_W32",
+    "KEYPOINTS_TINY",
     "KEYPOINT_NAMES",
     "KeypointHeatmapNet",
     "decode_heatmaps",
@@ -35,6 +37,8 @@ __all__ = [
 ]
 
 KEYPOINT_NAMES: tuple[str, ...] = ("L1", "L2", "L3", "L4", "L5")
+KEYPOINTS_HRNET_W32: dict[str, Any] = {"variant": "hrnet_w32"}
+KEYPOINTS_TINY: dict[str, Any] = {"variant": "hrnet_w18_small"}
 # timm HRNet parts that only the classification model has; ignored when loading its checkpoints.
 _HRNET_CLASSIFIER_PREFIXES = ("incre_modules.", "downsamp_modules.", "final_layer.", "classifier.")
 
@@ -90,12 +94,12 @@ class KeypointHeatmapNet(nn.Module):
 
 def keypoints_hrnet_w32(**kwargs: Any) -> KeypointHeatmapNet:
     """Paper setting: HRNet-W32 (about 29 M parameters in the trunk), 5 heatmaps at 1/4 resolution."""
-    return KeypointHeatmapNet(**{"variant": "hrnet_w32", **kwargs})
+    return KeypointHeatmapNet(**{**KEYPOINTS_HRNET_W32, **kwargs})
 
 
 def keypoints_tiny(**kwargs: Any) -> KeypointHeatmapNet:
     """HRNet-W18-small (about 1.5 M parameters) with the same head, for tests and smoke runs."""
-    return KeypointHeatmapNet(**{"variant": "hrnet_w18_small", **kwargs})
+    return KeypointHeatmapNet(**{**KEYPOINTS_TINY, **kwargs})
 
 
 def render_heatmaps(

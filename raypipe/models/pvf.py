@@ -17,7 +17,7 @@ from torchvision.models.efficientnet import EfficientNet, _efficientnet_conf
 
 from raypipe.models.backbones import load_pretrained
 
-__all__ = ["EFFICIENTNET_SCALES", "PVFClassifier", "pvf_efficientnet_b4", "pvf_tiny"]
+__all__ = ["EFFICIENTNET_SCALES", "PVF_B4", "PVF_TINY", "PVFClassifier", "pvf_efficientnet_b4", "pvf_tiny"]
 
 # (width_mult, depth_mult, dropout) per variant; b0/b4 as torchvision, tiny for tests.
 EFFICIENTNET_SCALES: dict[str, tuple[float, float, float]] = {
@@ -25,6 +25,8 @@ EFFICIENTNET_SCALES: dict[str, tuple[float, float, float]] = {
     "efficientnet_b4": (1.4, 1.8, 0.4),
     "efficientnet_tiny": (0.25, 0.25, 0.2),
 }
+PVF_B4: dict[str, Any] = {"arch": "efficientnet_b4"}
+PVF_TINY: dict[str, Any] = {"arch": "efficientnet_tiny"}
 
 
 class PVFClassifier(nn.Module):
@@ -87,9 +89,9 @@ class PVFClassifier(nn.Module):
 
 def pvf_efficientnet_b4(**kwargs: Any) -> PVFClassifier:
     """Paper setting: EfficientNet-B4 (about 17.5 M parameters), one logit."""
-    return PVFClassifier(**{"arch": "efficientnet_b4", **kwargs})
+    return PVFClassifier(**{**PVF_B4, **kwargs})
 
 
 def pvf_tiny(**kwargs: Any) -> PVFClassifier:
     """EfficientNet with width and depth multipliers 0.25, for tests and smoke runs."""
-    return PVFClassifier(**{"arch": "efficientnet_tiny", **kwargs})
+    return PVFClassifier(**{**PVF_TINY, **kwargs})

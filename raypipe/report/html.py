@@ -87,14 +87,14 @@ body { margin:0; background:var(--bg); color:var(--ink);
 header { background:var(--band); border-bottom:1px solid var(--line); padding:24px 40px 16px; }
 header h1 { margin:0 0 4px; font-size:24px; }
 header p { margin:2px 0; color:var(--muted); }
-main { padding:8px 40px 40px; max-width:1280px; }
+main { padding:8px 40px 40px; max-width:1600px; }
 nav { margin-top:10px; } nav a { margin-right:14px; color:var(--accent); text-decoration:none; font-size:14px; }
 h2 { font-size:19px; margin:32px 0 10px; padding-bottom:4px; border-bottom:2px solid var(--accent); }
 h3 { font-size:16px; margin:20px 0 6px; }
 .table-wrap { overflow-x:auto; margin:8px 0 18px; }
-table { border-collapse:collapse; font-size:13.5px; font-variant-numeric: tabular-nums; }
+table { border-collapse:collapse; font-size:13px; font-variant-numeric: tabular-nums; }
 caption { text-align:left; font-weight:600; padding:4px 0 8px; }
-th, td { padding:6px 10px; border-bottom:1px solid var(--line); text-align:right; white-space:nowrap; }
+th, td { padding:5px 9px; border-bottom:1px solid var(--line); text-align:right; white-space:nowrap; }
 th { background:var(--band); border-top:1px solid var(--ink); border-bottom:1px solid var(--ink); }
 th:first-child, td:first-child { text-align:left; }
 tbody tr:nth-child(even) td { background:#fafbfc; }

@@ -55,7 +55,7 @@ def roc_curves(curves: Sequence[Curve], title: str = "ROC curves") -> bytes:
     ax.plot([0, 1], [0, 1], color="#999999", lw=1, ls="--", label="chance")
     for i, c in enumerate(curves):
         label = c.label if c.value is None else f"{c.label} (AUROC {c.value:.3f})"
-        ax.plot(c.x, c.y, color=_COLORS[i % len(_COLORS)], lw=1.8, label=label, drawstyle="steps-post")
+        ax.plot(c.x, c.y, color=_COLORS[i % len(_COLORS)], lw=1.8, label=label)
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="1 \u2212 specificity", ylabel="Sensitivity", title=title)
     ax.set_aspect("equal")
     ax.grid(alpha=0.3)

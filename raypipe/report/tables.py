@@ -69,8 +69,10 @@ def _is_binary(values: pd.Series) -> bool:
 def _continuous_row(name: str, data: pd.Series, by: pd.Series, groups: Sequence[str]) -> CharacteristicRow:
     """Mean (SD) per group; Student t-test for two groups, one-way ANOVA for more."""
     samples = [data[by == g].dropna().astype(float).to_numpy() for g in groups]
-    cells = tuple(f"{s.mean():.1f} ({s.std(ddof=1):.1f})" if len(s) > 1 else ("\u2013" if len(s) == 0 else f"{s[0]:.1f}")
-                  for s in samples)
+    cells = tuple(
+        f"{s.mean():.1f} ({s.std(ddof=1):.1f})" if len(s) > 1 else ("\u2013" if len(s) == 0 else f"{s[0]:.1f}")
+        for s in samples
+    )
     p: float | None = None
     usable = [s for s in samples if len(s) > 1]
     if len(usable) == len(samples) >= 2 and any(s.std() > 0 for s in usable):
@@ -108,8 +110,12 @@ def _finite(p: float | None) -> float | None:
 
 
 def characteristics_table(df: pd.DataFrame, by: str, title: str, order: Sequence[str] | None = None,
-                          variables: Sequence[str] | None = None) -> CharacteristicsTable:
-    """Summarise clinical columns of `df` per value of column `by` (one row per study expected)."""
+                          variables: Sequence[str] | None = None, outcome_rows: bool = True) -> CharacteristicsTable:
+    """Summarise clinical columns of `df` per value of column `by` (one row per study expected).
+
+    By default the clinical columns present, plus incident fracture (`event`) and follow-up when
+    `outcome_rows` (leave them out when `by` is itself the outcome).
+    """
     key = df[by].astype("object")
     present = key.notna()
     data = df.loc[present].copy()
@@ -119,9 +125,9 @@ def characteristics_table(df: pd.DataFrame, by: str, title: str, order: Sequence
     counts = tuple(int((by_values == g).sum()) for g in groups)
     if variables is None:
         variables = [c for c in (*CLINICAL_COLUMNS, "site") if c in data.columns]
-        if by != "event" and "event" in data.columns:
+        if outcome_rows and by != "event" and "event" in data.columns:
             variables = ["event", *variables]
-        if "time_days" in data.columns:
+        if outcome_rows and "time_days" in data.columns:
             data["follow_up_years"] = data["time_days"] / 365.25
             variables = [*variables, "follow_up_years"]
     rows: list[CharacteristicRow] = []
@@ -130,7 +136,7 @@ def characteristics_table(df: pd.DataFrame, by: str, title: str, order: Sequence
             continue
         values = data[col]
         if col == "sex":
-            text = values.astype("object").where(values.notna()).map(lambda v: None if v is None else str(v).upper()[:1])
+            text = values.astype("object").map(lambda v: None if pd.isna(v) else str(v).strip().upper()[:1])
             rows.append(_count_rows(col, (text == "F").where(text.notna()), by_values, groups, "Female"))
         elif _is_binary(values):
             rows.append(_count_rows(col, values, by_values, groups, VARIABLE_NAMES.get(col, col)))

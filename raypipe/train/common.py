@@ -297,11 +297,13 @@ def make_trainer(
     score_attribute: str | None = None,
     score_order: str = "max",
     use_gpu: bool | None = None,
+    dataset_config: Any = None,
 ) -> Any:
     """A TorchTrainer with fractional worker CPUs, failure retries and best-plus-latest checkpoint retention.
 
     Rerunning with the same `storage_path` and `name` resumes from that run's latest checkpoint
-    (Ray Train V2 restores its checkpoint manager from storage).
+    (Ray Train V2 restores its checkpoint manager from storage). `dataset_config` is a
+    `ray.train.DataConfig` (e.g. split only "train", so validation is read whole by rank 0).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -328,6 +330,7 @@ def make_trainer(
             ),
         ),
         datasets=dict(datasets),
+        dataset_config=dataset_config,
     )
 
 

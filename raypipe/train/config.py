@@ -71,6 +71,7 @@ class CTTrainConfig(StrictModel):
     storage_path: str | None = Field(None, description="Ray Train storage; default OUT/ray_results")
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per worker; None: Ray's default")
     seed: int = 0
+    n_boot: int = Field(1000, ge=0, description="bootstrap resamples for the CIs in metrics.json")
 
     @model_validator(mode="after")
     def _check(self) -> "CTTrainConfig":
@@ -106,8 +107,3 @@ class MultitaskConfig(CTTrainConfig):
         if self.prevalent_weight + self.cox_weight + self.horizon_weight <= 0:
             raise ValueError("at least one of prevalent_weight, cox_weight, horizon_weight must be positive")
         return self
-
-    @property
-    def name(self) -> str:
-        """Model name of the Cox head; the other heads append -prevalent and -{h}y."""
-        return self.display_name or f"{self.model}-{self.input}"

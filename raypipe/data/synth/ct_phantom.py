@@ -73,12 +73,14 @@ def _ell(u: np.ndarray, v: np.ndarray, a: float, b: float) -> np.ndarray:
 
 
 def _blur3(x: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
-    """[1, 2, 1] / 4 smoothing along the given axes (edge-replicated)."""
+    """[1, 2, 1] / 4 smoothing along the given axes (edge rows/columns are kept as they are: air)."""
     for ax in axes:
-        p = np.take(x, [0], axis=ax), np.take(x, [-1], axis=ax)
-        xp = np.concatenate([p[0], x, p[1]], axis=ax)
-        n = x.shape[ax]
-        x = 0.25 * np.take(xp, range(0, n), axis=ax) + 0.5 * x + 0.25 * np.take(xp, range(2, n + 2), axis=ax)
+        y = np.moveaxis(x, ax, 0)
+        out = y.copy()
+        out[1:-1] *= 0.5
+        out[1:-1] += 0.25 * y[:-2]
+        out[1:-1] += 0.25 * y[2:]
+        x = np.moveaxis(out, 0, ax)
     return x
 
 

@@ -1,0 +1,133 @@
+"""Untrusted uploads made safe: content types, zip extraction limits, DICOM sniffing, temp folders.
+
+Pure functions (no Ray, no FastAPI) so the rules are testable on their own; every rejection is an
+`UploadError` carrying the HTTP status and the form field at fault.
+"""
+from __future__ import annotations
+
+import io
+import shutil
+import stat
+import tempfile
+import zipfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Iterator
+
+MAX_ZIP_FILES = 2000
+MAX_ZIP_BYTES = 1 << 30  # uncompressed; a zip bomb is refused before extraction
+MAX_COMPRESSION_RATIO = 200
+
+ZIP_TYPES = ("application/zip", "application/x-zip-compressed", "application/octet-stream")
+DICOM_TYPES = ("application/dicom", "application/octet-stream")
+NIFTI_TYPES = ("application/gzip", "application/x-gzip", "application/octet-stream", "application/nifti")
+IMAGE_TYPES = ("image/png", "image/jpeg")
+JSON_TYPES = ("application/json", "text/plain", "application/octet-stream")
+
+
+@dataclass
+class UploadError(Exception):
+    """A request that cannot be served as sent: HTTP status, the form field and what is wrong."""
+
+    status: int
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
+
+    def to_json(self) -> dict:
+        """The 4xx response body."""
+        return {"error": self.message, "field": self.field, "status": self.status}
+
+
+def base_content_type(content_type: str | None) -> str:
+    """`image/png; charset=x` -> `image/png` (lower case; empty when absent)."""
+    return (content_type or "").split(";")[0].strip().lower()
+
+
+def check_content_type(field: str, content_type: str | None, allowed: tuple[str, ...]) -> str:
+    """Refuse a part whose declared type is not one we read (415)."""
+    ct = base_content_type(content_type)
+    if ct not in allowed:
+        raise UploadError(415, field, f"unsupported content type {ct or '(none)'!r}; expected one of {list(allowed)}")
+    return ct
+
+
+def is_dicom(data: bytes) -> bool:
+    """A Part-10 file ('DICM' at offset 128) or a bare dataset pydicom can parse with pixel data."""
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return True
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=False)
+        return "PixelData" in ds and "Rows" in ds
+    except Exception:  # noqa: BLE001 - anything unparsable is simply not DICOM
+        return False
+
+
+def is_zip(data: bytes) -> bool:
+    """Zip local-file-header magic."""
+    return data[:4] == b"PK\x03\x04"
+
+
+def is_gzip(data: bytes) -> bool:
+    """Gzip magic (`.nii.gz`)."""
+    return data[:2] == b"\x1f\x8b"
+
+
+def is_png_or_jpeg(data: bytes) -> bool:
+    """PNG or JPEG magic bytes."""
+    return data[:8] == b"\x89PNG\r\n\x1a\n" or data[:3] == b"\xff\xd8\xff"
+
+
+def safe_extract_zip(data: bytes, dest: Path, field: str, max_files: int = MAX_ZIP_FILES,
+                     max_bytes: int = MAX_ZIP_BYTES) -> list[Path]:
+    """Extract a zip refusing path traversal, links, too many files and zip bombs; returns the files."""
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+        infos = zf.infolist()
+    except (zipfile.BadZipFile, ValueError) as e:
+        raise UploadError(400, field, f"not a valid zip archive ({e})") from e
+    files = [i for i in infos if not i.is_dir()]
+    if not files:
+        raise UploadError(400, field, "zip archive is empty")
+    if len(files) > max_files:
+        raise UploadError(413, field, f"zip archive has {len(files)} files; at most {max_files} allowed")
+    total = sum(i.file_size for i in files)
+    if total > max_bytes:
+        raise UploadError(413, field, f"zip archive expands to {total} bytes; at most {max_bytes} allowed")
+    for i in files:
+        name = PurePosixPath(i.filename.replace("\\", "/"))
+        if name.is_absolute() or ".." in name.parts or ":" in i.filename:
+            raise UploadError(400, field, f"zip member {i.filename!r} has an unsafe path")
+        if stat.S_ISLNK(i.external_attr >> 16):
+            raise UploadError(400, field, f"zip member {i.filename!r} is a symbolic link")
+        if i.compress_size and i.file_size / max(1, i.compress_size) > MAX_COMPRESSION_RATIO:
+            raise UploadError(413, field, f"zip member {i.filename!r} is compressed suspiciously well (zip bomb?)")
+    out = []
+    dest = dest.resolve()
+    for i in files:
+        target = (dest / i.filename).resolve()
+        if dest not in target.parents:
+            raise UploadError(400, field, f"zip member {i.filename!r} escapes the extraction folder")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with zf.open(i) as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            raise UploadError(400, field, f"zip member {i.filename!r} is corrupt ({e})") from e
+        out.append(target)
+    return out
+
+
+@contextmanager
+def request_workdir() -> Iterator[Path]:
+    """A private temporary folder for one request, always removed afterwards."""
+    d = Path(tempfile.mkdtemp(prefix="raypipe-req-"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
