@@ -20,8 +20,8 @@ def _cmd_synth(a: argparse.Namespace) -> int:
         raise SystemExit("raypipe synth: --out is required")
     from raypipe.data.synth import synth_cohort
 
-    out = synth_cohort(a.kind, a.out, patients=a.patients, seed=a.seed, workers=a.workers, overwrite=a.overwrite)
-    print(f"synthetic {a.kind} cohort: {out} (manifest: {Path(out) / 'manifest.csv'})")
+    manifest = synth_cohort(a.kind, a.out, patients=a.patients, seed=a.seed, workers=a.workers, overwrite=a.overwrite)
+    print(f"synthetic {a.kind} cohort of {a.patients} patients: {Path(manifest).parent} (manifest: {manifest})")
     return 0
 
 

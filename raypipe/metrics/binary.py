@@ -54,7 +54,8 @@ def _auroc_from_counts(counts: NDArray[np.int64], design: tuple[sparse.csr_matri
     cum_p = np.zeros_like(q)
     np.cumsum(p, axis=0, out=cum_p[1:])
     pairs = p.sum(axis=0) * (q.sum(axis=0) // 2)
-    return (pairs - 0.5 * np.einsum("ij,ij->j", q, cum_p)) / pairs
+    with np.errstate(invalid="ignore", divide="ignore"):  # a patient-level resample without negatives: NaN
+        return (pairs - 0.5 * np.einsum("ij,ij->j", q, cum_p)) / pairs
 
 
 def auroc_bootstrap(

@@ -74,7 +74,11 @@ def concordance_ci(
     groups: ArrayLike | None = None,
     level: float = 0.95,
 ) -> MetricCI:
-    """Harrell's C with a percentile bootstrap CI (stratified on the event, patient-level with `groups`)."""
+    """Harrell's C with a percentile bootstrap CI (stratified on the event, patient-level with `groups`).
+
+    One sksurv call per resample (cost grows with n x events): fine for test sets of thousands;
+    lower `n_boot` for very large cohorts.
+    """
     t, e = as_survival(time, event)
     s = as_1d(score, "score", t.size)
 

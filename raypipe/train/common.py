@@ -206,7 +206,7 @@ def save_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: t
 
 def read_checkpoint(checkpoint: Any) -> dict:
     """Load the payload of a `ray.train.Checkpoint` (or a local directory) on CPU, weights_only."""
-    if isinstance(checkpoint, (str, os.PathLike)):
+    if isinstance(checkpoint, (str, os.PathLike)) and not hasattr(checkpoint, "as_directory"):
         return torch.load(os.path.join(os.fspath(checkpoint), CHECKPOINT_FILE), map_location="cpu", weights_only=True)
     with checkpoint.as_directory() as d:
         return torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=True)

@@ -185,15 +185,21 @@ def _forward(model: nn.Module, batch: Mapping[str, torch.Tensor], setup: DeviceS
         return model(x, clinical.to(setup.device) if clinical is not None else None)
 
 
-def _loss(cfg: CTTrainConfig, out: Any, batch: Mapping[str, torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Training loss: BCE for the CNN-RNN; weighted BCE + Cox + horizon BCE for the multitask model."""
+def _loss(cfg: CTTrainConfig, out: Any, batch: Mapping[str, torch.Tensor], device: torch.device,
+          distributed: bool = True) -> torch.Tensor:
+    """Training loss: BCE for the CNN-RNN; weighted BCE + Cox + horizon BCE for the multitask model.
+
+    `distributed` gathers the Cox risk sets over all workers (every rank must call it); validation on
+    rank 0 alone passes False.
+    """
     if not isinstance(cfg, MultitaskConfig):
         return masked_bce(out, batch[cfg.label].to(device))
-    from raypipe.losses import cox_ph_loss_distributed
+    from raypipe.losses import cox_ph_loss, cox_ph_loss_distributed
 
+    cox = cox_ph_loss_distributed if distributed else cox_ph_loss
     time, event = batch["time_days"].to(device), batch["event"].to(device)
     loss = cfg.prevalent_weight * masked_bce(out["prevalent_logit"], batch[cfg.prevalent_label].to(device))
-    loss = loss + cfg.cox_weight * cox_ph_loss_distributed(out["log_risk"].float(), time, event, ties=cfg.cox_ties)
+    loss = loss + cfg.cox_weight * cox(out["log_risk"].float(), time, event, ties=cfg.cox_ties)
     horizons = [h * DAYS_PER_YEAR for h in cfg.horizons_years]
     return loss + cfg.horizon_weight * masked_bce(out["risk_logits"], horizon_labels(time, event, horizons))
 
@@ -314,7 +320,7 @@ def _validate(cfg: CTTrainConfig, model: nn.Module, setup: DeviceSetup,
         out = _forward(unwrap(model), b, setup)
         n = int(b["x"].shape[0])
         if isinstance(cfg, MultitaskConfig):
-            loss = _loss(cfg, out, b, setup.device)  # without DDP the Cox term is the per-batch likelihood
+            loss = _loss(cfg, out, b, setup.device, distributed=False)  # Cox term: per validation batch
             outs.append({k: v.float().cpu().numpy() for k, v in out.items() if k != "attention"}
                         | {k: b[k].numpy() for k in _targets(cfg)})
         else:

@@ -1,0 +1,1 @@
+"""Ray Data pipelines (manifest -> shards), patient-level sampling, synthetic cohorts."""

@@ -1,0 +1,1 @@
+"""Explanations of model outputs (Grad-CAM)."""

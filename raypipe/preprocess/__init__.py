@@ -1,0 +1,1 @@
+"""Pure preprocessing functions: CT crops and windows, DRRs, radiograph alignment and patches."""

@@ -1,0 +1,76 @@
+"""Radiograph inputs of the Diff-X branch (papers/004) as pure numpy functions.
+
+- `pvf_input`: the Verte-X pVF classifier's input: the radiograph resized to 1024 x 512 (rows x cols)
+  "while preserving the original width and height aspect ratio" (scaled to fit, zero padded, centred),
+  CLAHE and a fixed normalisation (paper, Methods 4).
+- `ldm_input`: the diffusion models' input: padded to a square (aspect kept) and resized to 512 x 512,
+  in [-1, 1] as latent diffusion VAEs expect (Methods 4: "resized to 512x512 pixels").
+- `from_ldm_output`: the inverse intensity map for PNGs and for scoring generated images.
+All take and return float arrays; images are [0, 1] bone bright (`raypipe.io.radiograph`).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from raypipe.preprocess.xray import clahe, min_max
+
+__all__ = ["PVF_SIZE", "LDM_SIZE", "fit_to_canvas", "pvf_input", "ldm_input", "from_ldm_output"]
+
+PVF_SIZE: tuple[int, int] = (1024, 512)
+LDM_SIZE: int = 512
+
+
+def _resize(img: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Antialiased bilinear resize of a 2-D float image (torch, so one code path for up and down)."""
+    t = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None, None]
+    out = F.interpolate(t, size=shape, mode="bilinear", align_corners=False, antialias=True)
+    return out[0, 0].numpy()
+
+
+def fit_to_canvas(img: np.ndarray, shape: tuple[int, int], fill: float = 0.0) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """Scale `img` to fit `shape` with its aspect ratio kept and pad (centred) with `fill`.
+
+    Returns the canvas and the content box `(top, left, height, width)` so callers can equalise only
+    the content (CLAHE on padding would stretch the background).
+    """
+    x = np.asarray(img, dtype=np.float32)
+    if x.ndim != 2 or min(x.shape) < 1:
+        raise ValueError(f"expected a non-empty 2-D image, got shape {x.shape}")
+    rows, cols = shape
+    scale = min(rows / x.shape[0], cols / x.shape[1])
+    h = max(1, min(rows, int(round(x.shape[0] * scale))))
+    w = max(1, min(cols, int(round(x.shape[1] * scale))))
+    canvas = np.full((rows, cols), fill, dtype=np.float32)
+    top, left = (rows - h) // 2, (cols - w) // 2
+    canvas[top:top + h, left:left + w] = _resize(x, (h, w))
+    return canvas, (top, left, h, w)
+
+
+def pvf_input(
+    pixels: np.ndarray,
+    size: tuple[int, int] = PVF_SIZE,
+    clip_limit: float = 0.01,
+    tiles: tuple[int, int] = (8, 8),
+    mean: float = 0.5,
+    std: float = 0.25,
+) -> np.ndarray:
+    """(1, rows, cols) float32 classifier input: fit + pad, CLAHE on the content, then (x - mean) / std."""
+    canvas, (top, left, h, w) = fit_to_canvas(min_max(pixels), size)
+    content = canvas[top:top + h, left:left + w]
+    if clip_limit > 0 and min(h, w) >= 2:
+        canvas[top:top + h, left:left + w] = clahe(content, clip_limit=clip_limit, tiles=tiles)
+    return ((canvas - mean) / std)[None].astype(np.float32)
+
+
+def ldm_input(pixels: np.ndarray, size: int = LDM_SIZE) -> np.ndarray:
+    """(1, size, size) float32 in [-1, 1]: min-max, padded to a square with the aspect kept, resized."""
+    canvas, _ = fit_to_canvas(min_max(pixels), (size, size))
+    return (canvas * 2.0 - 1.0)[None].astype(np.float32)
+
+
+def from_ldm_output(x: np.ndarray) -> np.ndarray:
+    """[-1, 1] model space -> [0, 1] image space (clipped), the inverse of `ldm_input`'s scaling."""
+    return np.clip((np.asarray(x, dtype=np.float32) + 1.0) / 2.0, 0.0, 1.0)
+

@@ -1,0 +1,1 @@
+"""Ray Serve deployments, the scoring graph and upload safety."""

@@ -1,0 +1,1 @@
+"""Ray Train loops (one per task) and the shared trainer plumbing."""

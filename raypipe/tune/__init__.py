@@ -1,0 +1,1 @@
+"""Ray Tune: k-fold cross-validation, Optuna search, result tables."""
