@@ -131,3 +131,97 @@ def request_workdir() -> Iterator[Path]:
         yield d
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ size guards before decoding (serving)
+MAX_VOLUME_VOXELS = 1024 * 1024 * 1024  # a 1024 x 1024 x 1024 CT; larger headers are refused before reading
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # a 8k x 8k radiograph
+
+
+class BodyTooLarge(Exception):
+    """The request body grew past the configured limit while it was being read (413)."""
+
+
+def is_nifti1(data: bytes) -> bool:
+    """Uncompressed NIfTI-1/2 magic (`n+1` / `n+2` in the header)."""
+    return (len(data) >= 348 and data[344:347] in (b"n+1", b"ni1")) or (len(data) >= 540 and data[4:7] in (b"n+2", b"ni2"))
+
+
+def gunzip_limited(data: bytes, field: str, max_bytes: int = MAX_ZIP_BYTES) -> bytes:
+    """Decompress a gzip upload refusing gzip bombs (413) and corrupt streams (400)."""
+    import zlib
+
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    out = bytearray()
+    try:
+        chunk = d.decompress(data, max_bytes + 1)
+        out += chunk
+        if len(out) > max_bytes or d.unconsumed_tail:
+            raise UploadError(413, field, f"gzip data expands beyond {max_bytes} bytes")
+        out += d.flush()
+    except zlib.error as e:
+        raise UploadError(400, field, f"corrupt gzip data ({e})") from e
+    if not d.eof:
+        raise UploadError(400, field, "truncated gzip data")
+    return bytes(out)
+
+
+def check_nifti_header(raw: bytes, field: str, max_voxels: int = MAX_VOLUME_VOXELS) -> tuple[int, ...]:
+    """Dimensions of an uncompressed NIfTI header; refuses non-NIfTI (415), absurd or oversized dims (400/413)."""
+    import struct
+
+    if not is_nifti1(raw):
+        raise UploadError(415, field, "not a NIfTI file (no NIfTI-1/2 header)")
+    two = raw[4:7] in (b"n+2", b"ni2")
+    for endian in ("<", ">"):
+        size = struct.unpack(endian + "i", raw[:4])[0]
+        if size in (348, 540):
+            break
+    else:
+        raise UploadError(400, field, "corrupt NIfTI header (bad sizeof_hdr)")
+    dims = struct.unpack(endian + ("8q" if two else "8h"), raw[16:80] if two else raw[40:56])
+    ndim = dims[0]
+    if not 1 <= ndim <= 7 or any(d < 1 for d in dims[1:ndim + 1]):
+        raise UploadError(400, field, f"corrupt NIfTI header (dims {list(dims)})")
+    n = 1
+    for d in dims[1:ndim + 1]:
+        n *= int(d)
+    if n > max_voxels:
+        raise UploadError(413, field, f"NIfTI volume has {n} voxels; at most {max_voxels} allowed")
+    return tuple(int(d) for d in dims[1:ndim + 1])
+
+
+def check_dicom_image_size(data: bytes, field: str, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
+    """Refuse a DICOM whose header promises more pixels than allowed, before decoding them (413)."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=True)
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        frames = int(str(ds.get("NumberOfFrames", 1) or 1))
+    except Exception as e:  # noqa: BLE001 - unparsable headers are reported as not DICOM
+        raise UploadError(400, field, f"not a readable DICOM file ({type(e).__name__})") from e
+    if rows * cols * max(frames, 1) > max_pixels:
+        raise UploadError(413, field, f"DICOM image has {rows}x{cols}x{frames} pixels; at most {max_pixels} allowed")
+
+
+def check_raster_size(data: bytes, field: str, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
+    """Refuse a PNG/JPEG larger than allowed from its header alone (no decoding), and unreadable ones (400)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+    except Exception as e:  # noqa: BLE001 - Pillow raises many types on garbage
+        raise UploadError(400, field, f"not a readable PNG/JPEG image ({type(e).__name__})") from e
+    if w * h > max_pixels:
+        raise UploadError(413, field, f"image has {w}x{h} pixels; at most {max_pixels} allowed")
+
+
+def series_folder(files: list[Path], root: Path) -> Path:
+    """The folder of an extracted zip that holds most files (a DICOM series zipped with its parent folders)."""
+    from collections import Counter
+
+    if not files:
+        return root
+    return Counter(f.parent for f in files).most_common(1)[0][0]

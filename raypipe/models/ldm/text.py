@@ -14,11 +14,13 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
-from transformers import CLIPTextConfig, CLIPTextModel
+
+if TYPE_CHECKING:  # transformers is imported when an encoder is built
+    from transformers import CLIPTextModel
 
 __all__ = [
     "PROMPT_VOCABULARY",
@@ -145,8 +147,10 @@ def build_text_encoder(
     num_heads: int = 12,
     intermediate_size: int | None = None,
     max_length: int = 32,
-) -> CLIPTextModel:
+) -> "CLIPTextModel":
     """Pretrained CLIP text encoder from a local folder, or a small randomly initialised one."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
     if path:
         return CLIPTextModel.from_pretrained(path, local_files_only=True)
     tok = WordTokenizer(model_max_length=max_length)
@@ -164,7 +168,7 @@ def build_text_encoder(
     return CLIPTextModel(config)
 
 
-def encode_prompts(text_encoder: CLIPTextModel, tokenizer: Any, prompts: Sequence[str]) -> Tensor:
+def encode_prompts(text_encoder: "CLIPTextModel", tokenizer: Any, prompts: Sequence[str]) -> Tensor:
     """Per-token embeddings (B, L, D) that the UNets cross-attend to."""
     length = min(int(tokenizer.model_max_length), int(text_encoder.config.max_position_embeddings))
     tok = tokenizer(list(prompts), padding="max_length", max_length=length, truncation=True, return_tensors="pt")

@@ -11,8 +11,10 @@ predicts ``latent`` channels of noise.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from diffusers import UNet2DConditionModel
+if TYPE_CHECKING:  # diffusers is imported when a model is built, not when the registry is imported
+    from diffusers import UNet2DConditionModel
 
 __all__ = ["SD_UNET_CHANNELS", "build_unet", "build_structure_unet", "build_prompt_unet"]
 
@@ -29,8 +31,10 @@ def build_unet(
     cross_attention_dim: int = 768,
     attention_head_dim: int = 8,
     norm_num_groups: int = 32,
-) -> UNet2DConditionModel:
+) -> "UNet2DConditionModel":
     """A text-conditioned UNet with SD's block types (``attention_head_dim`` is heads, as in SD v1 configs)."""
+    from diffusers import UNet2DConditionModel
+
     n = len(block_out_channels)
     if n < 2:
         raise ValueError("need at least two resolution levels")
@@ -48,11 +52,11 @@ def build_unet(
     )
 
 
-def build_structure_unet(*, latent_channels: int = 4, lowres_channels: int = 1, **kwargs: int) -> UNet2DConditionModel:
+def build_structure_unet(*, latent_channels: int = 4, lowres_channels: int = 1, **kwargs: int) -> "UNet2DConditionModel":
     """Structure LDM: input = noisy latent (+) low-res image along channels; output = latent noise."""
     return build_unet(in_channels=latent_channels + lowres_channels, out_channels=latent_channels, **kwargs)
 
 
-def build_prompt_unet(*, latent_channels: int = 4, **kwargs: int) -> UNet2DConditionModel:
+def build_prompt_unet(*, latent_channels: int = 4, **kwargs: int) -> "UNet2DConditionModel":
     """Prompt LDM: a plain text-to-image latent UNet."""
     return build_unet(in_channels=latent_channels, out_channels=latent_channels, **kwargs)

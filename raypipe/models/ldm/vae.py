@@ -7,8 +7,10 @@ out_channels = 1``; the spatial downsampling factor is ``2 ** (len(block_out_cha
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from diffusers import AutoencoderKL
+if TYPE_CHECKING:  # diffusers is imported when a model is built, not when the registry is imported
+    from diffusers import AutoencoderKL
 
 __all__ = ["SD_VAE_CHANNELS", "build_vae", "downsample_factor"]
 
@@ -28,8 +30,10 @@ def build_vae(
     latent_channels: int = 4,
     norm_num_groups: int = 32,
     in_channels: int = 1,
-) -> AutoencoderKL:
+) -> "AutoencoderKL":
     """AutoencoderKL with SD's block layout for `in_channels`-channel images."""
+    from diffusers import AutoencoderKL
+
     n = len(block_out_channels)
     return AutoencoderKL(
         in_channels=in_channels,

@@ -1,0 +1,411 @@
+"""`raypipe generate`: Diff-X future radiographs (papers/004) and their pVF scores.
+
+The pipeline, written out as a diffusers-style sampler (models in `raypipe.models.ldm`, schedulers in
+`raypipe.models.ldm.schedule`, this file only the loop):
+
+1. encode the baseline radiograph with the VAE and take its low-resolution copy;
+2. DDIM inversion of the latent through the structure LDM, conditioned on the baseline prompt
+   ("An image of {age} years old {sex}") and the low-res image: x_0 -> x_T;
+3. from x_T, two trajectories in lockstep at every DDIM timestep: the structure LDM re-traces the
+   baseline (deterministic DDIM, eta = 0) and its decoder ResNet output and self-attention
+   queries/keys at the injection layer (`raypipe.models.ldm.diffx`, the thesis's fifth decoder block)
+   replace the prompt LDM's, which denoises all future prompts (age + 1, 5, 10 years and the last
+   follow-up when given) x seeds as one batch;
+4. decode, write one PNG per (year, seed) and ``generation.json``.
+
+Where the seed enters: inversion is deterministic, so with deterministic DDIM all seeds would give
+the same image. The thesis draws 10 seeds per time point without saying where they act; here the
+seed drives the stochastic term of DDIM (``eta``, default 0.5) in the prompt LDM's denoising only,
+one `torch.Generator` per sample, so a sample depends on its seed, not on its place in the batch.
+`DiffXPipeline.sample_single` is the comparison sampler of the thesis's Figure 9/10: the prompt LDM
+alone from seeded Gaussian noise, no inversion, no injection.
+
+Scores (thesis Methods 7): BpVF = pVF of the baseline radiograph; per year the GpVF mean and SD
+over seeds; per patient GpVF = max over years of the seed mean, uncertainty = the SD over seeds at
+that year; risk group LL / LH / HIGH by `raypipe.metrics.risk_groups` (BpVF >= 0.5 HIGH, else GpVF
+>= 0.6 LH, else LL).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from raypipe.models.ldm.diffx import DEFAULT_INJECTION_LAYER, PlugAndPlay
+from raypipe.models.ldm.model import DiffXModel
+from raypipe.models.ldm.schedule import ddim_inverse_scheduler, ddim_scheduler
+from raypipe.models.ldm.text import build_prompt
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_YEARS",
+    "DiffXPipeline",
+    "SamplerSettings",
+    "aggregate_scores",
+    "future_prompts",
+    "generate",
+    "generate_cli",
+    "generate_study",
+    "load_diffx",
+]
+
+DEFAULT_YEARS: tuple[float, ...] = (1.0, 5.0, 10.0)
+DEFAULT_SEEDS = 10
+CLINICAL_PROMPT_KEYS = ("bmi", "prevalent_fracture", "glucocorticoid", "prior_fracture", "rheumatoid_arthritis",
+                        "secondary_osteoporosis")
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """Sampling settings (stored in model_meta.json by `raypipe train ldm`, overridable per call)."""
+
+    steps: int = 50
+    eta: float = 0.5
+    guidance_scale: float = 1.0
+    injection_layer: int = DEFAULT_INJECTION_LAYER
+    resnet_fraction: float = 1.0  # inject ResNet features during the first fraction of the steps (thesis: all)
+    attention_fraction: float = 1.0  # same for self-attention queries/keys
+    max_batch: int = 64  # prompt-LDM samples per forward pass (the structure LDM runs once per step)
+    low_threshold: float = 0.5
+    high_threshold: float = 0.6
+
+    def replace(self, **kw: Any) -> "SamplerSettings":
+        """A copy with the non-None keyword values replaced."""
+        from dataclasses import replace
+
+        return replace(self, **{k: v for k, v in kw.items() if v is not None})
+
+
+# ---------------------------------------------------------------------------------------------- pipeline
+class DiffXPipeline:
+    """Diff-X sampler over a `DiffXModel`: DDIM inversion + plug-and-play injected denoising."""
+
+    def __init__(self, model: DiffXModel, settings: SamplerSettings | None = None, amp_dtype: torch.dtype | None = None) -> None:
+        self.model = model.eval()
+        self.settings = settings or SamplerSettings()
+        self.amp_dtype = amp_dtype
+        self.scheduler = ddim_scheduler()
+        self.inverse_scheduler = ddim_inverse_scheduler()
+        layer = self.settings.injection_layer
+        self.injection = PlugAndPlay(model.structure_unet, model.prompt_unet, (layer,), (layer,))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _autocast(self) -> Any:
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def _noise(self, shape: Sequence[int], seeds: Sequence[int]) -> Tensor:
+        """One standard-normal tensor per seed (CPU generators, so CPU and GPU runs draw the same noise)."""
+        parts = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+        return torch.stack(parts).to(self.device)
+
+    def _prompt_eps(self, latents: Tensor, t: Tensor, text: Tensor, uncond: Tensor | None) -> Tensor:
+        """Prompt-LDM noise prediction, with classifier-free guidance when `uncond` is given."""
+        m, g = self.model, self.settings.guidance_scale
+        if uncond is None:
+            return m.prompt_eps(latents, t, text).float()
+        both = m.prompt_eps(torch.cat([latents, latents]), t, torch.cat([uncond.expand_as(text), text])).float()
+        e_u, e_c = both.chunk(2)
+        return e_u + g * (e_c - e_u)
+
+    @torch.no_grad()
+    def invert(self, image: Tensor, prompt: str) -> tuple[Tensor, Tensor, Tensor]:
+        """DDIM inversion through the structure LDM: returns (x_T, low-res image, prompt embedding)."""
+        m = self.model
+        image = image.to(self.device, torch.float32)
+        with self._autocast():
+            lowres = m.lowres(image)
+            text = m.encode_text([prompt])
+            z = m.encode(image).float()
+            self.inverse_scheduler.set_timesteps(self.settings.steps, device=self.device)
+            for t in self.inverse_scheduler.timesteps:
+                eps = m.structure_eps(z, t, text, lowres).float()
+                z = self.inverse_scheduler.step(eps, t, z).prev_sample
+        return z, lowres, text
+
+    @torch.no_grad()
+    def __call__(self, image: Tensor, baseline_prompt: str, prompts: Sequence[str], seeds: Sequence[int]) -> Tensor:
+        """Diff-X images (len(prompts), len(seeds), 1, H, W) in [-1, 1] from one baseline image (1, 1, H, W)."""
+        m, s = self.model, self.settings
+        x_t, lowres, text_s = self.invert(image, baseline_prompt)
+        n_p, n_s = len(prompts), len(seeds)
+        pairs = [(i, j) for i in range(n_p) for j in range(n_s)]
+        with self._autocast():
+            text_p = m.encode_text(list(prompts))
+            uncond = m.encode_text([""]) if s.guidance_scale != 1.0 else None
+        z_s = x_t
+        z_p = x_t.expand(len(pairs), -1, -1, -1).clone()
+        seq = [int(seeds[j]) for _, j in pairs]
+        gens = [torch.Generator().manual_seed(v) for v in seq]
+        self.scheduler.set_timesteps(s.steps, device=self.device)
+        steps = len(self.scheduler.timesteps)
+        self.injection.reset()
+        try:
+            for k, t in enumerate(self.scheduler.timesteps):
+                self.injection.enabled = True
+                self.injection.inject_resnet = k < s.resnet_fraction * steps
+                self.injection.inject_attention = k < s.attention_fraction * steps
+                with self._autocast():
+                    eps_s = m.structure_eps(z_s, t, text_s, lowres).float()  # records the features
+                    eps_p = torch.cat([
+                        self._prompt_eps(z_p[c:c + s.max_batch], t,
+                                         text_p[[i for i, _ in pairs[c:c + s.max_batch]]], uncond)
+                        for c in range(0, len(pairs), s.max_batch)
+                    ])  # injects them
+                self.injection.enabled = False
+                z_s = self.scheduler.step(eps_s, t, z_s, eta=0.0).prev_sample
+                noise = torch.stack([torch.randn(z_p.shape[1:], generator=g) for g in gens]).to(self.device)
+                z_p = self.scheduler.step(eps_p, t, z_p, eta=s.eta, variance_noise=noise).prev_sample
+        finally:
+            self.injection.enabled = False
+        return self._decode(z_p).reshape(n_p, n_s, *image.shape[1:])
+
+    @torch.no_grad()
+    def sample_single(self, prompts: Sequence[str], seeds: Sequence[int]) -> Tensor:
+        """Single-LDM comparison: prompt LDM from seeded noise, no inversion and no injection."""
+        m, s = self.model, self.settings
+        pairs = [(i, j) for i in range(len(prompts)) for j in range(len(seeds))]
+        shape = (m.latent_channels, m.latent_size, m.latent_size)
+        z = self._noise(shape, [int(seeds[j]) for _, j in pairs]) * self.scheduler.init_noise_sigma
+        gens = [torch.Generator().manual_seed(int(seeds[j]) + 1_000_003) for _, j in pairs]
+        with self._autocast():
+            text = m.encode_text([prompts[i] for i, _ in pairs])
+            uncond = m.encode_text([""]) if s.guidance_scale != 1.0 else None
+        self.scheduler.set_timesteps(s.steps, device=self.device)
+        for t in self.scheduler.timesteps:
+            with self._autocast():
+                eps = torch.cat([self._prompt_eps(z[c:c + s.max_batch], t, text[c:c + s.max_batch], uncond)
+                                 for c in range(0, len(pairs), s.max_batch)])
+            noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(self.device)
+            z = self.scheduler.step(eps, t, z, eta=s.eta, variance_noise=noise).prev_sample
+        return self._decode(z).reshape(len(prompts), len(seeds), 1, m.image_size, m.image_size)
+
+    def _decode(self, latents: Tensor) -> Tensor:
+        """VAE decode in chunks, clamped to [-1, 1], float32 on CPU."""
+        out = []
+        with self._autocast():
+            for c in range(0, latents.shape[0], self.settings.max_batch):
+                out.append(self.model.decode(latents[c:c + self.settings.max_batch]).float().clamp(-1, 1).cpu())
+        return torch.cat(out)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def load_diffx(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[DiffXModel, dict[str, Any]]:
+    """A `DiffXModel` from a `raypipe train ldm` folder or a registry version (model.pt + model_meta.json)."""
+    from raypipe.models.registry import build_model
+
+    d = Path(model_dir)
+    if not (d / "model_meta.json").is_file() or not (d / "model.pt").is_file():
+        from raypipe.io.errors import RaypipeInputError
+
+        raise RaypipeInputError("not a Diff-X model folder (needs model.pt and model_meta.json)", path=str(d))
+    meta = json.loads((d / "model_meta.json").read_text())
+    model = build_model(meta["builder"], **meta.get("kwargs", {}))
+    if not isinstance(model, DiffXModel):
+        raise TypeError(f"{d}: builder {meta['builder']!r} is not a Diff-X model")
+    model.load_state_dict(torch.load(d / "model.pt", map_location="cpu", weights_only=True))
+    return model.to(device).eval(), meta
+
+
+def pipeline_from_dir(model_dir: str | Path, device: str | torch.device | None = None, bf16: bool = False,
+                      **overrides: Any) -> DiffXPipeline:
+    """`DiffXPipeline` with the sampler settings saved beside the weights (overridden by keyword)."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, meta = load_diffx(model_dir, dev)
+    known = SamplerSettings.__dataclass_fields__
+    settings = SamplerSettings(**{k: v for k, v in meta.get("sampler", {}).items() if k in known}).replace(**overrides)
+    amp = torch.bfloat16 if (bf16 and dev.type == "cuda") else None
+    return DiffXPipeline(model, settings, amp_dtype=amp)
+
+
+# ---------------------------------------------------------------------------------------------- scores
+def aggregate_scores(
+    bpvf: float | None,
+    gpvf: Mapping[float, Sequence[float]],
+    low: float = 0.5,
+    high: float = 0.6,
+) -> dict[str, Any]:
+    """Thesis aggregation: per-year mean/SD over seeds, patient GpVF = max of the means, group by thresholds.
+
+    SD is the sample SD (ddof = 1; 0 with one seed). Ties between years go to the earliest year.
+    """
+    from raypipe.metrics import risk_groups
+
+    per_year: dict[str, dict[str, Any]] = {}
+    best_year, best_mean, best_sd = None, -math.inf, float("nan")
+    for year in sorted(gpvf):
+        scores = np.asarray(gpvf[year], dtype=np.float64)
+        if scores.size == 0:
+            raise ValueError(f"no GpVF scores for year {year}")
+        mean = float(scores.mean())
+        sd = float(scores.std(ddof=1)) if scores.size > 1 else 0.0
+        per_year[f"{float(year):g}"] = {"mean": mean, "sd": sd, "scores": scores.tolist()}
+        if mean > best_mean:
+            best_year, best_mean, best_sd = float(year), mean, sd
+    out: dict[str, Any] = {"bpvf": None if bpvf is None else float(bpvf), "gpvf_by_year": per_year,
+                           "gpvf": best_mean if per_year else None, "gpvf_year": best_year,
+                           "uncertainty": best_sd if per_year else None, "thresholds": {"low": low, "high": high},
+                           "group": None}
+    if bpvf is not None and per_year:
+        out["group"] = str(risk_groups([bpvf], [best_mean], low=low, high=high)[0])
+    return out
+
+
+def future_prompts(age: float, sex: str, years: Sequence[float], clinical: Mapping[str, Any] | None = None
+                   ) -> tuple[str, dict[float, str]]:
+    """Baseline prompt and one prompt per future year (age + years; clinical attributes unchanged)."""
+    attrs = {k: v for k, v in (clinical or {}).items() if k in CLINICAL_PROMPT_KEYS}
+    return build_prompt(age, sex, **attrs), {float(y): build_prompt(float(age) + float(y), sex, **attrs) for y in years}
+
+
+# ---------------------------------------------------------------------------------------------- one study
+def generate_study(
+    pipeline: DiffXPipeline,
+    pixels: np.ndarray,
+    age: float,
+    sex: str,
+    years: Sequence[float],
+    seeds: Sequence[int],
+    out_dir: str | Path | None,
+    pvf: Any = None,
+    clinical: Mapping[str, Any] | None = None,
+    write_images: bool = True,
+) -> dict[str, Any]:
+    """Generate one patient's future images; write PNGs + generation.json into `out_dir` (when given)."""
+    from raypipe.io.radiograph import write_radiograph_png
+    from raypipe.preprocess.pvf import from_ldm_output, ldm_input
+
+    years = [float(y) for y in years]
+    if not years:
+        raise ValueError("need at least one future time point")
+    seeds = [int(s) for s in seeds]
+    base_prompt, prompts = future_prompts(age, sex, years, clinical)
+    image = torch.from_numpy(ldm_input(pixels, pipeline.model.image_size))[None]
+    images = pipeline(image, base_prompt, [prompts[y] for y in years], seeds)
+    grey = from_ldm_output(images[:, :, 0].numpy())  # (years, seeds, H, W) in [0, 1]
+
+    out = Path(out_dir) if out_dir is not None else None
+    files: dict[str, list[str]] = {}
+    if out is not None and write_images:
+        for i, y in enumerate(years):
+            files[f"{y:g}"] = []
+            for j, sd in enumerate(seeds):
+                name = f"year{y:g}_seed{sd}.png"
+                write_radiograph_png(out / name, grey[i, j], bits=8)
+                files[f"{y:g}"].append(name)
+    s = pipeline.settings
+    record: dict[str, Any] = {
+        "age": float(age), "sex": str(sex), "years": years, "seeds": seeds,
+        "baseline_prompt": base_prompt, "prompts": {f"{y:g}": prompts[y] for y in years}, "images": files,
+        "sampler": {"steps": s.steps, "eta": s.eta, "guidance_scale": s.guidance_scale,
+                    "injection_layer": s.injection_layer, "image_size": pipeline.model.image_size},
+    }
+    if pvf is not None:
+        bpvf = float(pvf([np.asarray(pixels, dtype=np.float32)])[0])
+        flat = pvf([grey[i, j] for i in range(len(years)) for j in range(len(seeds))]).reshape(len(years), len(seeds))
+        record.update(aggregate_scores(bpvf, {y: flat[i] for i, y in enumerate(years)}, s.low_threshold,
+                                       s.high_threshold))
+    if out is not None:
+        from raypipe.storage import atomic_write_json
+
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(str(out / "generation.json"), record)
+    return record
+
+
+def _seed_list(seeds: int | Sequence[int]) -> list[int]:
+    """An int n means seeds 0..n-1; a sequence is taken as given."""
+    if isinstance(seeds, (int, np.integer)):
+        if seeds < 1:
+            raise ValueError(f"seeds must be >= 1, got {seeds}")
+        return list(range(int(seeds)))
+    return [int(s) for s in seeds]
+
+
+def generate(
+    image: str | Path | np.ndarray,
+    age: float,
+    sex: str,
+    years: Sequence[float] = DEFAULT_YEARS,
+    seeds: int | Sequence[int] = DEFAULT_SEEDS,
+    model_dir: str | Path | None = None,
+    pvf_dir: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    *,
+    last_followup_years: float | None = None,
+    clinical: Mapping[str, Any] | None = None,
+    device: str | None = None,
+    bf16: bool = False,
+    **sampler: Any,
+) -> dict[str, Any]:
+    """Future radiographs for one patient: PNG per (year, seed) + generation.json in `out_dir`; returns the record."""
+    from raypipe.io.radiograph import read_radiograph
+
+    if model_dir is None or out_dir is None:
+        raise ValueError("model_dir and out_dir are required")
+    pixels = image if isinstance(image, np.ndarray) else read_radiograph(image).pixels
+    pipe = pipeline_from_dir(model_dir, device, bf16, **sampler)
+    pvf = None
+    if pvf_dir is not None:
+        from raypipe.scoring.pvf import load_pvf
+
+        pvf = load_pvf(pvf_dir, pipe.device)
+    ys = [float(y) for y in years]
+    if last_followup_years is not None and float(last_followup_years) not in ys:
+        ys.append(float(last_followup_years))
+    record = generate_study(pipe, pixels, age, sex, ys, _seed_list(seeds), out_dir, pvf, clinical)
+    record["model_dir"] = str(model_dir)
+    if pvf_dir is not None:
+        record["pvf_dir"] = str(pvf_dir)
+    from raypipe.storage import atomic_write_json
+
+    atomic_write_json(str(Path(out_dir) / "generation.json"), record)
+    log.info("generated %d images into %s", len(ys) * len(_seed_list(seeds)), out_dir)
+    return record
+
+
+def add_generate_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The `raypipe generate` options (DESIGN.md), for the lead's CLI and jobs/generate.py."""
+    p.add_argument("--image", required=True, help="baseline radiograph (DICOM or PNG)")
+    p.add_argument("--age", type=float, required=True)
+    p.add_argument("--sex", required=True, help="F or M")
+    p.add_argument("--years", default="1,5,10", help="comma-separated years after baseline")
+    p.add_argument("--last-followup", type=float, default=None, help="extra time point: years to last follow-up")
+    p.add_argument("--seeds", default=str(DEFAULT_SEEDS), help="count (0..n-1) or comma-separated seeds")
+    p.add_argument("--model", required=True, help="`raypipe train ldm` output or registry version folder")
+    p.add_argument("--pvf", default=None, help="`raypipe train pvf` output or registry version folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's)")
+    p.add_argument("--eta", type=float, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA")
+    return p
+
+
+def generate_cli(args: argparse.Namespace) -> int:
+    """`raypipe generate --image X --age A --sex S --years 1,5,10 --seeds 10 --model DIR [--pvf DIR] --out DIR`."""
+    years = [float(y) for y in str(args.years).split(",") if y.strip()]
+    seeds_arg = str(args.seeds)
+    seeds: int | list[int] = [int(s) for s in seeds_arg.split(",")] if "," in seeds_arg else int(seeds_arg)
+    record = generate(args.image, args.age, args.sex, years, seeds, args.model, getattr(args, "pvf", None), args.out,
+                      last_followup_years=getattr(args, "last_followup", None), device=getattr(args, "device", None),
+                      bf16=bool(getattr(args, "bf16", False)), steps=getattr(args, "steps", None),
+                      eta=getattr(args, "eta", None))
+    summary = {k: record.get(k) for k in ("bpvf", "gpvf", "uncertainty", "group") if k in record}
+    log.info("generation.json written to %s %s", args.out, json.dumps(summary) if summary else "")
+    return 0

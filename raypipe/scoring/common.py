@@ -1,0 +1,172 @@
+"""Shared pieces of the Ray-free predictors: registry loading, clinical standardisation, PNG encoding.
+
+Batch jobs and the Serve deployments use the same predictors, so a model scores the same way offline
+and online. Weights are always read through `raypipe.registry` (checksums verified, `weights_only=True`).
+"""
+from __future__ import annotations
+
+import io
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from raypipe.io.errors import RaypipeInputError
+from raypipe.registry import ModelVersion, RegistryError, load_version
+
+log = logging.getLogger(__name__)
+
+DAYS_PER_YEAR = 365.25
+# Keyword arguments that point at files on the training machine; the registry's state_dict replaces them.
+_TRAINING_ONLY_KWARGS = ("pretrained_path",)
+
+
+class ClinicalInputError(RaypipeInputError):
+    """A clinical JSON that cannot be used: not an object, or a value that is not a number/sex/boolean."""
+
+
+def builder_of(version: ModelVersion) -> tuple[str, dict[str, Any]]:
+    """(builder name, kwargs) from model_meta.json; accepts both `builder`/`kwargs` and the trainers' `model`/`model_kwargs`."""
+    meta = version.meta
+    builder = meta.get("builder") or meta.get("model")
+    if not builder:
+        raise RegistryError("model_meta.json names no builder", path=str(version.path), field="builder")
+    kwargs = dict(meta.get("kwargs") or meta.get("model_kwargs") or {})
+    for key in _TRAINING_ONLY_KWARGS:
+        kwargs.pop(key, None)
+    return str(builder), kwargs
+
+
+def build_module(version: ModelVersion, threads: int | None = None) -> Any:
+    """The version's nn.Module in eval mode, weights loaded with weights_only=True (via the registry)."""
+    import torch
+
+    from raypipe.models.registry import build_model
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    name, kwargs = builder_of(version)
+    model = build_model(name, **kwargs)
+    model.load_state_dict(version.load_state_dict())
+    return model.eval()
+
+
+def open_version(registry: str | Path, name: str, version: str = "latest") -> ModelVersion:
+    """`raypipe.registry.load_version` (checksums verified); a named wrapper so every predictor opens models alike."""
+    return load_version(registry, name, version)
+
+
+def model_info(version: ModelVersion) -> dict[str, Any]:
+    """What responses and /v1/models say about a model: name, version, builder, task, metrics."""
+    builder, _ = builder_of(version)
+    return {"name": version.name, "version": version.version, "builder": builder,
+            "task": version.meta.get("task"), "metrics": version.metrics}
+
+
+@dataclass(frozen=True)
+class ClinicalStandardiser:
+    """Training-split means/SDs of the clinical columns, applied to one patient's clinical dict."""
+
+    columns: tuple[str, ...] = ()
+    mean: tuple[float, ...] = ()
+    sd: tuple[float, ...] = ()
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any]) -> "ClinicalStandardiser":
+        """From model_meta.json's `clinical` block ({"columns", "mean", "sd"}); empty when the model has none."""
+        c = meta.get("clinical") or {}
+        cols = tuple(c.get("columns") or ())
+        mean = tuple(float(v) for v in (c.get("mean") or [0.0] * len(cols)))
+        sd = tuple(float(v) if float(v) > 0 else 1.0 for v in (c.get("sd") or [1.0] * len(cols)))
+        if not (len(cols) == len(mean) == len(sd)):
+            raise RegistryError("model_meta.json clinical block has columns, mean and sd of different lengths")
+        return cls(cols, mean, sd)
+
+    def vector(self, clinical: Mapping[str, Any] | None) -> tuple[np.ndarray | None, list[str]]:
+        """(standardised float32 vector or None when the model takes no clinical input, missing column names).
+
+        Missing values become 0 after standardisation (the training mean), as in training.
+        """
+        if not self.columns:
+            return None, []
+        clinical = clinical or {}
+        if not isinstance(clinical, Mapping):
+            raise ClinicalInputError("clinical must be a JSON object", field="clinical")
+        raw = np.array([_clinical_value(name, clinical.get(name)) for name in self.columns], dtype=np.float64)
+        missing = [n for n, v in zip(self.columns, raw) if not math.isfinite(v)]
+        z = (raw - np.asarray(self.mean)) / np.asarray(self.sd)
+        return np.nan_to_num(z, nan=0.0).astype(np.float32), missing
+
+
+def _clinical_value(name: str, value: Any) -> float:
+    """One clinical value as a float: sex F=1/M=0, booleans 0/1, numbers; None -> NaN; anything else is an error."""
+    if value is None:
+        return math.nan
+    if name == "sex":
+        s = str(value).strip().upper()[:1]
+        if s in ("F", "M"):
+            return 1.0 if s == "F" else 0.0
+        raise ClinicalInputError(f"sex must be 'F' or 'M', got {value!r}", field=f"clinical.{name}")
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (int, float)) and math.isfinite(float(value)):
+        return float(value)
+    raise ClinicalInputError(f"{name} must be a finite number, got {value!r}", field=f"clinical.{name}")
+
+
+def parse_clinical(data: Any) -> dict[str, Any]:
+    """Validate a decoded clinical JSON: an object of scalars (numbers, strings, booleans, null)."""
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ClinicalInputError("clinical must be a JSON object", field="clinical")
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        if not isinstance(k, str) or len(k) > 64:
+            raise ClinicalInputError("clinical keys must be short strings", field="clinical")
+        if v is not None and not isinstance(v, (int, float, str, bool)):
+            raise ClinicalInputError(f"clinical.{k} must be a scalar", field=f"clinical.{k}")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ClinicalInputError(f"clinical.{k} is not finite", field=f"clinical.{k}")
+        out[k] = v
+    return out
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """PNG of a 2-D grey image (any range; min-max scaled to 8 bit) or an RGB uint8 image."""
+    from PIL import Image
+
+    a = np.asarray(image)
+    if a.ndim == 2:
+        a = a.astype(np.float32)
+        span = float(a.max() - a.min()) if a.size else 0.0
+        a = np.zeros(a.shape, np.uint8) if span <= 0 else np.round((a - a.min()) / span * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(a.astype(np.uint8))).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@dataclass
+class BatchRecorder:
+    """Sizes of the last batches a model ran, so tests and operators can see dynamic batching work."""
+
+    keep: int = 256
+    sizes: list[int] = field(default_factory=list)
+
+    def record(self, n: int) -> None:
+        """Remember one batch size (bounded history)."""
+        self.sizes.append(int(n))
+        del self.sizes[: max(0, len(self.sizes) - self.keep)]
+
+
+def stack_optional(items: Sequence[np.ndarray | None]) -> np.ndarray | None:
+    """Stack per-sample vectors, or None when the model takes none (all None)."""
+    if all(i is None for i in items):
+        return None
+    if any(i is None for i in items):
+        raise ValueError("cannot batch samples with and without clinical input")
+    return np.stack(items)  # type: ignore[arg-type]

@@ -1,0 +1,66 @@
+"""Typed options of the Serve app: model names, limits, batching, resources; read from env for `serve run`."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DEFAULT_NAMES: dict[str, str] = {"ct": "ct", "xray": "xray", "pvf": "pvf", "ldm": "ldm", "keypoints": "keypoints"}
+
+
+class BatchOptions(BaseModel):
+    """`@serve.batch` parameters of a model deployment (also settable per deployment through user_config)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(8, ge=1, le=256)
+    batch_wait_timeout_s: float = Field(0.05, ge=0, le=5)
+
+
+class ServeOptions(BaseModel):
+    """Everything `build_app` needs besides the registry path."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    names: dict[str, str | None] = Field(default_factory=lambda: dict(DEFAULT_NAMES),
+                                         description="role (ct, xray, pvf, ldm, keypoints) -> registry model name; None disables")
+    versions: dict[str, str] = Field(default_factory=dict, description="role -> version (default latest)")
+    api_token: str | None = Field(None, description="bearer token required on every route but /healthz", repr=False)
+    max_request_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="413 above this (Content-Length or read)")
+    max_zip_files: int = Field(2000, ge=1)
+    max_unpacked_bytes: int = Field(1 << 30, ge=1024)
+    batch: BatchOptions = Field(default_factory=BatchOptions)
+    job_ttl_s: float = Field(3600.0, gt=0, description="finished generation results are dropped after this")
+    max_jobs: int = Field(64, ge=1, description="queued + running + unfetched jobs; 429 above")
+    max_years: int = Field(20, ge=1)
+    max_seeds: int = Field(16, ge=1)
+    torch_threads: int = Field(1, ge=1, description="intra-op threads per model replica (replicas share cores)")
+    handle_retries: int = Field(3, ge=0, description="retries of a call whose replica died (inference is idempotent)")
+    num_cpus: dict[str, float] = Field(default_factory=lambda: {
+        "ApiIngress": 0.2, "CTPreprocess": 0.4, "XrayPreprocess": 0.4, "CTModel": 0.4, "XrayModel": 0.3,
+        "PVFModel": 0.3, "GeneratorModel": 0.3, "RiskAggregator": 0.1, "JobStore": 0.1})
+    num_gpus: dict[str, float] = Field(default_factory=dict, description="e.g. {'CTModel': 0.5} on GPU nodes")
+
+    def model_name(self, role: str) -> str | None:
+        """Registry name serving `role` (None when disabled)."""
+        return self.names.get(role, DEFAULT_NAMES.get(role))
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> "ServeOptions":
+        """Options from RAYPIPE_* variables (RAYPIPE_API_TOKEN, RAYPIPE_MAX_REQUEST_BYTES, RAYPIPE_MODEL_<ROLE>)."""
+        e = dict(os.environ if env is None else env)
+        kw: dict[str, Any] = {}
+        if e.get("RAYPIPE_API_TOKEN"):
+            kw["api_token"] = e["RAYPIPE_API_TOKEN"]
+        if e.get("RAYPIPE_MAX_REQUEST_BYTES"):
+            kw["max_request_bytes"] = int(e["RAYPIPE_MAX_REQUEST_BYTES"])
+        if e.get("RAYPIPE_JOB_TTL_S"):
+            kw["job_ttl_s"] = float(e["RAYPIPE_JOB_TTL_S"])
+        names = dict(DEFAULT_NAMES)
+        for role in DEFAULT_NAMES:
+            v = e.get(f"RAYPIPE_MODEL_{role.upper()}")
+            if v is not None:
+                names[role] = v or None
+        kw["names"] = names
+        return cls(**kw)
