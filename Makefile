@@ -31,8 +31,9 @@ test: $(STAMP) chromium
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
+# Each benchmark prints its figures (ratios measured side by side in one run); see bench/RESULTS.md.
 bench: $(STAMP)
-	$(BIN)/python bench/run_all.py
+	for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info

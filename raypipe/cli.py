@@ -67,10 +67,78 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
+TRAINERS = {  # MODEL -> (module, whether its train_cli takes the model name)
+    "cnn-rnn": ("raypipe.train.ct", True),
+    "multitask": ("raypipe.train.ct", True),
+    "keypoints": ("raypipe.train.keypoints", True),
+    "deepsurv": ("raypipe.train.deepsurv", True),
+    "pvf": ("raypipe.train.pvf", False),
+    "ldm": ("raypipe.train.ldm", False),
+}
+
+
+def _cmd_train(a: argparse.Namespace) -> int:
+    import importlib
+
+    module, takes_model = TRAINERS[a.model]
+    train_cli = importlib.import_module(module).train_cli
+    if takes_model:
+        return train_cli(a.model, a.config, a.data, a.out)
+    return train_cli(a.config, a.data, a.out)
+
+
+def _cmd_cv(a: argparse.Namespace) -> int:
+    from raypipe.tune.search import cv_cli
+
+    return cv_cli(a.model, a.config, a.folds, a.data, a.out)
+
+
+def _cmd_tune(a: argparse.Namespace) -> int:
+    from raypipe.tune.search import tune_cli
+
+    return tune_cli(a.model, a.config, a.trials, a.data, a.out)
+
+
+def _cmd_generate(a: argparse.Namespace) -> int:
+    from raypipe.generate import generate_cli
+
+    return generate_cli(a)
+
+
+def _cmd_publish(a: argparse.Namespace) -> int:
+    from raypipe.serving.cli import publish_cli
+
+    return publish_cli(a)
+
+
+def _cmd_serve(a: argparse.Namespace) -> int:
+    from raypipe.serving.cli import serve_cli
+
+    return serve_cli(a)
+
+
 def _cmd_demo(a: argparse.Namespace) -> int:
     from raypipe.demo import run_demo
 
     return run_demo(a.out, patients=a.patients, seed=a.seed)
+
+
+def add_generate_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The `raypipe generate` options (DESIGN.md); shared with jobs/generate.py."""
+    p.add_argument("--image", required=True, help="baseline radiograph (DICOM or PNG)")
+    p.add_argument("--age", type=float, required=True)
+    p.add_argument("--sex", required=True, help="F or M")
+    p.add_argument("--years", default="1,5,10", help="comma-separated years after baseline")
+    p.add_argument("--last-followup", type=float, default=None, help="extra time point: years to last follow-up")
+    p.add_argument("--seeds", default="10", help="count (0..n-1) or comma-separated seeds")
+    p.add_argument("--model", required=True, help="`raypipe train ldm` output or registry version folder")
+    p.add_argument("--pvf", default=None, help="`raypipe train pvf` output or registry version folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's)")
+    p.add_argument("--eta", type=float, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA")
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,6 +177,45 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--config", default=None)
     s.set_defaults(func=_cmd_preprocess)
+
+    s = sub.add_parser("train", help="Ray Train: one model on preprocessed shards (or a manifest)")
+    s.add_argument("model", choices=sorted(TRAINERS))
+    s.add_argument("--config", default=None, help="YAML (jobs/configs/); defaults: the paper's settings")
+    s.add_argument("--data", default=None, help="preprocessed shards folder (manifest for keypoints/pvf/ldm)")
+    s.add_argument("--out", default=None)
+    s.set_defaults(func=_cmd_train)
+
+    s = sub.add_parser("cv", help="k-fold cross-validation, patient-level, one Tune trial per fold")
+    s.add_argument("model", choices=["cnn-rnn", "multitask", "deepsurv"])
+    s.add_argument("--config", default=None)
+    s.add_argument("--folds", type=int, default=None)
+    s.add_argument("--data", default=None)
+    s.add_argument("--out", default=None)
+    s.set_defaults(func=_cmd_cv)
+
+    s = sub.add_parser("tune", help="Optuna TPE + ASHA over the search space YAML")
+    s.add_argument("model", choices=["cnn-rnn", "multitask", "deepsurv"])
+    s.add_argument("--config", default=None, help="search-space YAML (e.g. jobs/configs/xray_deepsurv_search.yaml)")
+    s.add_argument("--trials", type=int, default=8)
+    s.add_argument("--data", default=None)
+    s.add_argument("--out", default=None)
+    s.set_defaults(func=_cmd_tune)
+
+    s = add_generate_arguments(sub.add_parser("generate", help="Diff-X: future radiographs + pVF risk group"))
+    s.set_defaults(func=_cmd_generate)
+
+    s = sub.add_parser("publish", help="copy a train/cv output folder into the model registry")
+    s.add_argument("run_dir")
+    s.add_argument("--registry", required=True)
+    s.add_argument("--name", required=True)
+    s.add_argument("--notes", default="", help="free text for the model card")
+    s.set_defaults(func=_cmd_publish)
+
+    s = sub.add_parser("serve", help="local Ray Serve app over the registry's latest models")
+    s.add_argument("--registry", required=True)
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--host", default="127.0.0.1")
+    s.set_defaults(func=_cmd_serve)
 
     s = sub.add_parser("evaluate", help="metrics.json + report.html from prediction files")
     s.add_argument("predictions", nargs="+")

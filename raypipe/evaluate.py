@@ -90,6 +90,8 @@ class Evaluation:
     times_days: tuple[int, ...]
     n_boot: int
     notes: list[str] = field(default_factory=list)
+    ct_tables: list[Any] = field(default_factory=list)  # papers/000 Tables 3-4 (raypipe.report.ct_tables)
+    xray_tables: list[Any] = field(default_factory=list)  # papers/001 Table 2 + C-index (raypipe.report.xray_tables)
 
 
 # ---------------------------------------------------------------------------------------------- public API
@@ -146,8 +148,14 @@ def evaluate_frame(
     times_days: Sequence[int] = (365, 730, 1095, 1825),
     n_boot: int = 1000,
     seed: int = 0,
+    *,
+    extra_tables: bool = True,
 ) -> Evaluation:
-    """Compute all metrics and report content from validated predictions (see `read_predictions`)."""
+    """Compute all metrics and report content from validated predictions (see `read_predictions`).
+
+    `extra_tables` adds papers/000's CT tables (development vs external, image vs clinical models) when
+    the predictions hold those model names (`raypipe.report.ct_tables`).
+    """
     models = list(dict.fromkeys(df["model"].tolist()))
     if not models:
         raise ValueError("no predictions to evaluate")
@@ -173,10 +181,28 @@ def evaluate_frame(
     comparisons = _comparisons(df[df["split"] == split], results, reference, n_boot, seed)
     metrics_json = {"models": {r.name: r.metrics for r in results}, "comparisons": comparisons}
     characteristics = _characteristics(df[df["split"] == split], results, reference)
+    tables: list[Any] = []
+    if extra_tables:
+        from raypipe.report.ct_tables import ct_tables
+
+        try:
+            tables = ct_tables(df, n_boot=n_boot, seed=seed)
+        except (ValueError, ArithmeticError) as exc:  # the extra tables must not break the report
+            logger.warning("CT comparison tables skipped: %s", exc)
+            notes.append(f"CT comparison tables skipped: {exc}")
+    xray: list[Any] = []
+    if extra_tables:
+        from raypipe.report.xray_tables import xray_tables
+
+        try:
+            xray = xray_tables(df, results, split, n_boot=n_boot, seed=seed)
+        except (ValueError, ArithmeticError) as exc:  # the extra tables must not break the report
+            logger.warning("X-ray comparison tables skipped: %s", exc)
+            notes.append(f"X-ray comparison tables skipped: {exc}")
     return Evaluation(
         metrics=_sanitize(metrics_json), models=results, reference=reference, split=split,
         sources=dict(df.attrs.get("sources", {})), characteristics=characteristics, times_days=times,
-        n_boot=n_boot, notes=notes,
+        n_boot=n_boot, notes=notes, ct_tables=tables, xray_tables=xray,
     )
 
 

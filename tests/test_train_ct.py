@@ -21,7 +21,7 @@ TINY = {"dropout": 0.0}  # tiny backbone comes from the registry's cnn_rnn_tiny 
 
 
 def write_planted_shards(out: Path, n_patients: int, seed: int = 0, test_fraction: float = 0.0,
-                         side: int = 96) -> pd.DataFrame:
+                         val_every: int = 0, side: int = 96) -> pd.DataFrame:
     """CT shards with a learnable signal; returns the per-study truth (patient, split, z, labels)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -47,7 +47,7 @@ def write_planted_shards(out: Path, n_patients: int, seed: int = 0, test_fractio
             "fracture_5y": y5, "prevalent_fracture": float(rng.random() < 1 / (1 + np.exp(-(2 * z - 1)))),
             "age": float(rng.normal(70, 8)), "sex": "F" if rng.random() < 0.7 else "M",
             "bmi": float(rng.normal(24, 3)), "z": z,
-            "split": "test" if rng.random() < test_fraction else "train",
+            "split": "test" if rng.random() < test_fraction else ("val" if val_every and i % val_every == 0 else "train"),
         })
     truth = pd.DataFrame(rows)
     table = pa.Table.from_pandas(truth.drop(columns="z"), preserve_index=False)
@@ -77,7 +77,7 @@ def test_cnn_rnn_learns_planted_signal(ray_session, tmp_path):
     from raypipe.train.ct import fit_ct
 
     truth = write_planted_shards(tmp_path / "shards", 200, seed=1, test_fraction=0.3)
-    cfg = _tiny_cfg(use_clinical=True, clinical_columns=["age", "sex", "bmi"], num_workers=2)
+    cfg = _tiny_cfg(use_clinical=True, clinical_columns=["age", "sex", "bmi"], num_workers=2, epochs=5)
     fit_ct(cfg, str(tmp_path / "shards"), str(tmp_path / "run"))
     run = tmp_path / "run"
     for name in ("predictions.parquet", "metrics.json", "config.yaml", "metrics.csv", "model.pt", "model_meta.json"):
@@ -114,10 +114,10 @@ def test_ddp_two_workers_match_one(ray_session, tmp_path):
 
     from raypipe.train.ct import fit_ct
 
-    write_planted_shards(tmp_path / "shards", 40, seed=2)
+    write_planted_shards(tmp_path / "shards", 40, seed=2, val_every=5)  # 8 val, 32 train studies
     curves = {}
     for n in (1, 2):
-        cfg = _tiny_cfg(num_workers=n, batch_size=64, epochs=3, patience=3, freeze_batchnorm=True, val_fraction=0.2)
+        cfg = _tiny_cfg(num_workers=n, batch_size=64, epochs=3, patience=3, freeze_batchnorm=True)
         fit_ct(cfg, str(tmp_path / "shards"), str(tmp_path / f"run{n}"))
         with open(tmp_path / f"run{n}" / "metrics.csv") as f:
             curves[n] = list(csv.DictReader(f))

@@ -29,6 +29,7 @@ from raypipe.models.keypoints import (
 )
 from raypipe.models.multitask import MultitaskCNNRNN, multitask, multitask_tiny
 from raypipe.models.pvf import PVF_B4, PVF_TINY, PVFClassifier, pvf_efficientnet_b4, pvf_tiny
+from raypipe.models.ldm.model import DIFFX_SD, DIFFX_TINY, DiffXModel, diffx, diffx_tiny
 
 __all__ = [
     "ModelSpec",
@@ -38,6 +39,7 @@ __all__ = [
     "example_inputs",
     "flops_per_sample",
     "get_spec",
+    "input_shapes",
     "list_models",
     "register_model",
 ]
@@ -137,6 +139,29 @@ _SPECS: dict[str, ModelSpec] = {
             {"x": TensorSpec(("in_chans", 128, 64))},
             "logits (B,); sigmoid = pVF score",
             PVF_TINY,
+            True,
+            "004",
+        ),
+        # Diff-X (papers/004): VAE + structure LDM + prompt LDM + text encoder in one state_dict; forward is a
+        # smoke pass through every part (reconstruction and both UNets' noise predictions at t = 500).
+        ModelSpec(
+            "diffx",
+            diffx,
+            DiffXModel,
+            "xray_diffx",
+            {"x": TensorSpec((1, 512, 512))},
+            "dict: reconstruction (B, 1, H, W), structure_eps and prompt_eps (B, 4, H/8, W/8)",
+            DIFFX_SD,
+            paper="004",
+        ),
+        ModelSpec(
+            "diffx_tiny",
+            diffx_tiny,
+            DiffXModel,
+            "xray_diffx",
+            {"x": TensorSpec((1, 64, 64))},
+            "dict: reconstruction (B, 1, H, W), structure_eps and prompt_eps (B, 4, H/8, W/8)",
+            DIFFX_TINY,
             True,
             "004",
         ),

@@ -200,6 +200,14 @@ def render_report(ev: Evaluation, out_dir: str, title: str = "raypipe evaluation
     add("models", "Models and inputs", _inputs_table(ev), _sources_table(ev))
     add("binary", "Performance: binary outcome", _binary_table(ev, pvals))
     add("survival", "Performance: time to fracture", _survival_table(ev, pvals), _td_auroc_table(ev))
+    if getattr(ev, "ct_tables", None):
+        from raypipe.report.ct_tables import render_ct_tables
+
+        add("ct", "CT: image vs clinical models", *render_ct_tables(ev.ct_tables))
+    if getattr(ev, "xray_tables", None):
+        from raypipe.report.xray_tables import render_xray_tables
+
+        add("xray", "X-ray: preprocessing variants and C-index comparisons", *render_xray_tables(ev.xray_tables))
     add("groups", "Risk stratification", *_risk_group_tables(ev))
     add("characteristics", "Clinical characteristics", *(_characteristics_html(t) for t in ev.characteristics))
     figs = _figures(ev, out_dir)

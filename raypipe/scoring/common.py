@@ -141,7 +141,7 @@ def png_bytes(image: np.ndarray) -> bytes:
     from PIL import Image
 
     a = np.asarray(image)
-    if a.ndim == 2:
+    if a.ndim == 2 and a.dtype != np.uint8:
         a = a.astype(np.float32)
         span = float(a.max() - a.min()) if a.size else 0.0
         a = np.zeros(a.shape, np.uint8) if span <= 0 else np.round((a - a.min()) / span * 255).astype(np.uint8)

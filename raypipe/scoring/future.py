@@ -8,7 +8,6 @@ generator: BpVF, GpVF mean/SD over seeds per year and the LL/LH/HIGH risk group.
 from __future__ import annotations
 
 import importlib
-import inspect
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -41,23 +40,14 @@ class GeneratedImage:
 
 def summarise_future(bpvf: float, gpvf: Mapping[float, Sequence[float]], low: float = 0.5,
                      high: float = 0.6) -> dict[str, Any]:
-    """BpVF, per-year GpVF mean/SD over seeds and risk groups (papers/004 thresholds 0.5 / 0.6)."""
-    from raypipe.metrics.stratification import risk_groups
+    """BpVF, GpVF mean/SD over seeds per year, patient GpVF and LL/LH/HIGH group (`raypipe.generate.aggregate_scores`)."""
+    from raypipe.generate import aggregate_scores
 
-    years = sorted(gpvf)
-    per_year = []
-    for y in years:
-        s = np.asarray(gpvf[y], dtype=np.float64)
-        mean = float(s.mean())
-        group = str(risk_groups([bpvf], [mean], low=low, high=high)[0])
-        per_year.append({"year": y, "gpvf_mean": mean, "gpvf_sd": float(s.std(ddof=1)) if s.size > 1 else 0.0,
-                         "n_seeds": int(s.size), "risk_group": group})
-    last = per_year[-1] if per_year else None
-    return {"bpvf": float(bpvf), "gpvf": per_year,
-            "gpvf_mean": None if last is None else last["gpvf_mean"],
-            "gpvf_sd": None if last is None else last["gpvf_sd"],
-            "risk_group": None if last is None else last["risk_group"],
-            "thresholds": {"bpvf": low, "gpvf": high}}
+    agg = aggregate_scores(bpvf, gpvf, low=low, high=high)
+    per_year = [{"year": float(y), "gpvf_mean": v["mean"], "gpvf_sd": v["sd"], "scores": v["scores"]}
+                for y, v in agg["gpvf_by_year"].items()]
+    return {"bpvf": agg["bpvf"], "gpvf_mean": agg["gpvf"], "gpvf_sd": agg["uncertainty"], "gpvf_year": agg["gpvf_year"],
+            "gpvf_by_year": per_year, "risk_group": agg["group"], "thresholds": agg["thresholds"]}
 
 
 class FutureGenerator:
@@ -85,35 +75,23 @@ class FutureGenerator:
 
 
 def _adapt(gen: Any, version: ModelVersion) -> Callable[..., list[GeneratedImage]]:
-    """Bind `raypipe.generate`'s pipeline to a call returning `GeneratedImage`s (its API is its own; we only adapt)."""
-    pipe_cls = getattr(gen, "DiffXPipeline", None)
-    run = getattr(gen, "generate", None)
-    if pipe_cls is None or run is None:
-        raise GeneratorUnavailable("raypipe.generate has no DiffXPipeline/generate", field="ldm")
-    pipe = None
-    for ctor in ("from_registry_version", "from_pretrained", "from_dir", "load"):
-        if hasattr(pipe_cls, ctor):
-            pipe = getattr(pipe_cls, ctor)(version.path)
-            break
-    if pipe is None:
-        raise GeneratorUnavailable("cannot construct DiffXPipeline from a registry folder", field="ldm")
-    params = set(inspect.signature(run).parameters)
+    """Bind `raypipe.generate`'s pipeline (loaded from the registry folder) to a call returning `GeneratedImage`s."""
+    import torch
+
+    from raypipe.preprocess.pvf import from_ldm_output, ldm_input
+
+    try:
+        pipe = gen.pipeline_from_dir(version.path)
+    except Exception as e:  # noqa: BLE001 - an incompatible model disables generation, not the app
+        raise GeneratorUnavailable(f"cannot load the Diff-X pipeline ({type(e).__name__}: {e})", field="ldm") from e
 
     def call(pixels: np.ndarray, age: float, sex: str, years: list[float], seeds: list[int]) -> list[GeneratedImage]:
-        kwargs = {k: v for k, v in dict(pipeline=pipe, pipe=pipe, image=pixels, age=age, sex=sex, years=years,
-                                        seeds=seeds).items() if k in params}
-        result = run(**kwargs)
-        return [_as_generated(r) for r in result]
+        ys = [float(y) for y in years]
+        base, prompts = gen.future_prompts(age, sex, ys)
+        image = torch.from_numpy(ldm_input(pixels, pipe.model.image_size))[None]
+        with torch.no_grad():
+            images = pipe(image, base, [prompts[y] for y in ys], [int(s) for s in seeds])
+        grey = from_ldm_output(images[:, :, 0].float().numpy())  # (years, seeds, H, W) in [0, 1]
+        return [GeneratedImage(y, int(s), grey[i, j]) for i, y in enumerate(ys) for j, s in enumerate(seeds)]
 
     return call
-
-
-def _as_generated(r: Any) -> GeneratedImage:
-    """Accept a GeneratedImage-like object or a dict with year/seed/image."""
-    if isinstance(r, GeneratedImage):
-        return r
-    get = r.get if isinstance(r, Mapping) else lambda k, d=None: getattr(r, k, d)
-    pixels = get("pixels", None)
-    if pixels is None:
-        pixels = get("image")
-    return GeneratedImage(float(get("year")), int(get("seed")), np.asarray(pixels, dtype=np.float32))

@@ -63,7 +63,7 @@ def tiny_baseline(seed: int = 0, n: int = 200) -> dict[str, Any]:
 
 def publish_tiny_models(registry: str | Path, which: tuple[str, ...] = ("ct", "xray", "pvf", "keypoints"),
                         workdir: str | Path | None = None) -> dict[str, ModelVersion]:
-    """Publish tiny random models under the serving names (`ct`, `xray`, `pvf`, `keypoints`); returns the versions."""
+    """Publish tiny random models under the serving names (`ct`, `xray`, `pvf`, `keypoints`, `ldm`); returns the versions."""
     base = Path(workdir or tempfile.mkdtemp(prefix="raypipe-tiny-runs-"))
     out: dict[str, ModelVersion] = {}
     if "ct" in which:
@@ -88,5 +88,9 @@ def publish_tiny_models(registry: str | Path, which: tuple[str, ...] = ("ct", "x
         run = write_run(base / "keypoints", "keypoints_tiny", {"in_chans": 1},
                         {"task": "xray_keypoints", "input_size": 64}, {"model": "keypoints_tiny"})
         out["keypoints"] = publish(run, registry, "keypoints")
+    if "ldm" in which:
+        run = write_run(base / "ldm", "diffx_tiny", {}, {"task": "ldm", "sampler": {"steps": 2, "max_batch": 16}},
+                        {"model": "diffx_tiny"})
+        out["ldm"] = publish(run, registry, "ldm")
     log.info("published tiny models %s to %s", sorted(out), registry)
     return out

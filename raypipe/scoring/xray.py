@@ -12,12 +12,11 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from raypipe.io.errors import RaypipeInputError
-from raypipe.metrics.survival import BreslowBaseline
 from raypipe.preprocess.config import XrayPreprocessConfig
 from raypipe.registry import ModelVersion
 from raypipe.scoring.common import (
@@ -29,6 +28,9 @@ from raypipe.scoring.common import (
     open_version,
     stack_optional,
 )
+
+if TYPE_CHECKING:
+    from raypipe.metrics.survival import BreslowBaseline
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,8 @@ def _xray_config(version: ModelVersion | None) -> XrayPreprocessConfig:
 
 def baseline_from_meta(meta: Mapping[str, Any]) -> BreslowBaseline | None:
     """The Breslow baseline (time in days, cumulative hazard, offset) stored with a DeepSurv model, if any."""
+    from raypipe.metrics.survival import BreslowBaseline
+
     for key in BASELINE_KEYS:
         b = meta.get(key)
         if isinstance(b, Mapping) and "time" in b and "cumulative_hazard" in b:
@@ -147,8 +151,10 @@ class XrayPreprocessor:
                 if low:
                     qc.setdefault("warnings", []).append(f"low keypoint confidence: {', '.join(low)}")
         pvf_img = None
-        if self.pvf_size is not None:
-            pvf_img = pvf_input(rad.pixels, self.pvf_size)
+        if self.pvf is not None:
+            p = self.pvf.meta.get("preprocess") or {}
+            pvf_img = pvf_input(rad.pixels, self.pvf_size, clip_limit=p.get("clip_limit", 0.01),
+                                tiles=tuple(p.get("tiles", (8, 8))), mean=p.get("mean", 0.5), std=p.get("std", 0.25))
         qc = {**{k: v for k, v in qc.items() if isinstance(v, (int, float, str, bool, list, type(None)))},
               "image_shape": list(rad.shape), "pixel_spacing_mm": list(rad.pixel_spacing) if rad.pixel_spacing else None,
               "clinical_missing": missing}
@@ -233,7 +239,8 @@ class PVFPredictor:
         """(rows, cols) the classifier was trained on: model_meta `input_size`, preprocess.yaml `size`, else 1024 x 512."""
         from raypipe.preprocess.pvf import PVF_SIZE
 
-        size = version.meta.get("input_size") or (version.preprocess or {}).get("size") or PVF_SIZE
+        size = (version.meta.get("input_size") or (version.meta.get("preprocess") or {}).get("size")
+                or (version.preprocess or {}).get("size") or PVF_SIZE)
         rows, cols = (int(v) for v in size)
         return rows, cols
 
@@ -247,7 +254,9 @@ class PVFPredictor:
         """Radiograph pixels in [0, 1] -> classifier input (1, rows, cols)."""
         from raypipe.preprocess.pvf import pvf_input
 
-        return pvf_input(pixels, self.size)
+        p = self.version.meta.get("preprocess") or {}  # what `raypipe train pvf` records (raypipe.scoring.pvf)
+        return pvf_input(pixels, self.size, clip_limit=p.get("clip_limit", 0.01), tiles=tuple(p.get("tiles", (8, 8))),
+                         mean=p.get("mean", 0.5), std=p.get("std", 0.25))
 
     def predict_batch(self, images: Sequence[np.ndarray]) -> list[float]:
         """pVF scores for many prepared inputs (1, rows, cols) in one forward pass."""

@@ -391,6 +391,18 @@ def split_by_patient(meta: pd.DataFrame, cfg: CTTrainConfig) -> pd.Series:
     return role
 
 
+def roles_from_fold(meta: pd.DataFrame, fold_patients: Mapping[str, Sequence[str]]) -> pd.Series:
+    """Role per study from a role -> patient ids mapping (a CV fold); "" for patients in no role."""
+    seen: dict[str, str] = {}
+    for name, ids in fold_patients.items():
+        for pid in map(str, ids):
+            if seen.setdefault(pid, name) != name:
+                raise ValueError(f"patient in both {seen[pid]!r} and {name!r} roles of the fold")
+    if not fold_patients.get("train") or not fold_patients.get("val"):
+        raise ValueError("fold_patients needs non-empty 'train' and 'val' patient lists")
+    return meta["patient_id"].astype(str).map(seen).fillna("").astype("object")
+
+
 def _keep_studies(batch: Any, ids: Sequence[str]) -> Any:
     """Ray Data map_batches filter: rows whose study_id is in `ids`."""
     import pyarrow as pa
@@ -411,11 +423,14 @@ def _read_meta(ds: Any, columns: Sequence[str]) -> pd.DataFrame:
     return ds.select_columns(present).to_pandas()
 
 
-def fit_ct(config: CTTrainConfig, data_dir: str, out_dir: str) -> Any:
+def fit_ct(config: CTTrainConfig, data_dir: str, out_dir: str,
+           fold_patients: Mapping[str, Sequence[str]] | None = None) -> Any:
     """Train a CT model on the shards in `data_dir` with Ray Train; write the run's files into `out_dir`.
 
     Rerunning with the same `out_dir` (and `run_name`) resumes from the latest checkpoint. Returns the
-    Ray Train `Result`.
+    Ray Train `Result`. `fold_patients` (cross-validation, `raypipe.tune.cv`) replaces the patient split:
+    role -> patient ids, with `train` and `val` required (e.g. also `external`); studies of patients not
+    listed are neither trained on nor scored.
     """
     from ray.train import DataConfig
 
@@ -442,7 +457,10 @@ def fit_ct(config: CTTrainConfig, data_dir: str, out_dir: str) -> Any:
     extra = [c for c in schema_names if c not in (cfg.input, "bone", "bone_muscle", "slice_level", "slice_z_mm")]
     meta = _read_meta(shards, extra)
     meta["study_id"] = meta["study_id"].astype(str)
-    role = split_by_patient(meta, cfg)
+    role = split_by_patient(meta, cfg) if fold_patients is None else roles_from_fold(meta, fold_patients)
+    if fold_patients is not None:
+        keep = (role != "").to_numpy()
+        meta, role = meta[keep].reset_index(drop=True), role[keep].reset_index(drop=True)
     train_mask = (role == "train").to_numpy()
     if not multitask:
         train_mask &= pd.to_numeric(meta[cfg.label], errors="coerce").notna().to_numpy()
@@ -564,8 +582,8 @@ def _prediction_frame(cfg: CTTrainConfig, scored: pd.DataFrame, preds: pd.DataFr
         prev["label"] = pd.to_numeric(base[cfg.prevalent_label], errors="coerce").to_numpy()
         parts.append(prev)
     if {"time_days", "event"} <= set(base.columns):
-        hy = horizon_labels(torch.as_tensor(base["time_days"].to_numpy(dtype=np.float64)),
-                            torch.as_tensor(base["event"].to_numpy(dtype=np.float64)),
+        hy = horizon_labels(torch.tensor(base["time_days"].to_numpy(dtype=np.float64)),
+                            torch.tensor(base["event"].to_numpy(dtype=np.float64)),
                             [h * DAYS_PER_YEAR for h in cfg.horizons_years]).numpy()
     for j, h in enumerate(cfg.horizons_years):
         part = common.assign(model=f"{cfg.name}-{h:g}y", score=base[f"h{j}"].to_numpy(), score_kind="probability")
@@ -598,5 +616,11 @@ def train_cli(model: str, config_path: str | None, data: str | None, out: str | 
     out = out or os.path.join("runs", cfg.name)
     init_ray()
     fit_ct(cfg, data, out)
+    try:  # Grad-CAM grids for the report's gallery (OUT/gradcam); a figure must not fail a finished run
+        from raypipe.explain.ct_gallery import write_train_gallery
+
+        write_train_gallery(out, data)
+    except Exception as exc:
+        log.warning("Grad-CAM gallery skipped: %s", exc)
     log.info("run written to %s", out)
     return 0

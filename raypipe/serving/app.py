@@ -1,0 +1,496 @@
+"""The HTTP API (DESIGN.md) as a FastAPI ingress composed over the scoring deployments, and `build_app`.
+
+Request path: guard middleware (request id, bearer token, body size) -> form parsing and content
+checks in the ingress -> preprocessing deployment -> batched model deployment(s) -> JSON. Every
+failure a client can cause is a 4xx JSON `{"error", "field", "status", "request_id"}`; anything else
+is a 500 JSON with only the request id. Logs carry request ids, routes, sizes, statuses and timings,
+never file names, form values or DICOM header fields.
+
+Retry contract: the ingress and the aggregator retry a call whose replica died (scoring is pure, so
+repeating it is safe), so a replica killed mid-request costs latency, not the request. If retries
+run out the answer is 503 with `Retry-After`; clients retry on 503 only (never on other statuses).
+"""
+import hmac
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from raypipe.serving.deployments import (
+    CTModel,
+    CTPreprocess,
+    GeneratorModel,
+    JobStore,
+    PVFModel,
+    RiskAggregator,
+    XrayModel,
+    XrayPreprocess,
+    call,
+)
+from raypipe.serving.options import ServeOptions
+from raypipe.serving.problems import ServingError, as_serving_error
+from raypipe.serving.uploads import (
+    DICOM_TYPES,
+    IMAGE_TYPES,
+    JSON_TYPES,
+    NIFTI_TYPES,
+    ZIP_TYPES,
+    BodyTooLarge,
+    UploadError,
+    check_content_type,
+)
+
+log = logging.getLogger("raypipe.serving")
+
+DEPLOYMENT_NAMES: tuple[str, ...] = ("ApiIngress", "CTPreprocess", "XrayPreprocess", "CTModel", "XrayModel",
+                                     "PVFModel", "GeneratorModel", "RiskAggregator", "JobStore")
+PUBLIC_PATHS = ("/healthz",)
+STUDY_TYPES = tuple(dict.fromkeys(ZIP_TYPES + NIFTI_TYPES))
+RADIOGRAPH_TYPES = tuple(dict.fromkeys(DICOM_TYPES + IMAGE_TYPES))
+
+
+# ------------------------------------------------------------------------------------------ middleware
+class GuardMiddleware:
+    """Pure ASGI guard: request id, bearer-token auth (constant-time), and a body limit on header and stream."""
+
+    def __init__(self, app: Any, api: FastAPI) -> None:
+        self.app, self.api = app, api
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        settings = getattr(self.api.state, "settings", None) or {}
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        rid = _request_id(headers.get("x-request-id"))
+        scope.setdefault("state", {})["request_id"] = rid
+        t0 = time.perf_counter()
+        status_box = {"status": 0}
+
+        async def send_logged(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status_box["status"] = message["status"]
+                message.setdefault("headers", []).append((b"x-request-id", rid.encode()))
+            await send(message)
+
+        path = scope.get("path", "")
+        limit = int(settings.get("max_request_bytes", 1 << 62))
+        try:
+            token = settings.get("api_token")
+            if token and path not in PUBLIC_PATHS and not _token_ok(headers.get("authorization", ""), token):
+                return await _send_json(send_logged, 401, {"error": "missing or invalid bearer token", "field": "authorization",
+                                                           "status": 401, "request_id": rid},
+                                        extra=[(b"www-authenticate", b"Bearer")])
+            length = headers.get("content-length")
+            if length is not None and (not length.isdigit() or int(length) > limit):
+                return await _send_json(send_logged, 413 if length.isdigit() else 400,
+                                        {"error": f"request body larger than {limit} bytes" if length.isdigit()
+                                         else "invalid Content-Length", "field": "body",
+                                         "status": 413 if length.isdigit() else 400, "request_id": rid})
+            seen = {"n": 0}
+
+            async def limited_receive() -> dict:
+                message = await receive()
+                if message["type"] == "http.request":
+                    seen["n"] += len(message.get("body", b""))
+                    if seen["n"] > limit:
+                        raise BodyTooLarge(f"request body larger than {limit} bytes")
+                return message
+
+            scope["state"]["body_bytes"] = seen
+            try:
+                await self.app(scope, limited_receive, send_logged)
+            except BodyTooLarge as e:
+                if status_box["status"] == 0:
+                    await _send_json(send_logged, 413, {"error": str(e), "field": "body", "status": 413, "request_id": rid})
+        finally:
+            log.info("request %s %s %s bytes=%s status=%s %.0f ms", rid, scope.get("method"), path,
+                     headers.get("content-length", "?"), status_box["status"], 1000 * (time.perf_counter() - t0))
+
+
+def _request_id(given: str | None) -> str:
+    """The client's X-Request-Id when it is a short safe token (never echo arbitrary text), else a new one."""
+    if given and len(given) <= 64 and all(c.isalnum() or c in "-_." for c in given):
+        return given
+    return uuid.uuid4().hex
+
+
+def _token_ok(header: str, token: str) -> bool:
+    """Constant-time bearer check."""
+    scheme, _, value = header.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())
+
+
+async def _send_json(send: Any, status: int, body: dict, extra: list | None = None) -> None:
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+                + (extra or [])})
+    await send({"type": "http.response.body", "body": data})
+
+
+# ------------------------------------------------------------------------------------------ FastAPI app
+api = FastAPI(
+    title="raypipe scoring API",
+    version="1",
+    description="Fracture-risk scoring from CT and spine radiographs (research use). Bearer token when configured.",
+)
+api.add_middleware(GuardMiddleware, api=api)
+
+
+def _problem(status: int, message: str, field: str | None, request: Request,
+             headers: dict[str, str] | None = None) -> JSONResponse:
+    rid = request.scope.get("state", {}).get("request_id")
+    return JSONResponse({"error": message, "field": field, "status": status, "request_id": rid}, status_code=status,
+                        headers=headers)
+
+
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    """Catch-all: a bug answers 500 JSON with the request id only (details stay in the server log)."""
+    log.error("request %s failed: %s", request.scope.get("state", {}).get("request_id"), type(exc).__name__,
+              exc_info=exc)
+    return _problem(500, "internal error", None, request)
+
+
+async def _respond(request: Request, work: Any) -> JSONResponse:
+    """Run an endpoint body; input errors -> 4xx JSON, dead replicas -> 503 + Retry-After, bugs -> 500 JSON."""
+    try:
+        status, body = await work
+        rid = request.scope.get("state", {}).get("request_id")
+        return JSONResponse({"request_id": rid, **body}, status_code=status)
+    except BodyTooLarge as e:
+        return _problem(413, str(e), "body", request)
+    except ServingError as e:
+        headers = {"Retry-After": "2"} if e.status in (503, 429) else None
+        return _problem(e.status, e.message, e.field, request, headers)
+    except Exception as e:  # noqa: BLE001
+        problem = as_serving_error(e)
+        if problem is not None:
+            return _problem(problem.status, problem.message, problem.field, request)
+        from starlette.formparsers import MultiPartException
+
+        if isinstance(e, MultiPartException):
+            return _problem(400, f"malformed multipart body: {e.message}", "body", request)
+        return await _unexpected(request, e)
+
+
+def _form(request: Request) -> Any:
+    """Parse a multipart form with part-count limits (use as `async with`); anything else is 415."""
+    ctype = request.headers.get("content-type", "")
+    if not ctype.lower().startswith("multipart/form-data"):
+        raise ServingError(415, f"expected multipart/form-data, got {ctype.split(';')[0] or '(none)'!r}", "body")
+    return request.form(max_files=8, max_fields=16)
+
+
+async def _file(form: Any, field: str, allowed: tuple[str, ...], required: bool = True) -> bytes | None:
+    """Bytes of a file part (content type checked); 400 when required and missing or sent as text."""
+    part = form.get(field)
+    if part is None or part == "":
+        if required:
+            raise ServingError(400, f"missing file part {field!r}", field)
+        return None
+    if isinstance(part, str):
+        raise ServingError(400, f"{field!r} must be a file part", field)
+    check_content_type(field, part.content_type, allowed)
+    data = await part.read()
+    if not data:
+        raise ServingError(400, "empty file", field)
+    return data
+
+
+async def _json_field(form: Any, field: str) -> Any:
+    """A JSON value sent as a text field or a JSON file part; None when absent."""
+    part = form.get(field)
+    if part is None or part == "":
+        return None
+    if isinstance(part, str):
+        raw = part.encode()
+    else:
+        check_content_type(field, part.content_type, JSON_TYPES)
+        raw = await part.read()
+    if len(raw) > 1 << 20:
+        raise ServingError(413, "JSON field larger than 1 MiB", field)
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ServingError(400, f"invalid JSON ({e.__class__.__name__}: {str(e)[:80]})", field) from None
+
+
+def _clinical(value: Any) -> dict[str, Any]:
+    from raypipe.scoring.common import ClinicalInputError, parse_clinical
+
+    try:
+        return parse_clinical(value)
+    except ClinicalInputError as e:
+        raise ServingError(422, e.reason, e.field) from None
+
+
+def _bool_field(form: Any, field: str) -> bool:
+    v = form.get(field)
+    if v is None or v == "":
+        return False
+    if not isinstance(v, str) or v.strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise ServingError(400, f"{field} must be true or false", field)
+    return v.strip().lower() in ("true", "1", "yes")
+
+
+def _int_list(form: Any, field: str, default: list[int] | None, lo: int, hi: int, max_len: int) -> list[int]:
+    v = form.get(field)
+    if v is None or v == "":
+        if default is None:
+            raise ServingError(400, f"missing field {field!r}", field)
+        return default
+    if not isinstance(v, str):
+        raise ServingError(400, f"{field} must be text", field)
+    try:
+        parsed = json.loads(v) if v.strip().startswith("[") else [int(x) for x in v.split(",") if x.strip()]
+        vals = [int(x) for x in parsed]
+    except (ValueError, TypeError, json.JSONDecodeError):
+        raise ServingError(400, f"{field} must be comma-separated integers", field) from None
+    if not vals or len(vals) > max_len or any(not lo <= x <= hi for x in vals):
+        raise ServingError(422, f"{field} must hold 1..{max_len} integers in [{lo}, {hi}]", field)
+    return vals
+
+
+_STUDY_DOC = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["study", "masks"], "properties": {
+        "study": {"type": "string", "format": "binary", "description": "zip of one DICOM series, or NIfTI (.nii/.nii.gz)"},
+        "masks": {"type": "string", "format": "binary", "description": "zip of a TotalSegmentator folder, or a multilabel NIfTI"},
+        "mask_labels": {"type": "string", "description": "multilabel convention: verse | totalseg | JSON label map"},
+        "body_mask": {"type": "string", "format": "binary", "description": "optional vertebral-body mask (NIfTI)"},
+        "clinical": {"type": "string", "description": "JSON object, e.g. {\"age\": 71, \"sex\": \"F\"}"},
+        "gradcam": {"type": "boolean", "description": "return Grad-CAM PNGs (base64), one per slice"}}}}}}}
+_XRAY_PROPS = {
+    "image": {"type": "string", "format": "binary", "description": "radiograph: DICOM, PNG or JPEG"},
+    "keypoints": {"type": "string", "description": "JSON {\"L1\": [x, y], ..., \"L5\": [x, y]}; model-predicted when absent"},
+    "clinical": {"type": "string", "description": "JSON object of clinical variables"}}
+_XRAY_DOC = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["image"], "properties": _XRAY_PROPS}}}}}
+_FUTURE_DOC = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["image", "clinical"], "properties": {
+        **_XRAY_PROPS, "years": {"type": "string", "description": "comma-separated horizons, e.g. 1,5,10"},
+        "seeds": {"type": "string", "description": "number of seeds (e.g. 4) or a JSON list of seeds"}}}}}}}
+
+
+@serve.deployment(name="ApiIngress", max_ongoing_requests=64, health_check_period_s=2.0)
+@serve.ingress(api)
+class ApiIngress:
+    """FastAPI ingress: validates uploads and composes the scoring deployments."""
+
+    def __init__(self, ct_pre: Any, ct_model: Any, aggregator: Any, xray_pre: Any, pvf_model: Any, jobs: Any,
+                 handles: dict[str, Any], available: dict[str, Any], options: dict[str, Any]) -> None:
+        logging.getLogger("raypipe").setLevel(logging.INFO)
+        self.ct_pre, self.ct_model, self.aggregator = ct_pre, ct_model, aggregator
+        self.xray_pre, self.pvf_model, self.jobs = xray_pre, pvf_model, jobs
+        self.handles, self.available = handles, available
+        self.opts = ServeOptions.model_validate(options)
+        api.state.settings = {"api_token": self.opts.api_token, "max_request_bytes": self.opts.max_request_bytes}
+
+    def _need(self, *roles: str) -> None:
+        for role in roles:
+            a = self.available.get(role, {})
+            if not a.get("ok"):
+                raise ServingError(503, f"{role} scoring unavailable: {a.get('reason') or 'model not configured'}", role)
+
+    @api.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        """200 when every deployment answers (models may be disabled: listed with the reason)."""
+        import asyncio
+
+        async def one(name: str, h: Any) -> tuple[str, Any]:
+            try:
+                return name, await asyncio.wait_for(h.status.remote(), timeout=10)
+            except Exception as e:  # noqa: BLE001
+                return name, {"ready": False, "reason": type(e).__name__}
+
+        results = dict(await asyncio.gather(*[one(n, h) for n, h in self.handles.items()]))
+        ok = all(r.get("ready") for r in results.values())
+        return JSONResponse({"status": "ok" if ok else "degraded", "deployments": results,
+                             "disabled": {r: a["reason"] for r, a in self.available.items() if not a.get("ok")}},
+                            status_code=200 if ok else 503)
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> JSONResponse:
+        """Names, versions and metrics of the loaded models; disabled roles with the reason."""
+        async def work() -> tuple[int, dict]:
+            return 200, {"models": {r: (a["info"] if a.get("ok") else {"name": a.get("name"), "loaded": False,
+                                                                       "reason": a.get("reason")})
+                                    for r, a in self.available.items()}}
+        return await _respond(request, work())
+
+    @api.post("/v1/ct/score", openapi_extra=_STUDY_DOC)
+    async def ct_score(self, request: Request) -> JSONResponse:
+        """CT + masks (+ clinical) -> 5-year fracture probability, model version, QC, optional Grad-CAM."""
+        async def work() -> tuple[int, dict]:
+            self._need("ct")
+            async with _form(request) as form:
+                study = await _file(form, "study", STUDY_TYPES)
+                masks = await _file(form, "masks", STUDY_TYPES)
+                body = await _file(form, "body_mask", STUDY_TYPES, required=False)
+                clinical = _clinical(await _json_field(form, "clinical"))
+                labels = form.get("mask_labels")
+                if labels is not None and not isinstance(labels, str):
+                    raise ServingError(400, "mask_labels must be text", "mask_labels")
+                if labels and labels.strip().startswith("{"):
+                    labels = await _json_field(form, "mask_labels")
+                elif labels and labels not in ("verse", "totalseg"):
+                    raise ServingError(422, "mask_labels must be verse, totalseg or a JSON label map", "mask_labels")
+                gradcam = _bool_field(form, "gradcam")
+            log.info("request %s ct: study=%d masks=%d bytes", request.scope["state"]["request_id"], len(study), len(masks))
+            r = self.opts.handle_retries
+            inp = await call(self.ct_pre.preprocess, study, masks, body, labels or None, clinical, retries=r)
+            out = await call(self.ct_model.score, (inp, gradcam), retries=r)
+            resp = {"probability": out["probability"], "horizon_years": 5, "model": out["model"], "qc": out["qc"]}
+            if gradcam:
+                resp["gradcam_png"] = out["gradcam_png"]
+            return 200, resp
+        return await _respond(request, work())
+
+    async def _xray_form(self, request: Request) -> tuple[bytes, Any, dict[str, Any], Any]:
+        async with _form(request) as form:
+            image = await _file(form, "image", RADIOGRAPH_TYPES)
+            keypoints = await _json_field(form, "keypoints")
+            clinical = _clinical(await _json_field(form, "clinical"))
+            if keypoints is not None and not isinstance(keypoints, dict):
+                raise ServingError(422, "keypoints must be a JSON object {\"L1\": [x, y], ...}", "keypoints")
+            extra = {k: form.get(k) for k in ("years", "seeds")}
+        return image, keypoints, clinical, extra
+
+    @api.post("/v1/xray/score", openapi_extra=_XRAY_DOC)
+    async def xray_score(self, request: Request) -> JSONResponse:
+        """Radiograph (+ keypoints, clinical) -> log-risk, S(t) 1..10 y, 5-year risk, keypoints used, pVF score."""
+        async def work() -> tuple[int, dict]:
+            self._need("xray")
+            image, keypoints, clinical, _ = await self._xray_form(request)
+            log.info("request %s xray: image=%d bytes", request.scope["state"]["request_id"], len(image))
+            return 200, await call(self.aggregator.score_xray, image, keypoints, clinical,
+                                   retries=self.opts.handle_retries)
+        return await _respond(request, work())
+
+    @api.post("/v1/xray/future", openapi_extra=_FUTURE_DOC, status_code=202)
+    async def xray_future(self, request: Request) -> JSONResponse:
+        """Start a Diff-X generation job (202 + job id): future radiographs per year and seed, scored by pVF."""
+        async def work() -> tuple[int, dict]:
+            self._need("ldm", "pvf")
+            image, keypoints, clinical, extra = await self._xray_form(request)
+            years = _int_list(extra, "years", [1, 5, 10], 1, self.opts.max_years, 10)
+            seeds_raw = extra.get("seeds")
+            if isinstance(seeds_raw, str) and seeds_raw.strip().isdigit():
+                n = int(seeds_raw)
+                if not 1 <= n <= self.opts.max_seeds:
+                    raise ServingError(422, f"seeds must be 1..{self.opts.max_seeds}", "seeds")
+                seeds = list(range(n))
+            else:
+                seeds = _int_list(extra, "seeds", [0, 1, 2, 3], 0, 2**31 - 1, self.opts.max_seeds)
+            age, sex = clinical.get("age"), clinical.get("sex")
+            if not isinstance(age, (int, float)) or isinstance(age, bool) or not 0 < float(age) < 130:
+                raise ServingError(422, "clinical.age (years) is required for generation", "clinical.age")
+            if str(sex).upper()[:1] not in ("F", "M"):
+                raise ServingError(422, "clinical.sex (F or M) is required for generation", "clinical.sex")
+            r = self.opts.handle_retries
+            inp, pixels = await call(self.xray_pre.preprocess, image, keypoints, clinical, False, True, retries=r)
+            spec = {"pixels": pixels, "pvf_input": inp.pvf_image, "age": float(age), "sex": str(sex).upper()[:1],
+                    "years": years, "seeds": seeds,
+                    "models": {k: self.available[k]["info"] for k in ("ldm", "pvf")}}
+            job = await call(self.jobs.submit, spec, retries=0)
+            return 202, {**job, "years": years, "seeds": seeds, "location": f"/v1/jobs/{job['job_id']}"}
+        return await _respond(request, work())
+
+    @api.get("/v1/jobs/{job_id}")
+    async def job(self, job_id: str, request: Request) -> JSONResponse:
+        """Job status; once done: BpVF, GpVF mean/SD, risk group, generated PNGs (returned once, then removed)."""
+        async def work() -> tuple[int, dict]:
+            if len(job_id) != 32 or any(c not in "0123456789abcdef" for c in job_id):
+                raise ServingError(404, "unknown job id", "job_id")
+            rec = await call(self.jobs.get, job_id, retries=self.opts.handle_retries)
+            if rec is None:
+                raise ServingError(404, "unknown or expired job id (results are kept until fetched once or expired)", "job_id")
+            return 200, rec
+        return await _respond(request, work())
+
+
+# ------------------------------------------------------------------------------------------ building
+def resolve_models(registry: str, options: ServeOptions) -> dict[str, dict[str, Any]]:
+    """Per role: the pinned version and its info when loadable (checksums verified), else the reason it is disabled."""
+    from raypipe.registry import list_versions, load_version
+    from raypipe.scoring.common import model_info
+
+    out: dict[str, dict[str, Any]] = {}
+    for role in ("ct", "xray", "pvf", "ldm", "keypoints"):
+        name = options.model_name(role)
+        if not name:
+            out[role] = {"ok": False, "name": None, "version": None, "reason": "disabled by configuration"}
+            continue
+        if not list_versions(registry, name):
+            out[role] = {"ok": False, "name": name, "version": None,
+                         "reason": f"no model named {name!r} is published in the registry"}
+            continue
+        try:
+            v = load_version(registry, name, options.versions.get(role, "latest"))
+            out[role] = {"ok": True, "name": name, "version": v.version, "info": model_info(v), "reason": None}
+        except Exception as e:  # noqa: BLE001
+            out[role] = {"ok": False, "name": name, "version": None, "reason": f"cannot load {name!r}: {getattr(e, 'reason', e)}"}
+    if out["ldm"]["ok"]:
+        import importlib.util
+
+        if importlib.util.find_spec("raypipe.generate") is None:
+            out["ldm"] = {**out["ldm"], "ok": False, "reason": "Diff-X generation (raypipe.generate) is not in this build"}
+    return out
+
+
+def build_app(registry: str, names: dict[str, str | None] | None = None,
+              options: ServeOptions | dict[str, Any] | None = None) -> Any:
+    """The Serve application: ingress over preprocessing, batched models, aggregator and job store."""
+    from pathlib import Path
+
+    opts = options if isinstance(options, ServeOptions) else ServeOptions.model_validate(options or {})
+    if names:
+        opts = opts.model_copy(update={"names": {**opts.names, **names}})
+    registry = str(Path(registry).absolute())
+    available = resolve_models(registry, opts)
+    for role, a in available.items():
+        if not a["ok"]:
+            log.warning("%s endpoints disabled: %s", role, a["reason"])
+    names_r = {r: a["name"] for r, a in available.items()}
+    vers = {r: a["version"] for r, a in available.items()}
+    limits = {"max_zip_files": opts.max_zip_files, "max_unpacked_bytes": opts.max_unpacked_bytes,
+              "max_voxels": 1024 ** 3, "max_pixels": 64 * 1024 * 1024}
+    batch = opts.batch.model_dump()
+    threads = opts.torch_threads
+
+    def o(dep: Any) -> Any:
+        name = dep.name
+        actor = {"num_cpus": opts.num_cpus.get(name, 0.1)}
+        if opts.num_gpus.get(name):
+            actor["num_gpus"] = opts.num_gpus[name]
+        return dep.options(ray_actor_options=actor)
+
+    ct_pre = o(CTPreprocess).bind(registry, names_r["ct"], vers["ct"], limits)
+    xray_pre = o(XrayPreprocess).bind(registry, names_r, vers, limits, threads)
+    ct_model = o(CTModel).bind(registry, names_r["ct"], vers["ct"], threads, batch)
+    xray_model = o(XrayModel).bind(registry, names_r["xray"], vers["xray"], threads, batch)
+    pvf_model = o(PVFModel).bind(registry, names_r["pvf"], vers["pvf"], threads, batch)
+    generator = o(GeneratorModel).bind(registry, names_r["ldm"], vers["ldm"], threads,
+                                       {"max_batch_size": min(2, batch["max_batch_size"]),
+                                        "batch_wait_timeout_s": batch["batch_wait_timeout_s"]})
+    aggregator = o(RiskAggregator).bind(xray_pre, xray_model, pvf_model, available, opts.handle_retries)
+    jobs = o(JobStore).bind(generator, pvf_model, opts.job_ttl_s, opts.max_jobs, opts.handle_retries)
+    handles = {"CTPreprocess": ct_pre, "XrayPreprocess": xray_pre, "CTModel": ct_model, "XrayModel": xray_model,
+               "PVFModel": pvf_model, "GeneratorModel": generator, "RiskAggregator": aggregator, "JobStore": jobs}
+    return o(ApiIngress).bind(ct_pre, ct_model, aggregator, xray_pre, pvf_model, jobs, handles, available,
+                              opts.model_dump())
+
+
+def build_app_from_env() -> Any:
+    """`serve run serve.app:app`: registry from RAYPIPE_REGISTRY, options from RAYPIPE_* variables."""
+    import os
+
+    registry = os.environ.get("RAYPIPE_REGISTRY")
+    if not registry:
+        raise RuntimeError("set RAYPIPE_REGISTRY to the model registry folder")
+    return build_app(registry, options=ServeOptions.from_env())

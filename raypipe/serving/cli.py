@@ -1,0 +1,40 @@
+"""`raypipe publish` and `raypipe serve`: functions the CLI's subcommands call (args: argparse.Namespace)."""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def publish_cli(args: Any) -> int:
+    """`raypipe publish RUN_DIR --registry DIR --name NAME`: copy a run folder into a new immutable version."""
+    from raypipe.registry import publish
+
+    v = publish(args.run_dir, args.registry, args.name, getattr(args, "notes", "") or "")
+    log.info("published %s %s at %s", v.name, v.version, v.path)
+    return 0
+
+
+def serve_cli(args: Any) -> int:
+    """`raypipe serve --registry DIR [--port P] [--host H]`: run the Serve app locally until interrupted."""
+    from ray import serve
+
+    from raypipe.ray_utils import init_ray
+    from raypipe.serving.app import build_app
+    from raypipe.serving.options import ServeOptions
+
+    init_ray()
+    port = int(getattr(args, "port", None) or 8000)
+    host = getattr(args, "host", None) or "127.0.0.1"
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(args.registry, options=ServeOptions.from_env()), name="raypipe", route_prefix="/")
+    log.info("raypipe serving on http://%s:%d (Ctrl-C to stop)", host, port)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    serve.shutdown()
+    return 0

@@ -1,0 +1,537 @@
+"""Ray Serve deployments behind the HTTP ingress: preprocessing, batched models, the risk aggregator, the job store.
+
+Every model deployment is always part of the app; one whose model is absent from the registry starts
+"disabled" (no weights, `status()` says why), so the app's shape does not depend on what is published
+and `serve/config.yaml` can always name every deployment. Versions are resolved once by `build_app`
+and pinned, so a replica that replaces a dead one loads the same version as its siblings.
+CPU work runs in a worker thread (`asyncio.to_thread`) so replicas keep answering health checks.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from raypipe.serving.problems import ServingError, as_serving_error, unwrap
+from raypipe.serving.uploads import (
+    UploadError,
+    check_dicom_image_size,
+    check_nifti_header,
+    check_raster_size,
+    gunzip_limited,
+    is_dicom,
+    is_gzip,
+    is_nifti1,
+    is_png_or_jpeg,
+    is_zip,
+    request_workdir,
+    safe_extract_zip,
+    series_folder,
+)
+
+log = logging.getLogger("raypipe.serving")
+
+HEALTH_CHECK_PERIOD_S = 2.0
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _replica_gone(exc: BaseException) -> bool:
+    """True when a call failed because the replica died or is being replaced (safe to retry: scoring is pure)."""
+    from ray.exceptions import ActorUnavailableError, RayActorError
+
+    return isinstance(exc, (RayActorError, ActorUnavailableError)) and not isinstance(unwrap(exc), ServingError)
+
+
+async def call(method: Any, *args: Any, retries: int = 3, **kwargs: Any) -> Any:
+    """`await handle.method.remote(...)`, retrying when the target replica died; ServingErrors pass through."""
+    for attempt in range(retries + 1):
+        try:
+            return await method.remote(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - classified below
+            cause = unwrap(e)
+            if isinstance(cause, ServingError):
+                raise cause from None
+            if _replica_gone(e) and attempt < retries:
+                log.warning("replica lost (%s); retry %d/%d", type(e).__name__, attempt + 1, retries)
+                await asyncio.sleep(0.5 * 2 ** attempt)
+                continue
+            if _replica_gone(e):
+                raise ServingError(503, "a model replica restarted while serving this request; retry") from None
+            raise
+
+
+async def run_guarded(fn: Any, *args: Any, workdir: Path | None = None) -> Any:
+    """Run blocking work in a thread, turning raypipe input errors into picklable `ServingError`s."""
+    try:
+        return await asyncio.to_thread(fn, *args)
+    except Exception as e:  # noqa: BLE001 - known input errors become 4xx; the rest stays a bug (500)
+        problem = as_serving_error(e, workdir)
+        if problem is not None:
+            raise problem from None
+        raise
+
+
+def _open(registry: str, name: str | None, version: str | None) -> tuple[Any, str | None]:
+    """(ModelVersion or None, reason when disabled)."""
+    from raypipe.registry import load_version
+
+    if not name or not version:
+        return None, f"model {name!r} is not published in the registry" if name else "model disabled by configuration"
+    try:
+        return load_version(registry, name, version), None
+    except Exception as e:  # noqa: BLE001 - a broken model disables its endpoints, it does not stop the app
+        return None, f"model {name!r} cannot be loaded: {getattr(e, 'reason', e)}"
+
+
+def _set_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, int(n)))
+
+
+def b64png(data: bytes) -> str:
+    """Base64 text of PNG bytes for JSON responses."""
+    return base64.b64encode(data).decode("ascii")
+
+
+class _Disabled:
+    """Shared status/availability for deployments whose model may be absent."""
+
+    error: str | None = None
+    info: dict[str, Any] | None = None
+
+    def _require(self) -> None:
+        if self.error is not None:
+            raise ServingError(503, self.error)
+
+    async def status(self) -> dict[str, Any]:
+        """Ready (replica constructed) plus whether its model is loaded or why not."""
+        return {"ready": True, "enabled": self.error is None, "reason": self.error, "model": self.info}
+
+
+class _Batched(_Disabled):
+    """Batch-size bookkeeping and user_config reconfiguration of `@serve.batch` parameters."""
+
+    def _init_batching(self, batch: dict[str, Any] | None) -> None:
+        from raypipe.scoring.common import BatchRecorder
+
+        self.recorder = BatchRecorder()
+        if batch:
+            self._apply_batch(batch)
+
+    def _apply_batch(self, cfg: dict[str, Any]) -> None:
+        if "max_batch_size" in cfg:
+            self.predict.set_max_batch_size(int(cfg["max_batch_size"]))
+        if "batch_wait_timeout_s" in cfg:
+            self.predict.set_batch_wait_timeout_s(float(cfg["batch_wait_timeout_s"]))
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """serve deploy user_config: {max_batch_size, batch_wait_timeout_s} changes batching without a restart."""
+        self._apply_batch(user_config or {})
+
+    async def batch_sizes(self) -> list[int]:
+        """Sizes of the batches run so far (bounded history)."""
+        return list(self.recorder.sizes)
+
+    def _run_items(self, fn: Any, items: list[Any]) -> list[Any]:
+        """Run a batch; if the batch fails, run items alone so one bad item cannot fail its neighbours."""
+        try:
+            return fn(items)
+        except Exception:  # noqa: BLE001
+            out = []
+            for it in items:
+                try:
+                    out.append(fn([it])[0])
+                except Exception as e:  # noqa: BLE001
+                    problem = as_serving_error(e)
+                    out.append(problem or ServingError(500, f"model failed ({type(e).__name__})"))
+            return out
+
+
+def _raise_if_error(result: Any) -> Any:
+    if isinstance(result, ServingError):
+        raise result
+    return result
+
+
+# ------------------------------------------------------------------------------------------ preprocessing
+@serve.deployment(name="CTPreprocess", max_ongoing_requests=2, health_check_period_s=HEALTH_CHECK_PERIOD_S)
+class CTPreprocess(_Disabled):
+    """Uploaded CT (DICOM zip or NIfTI) + masks (zip or NIfTI multilabel) -> 14-slice crops + QC; no weights."""
+
+    def __init__(self, registry: str, name: str | None, version: str | None, limits: dict[str, int]) -> None:
+        from raypipe.scoring.ct import CTPreprocessor
+        from raypipe.scoring.common import model_info
+
+        v, self.error = _open(registry, name, version)
+        self.pre = CTPreprocessor(v) if v is not None else None
+        self.info = model_info(v) if v is not None else None
+        self.limits = limits
+
+    def _volume(self, data: bytes, workdir: Path, field: str) -> Path:
+        """Materialise a CT or mask upload: a zip (DICOM series / mask folder / one NIfTI) or a NIfTI file."""
+        lim = self.limits
+        if is_zip(data):
+            files = safe_extract_zip(data, workdir / field, field, lim["max_zip_files"], lim["max_unpacked_bytes"])
+            nifti = [f for f in files if f.name.lower().endswith((".nii", ".nii.gz"))]
+            if field == "study" and len(nifti) == 1 and len(files) == 1:
+                return nifti[0]
+            if field == "masks" and len(files) == 1 and nifti:
+                return nifti[0]
+            return series_folder(files, workdir / field) if field == "study" else _mask_root(files, workdir / field)
+        if is_gzip(data):
+            raw = gunzip_limited(data, field, lim["max_unpacked_bytes"])
+        elif is_nifti1(data):
+            raw = data
+        else:
+            kind = "a zip of a DICOM series or a NIfTI file" if field == "study" else "a zip of mask files or a NIfTI file"
+            raise UploadError(415, field, f"expected {kind} (.zip, .nii, .nii.gz)")
+        check_nifti_header(raw, field, lim["max_voxels"])
+        path = workdir / f"{field}.nii"
+        path.write_bytes(raw)
+        return path
+
+    def _preprocess(self, study: bytes, masks: bytes, body_mask: bytes | None, mask_labels: Any,
+                    clinical: dict[str, Any]) -> Any:
+        with request_workdir() as wd:
+            try:
+                ct_path = self._volume(study, wd, "study")
+                masks_path = self._volume(masks, wd, "masks")
+                body_path = self._volume(body_mask, wd, "body_mask") if body_mask else None
+                labels = mask_labels
+                if isinstance(mask_labels, dict):
+                    import json
+
+                    labels = str(wd / "mask_labels.json")
+                    Path(labels).write_text(json.dumps(mask_labels))
+                return self.pre.from_files(ct_path, masks_path, body_path, labels, clinical)
+            except Exception as e:  # noqa: BLE001
+                problem = as_serving_error(e, wd)
+                if problem is not None:
+                    raise problem from None
+                raise
+
+    async def preprocess(self, study: bytes, masks: bytes, body_mask: bytes | None, mask_labels: Any,
+                         clinical: dict[str, Any]) -> Any:
+        """Bytes in, `CTInput` out; bad uploads raise `ServingError` (4xx)."""
+        self._require()
+        return await run_guarded(self._preprocess, study, masks, body_mask, mask_labels, clinical)
+
+
+def _mask_root(files: list[Path], root: Path) -> Path:
+    """Folder of extracted TotalSegmentator masks (the one holding vertebrae_*.nii.gz)."""
+    for f in files:
+        if f.name.startswith("vertebrae_"):
+            return f.parent
+    return series_folder(files, root)
+
+
+@serve.deployment(name="XrayPreprocess", max_ongoing_requests=2, health_check_period_s=HEALTH_CHECK_PERIOD_S)
+class XrayPreprocess(_Disabled):
+    """Uploaded radiograph -> keypoints (request or keypoint model) -> aligned patches + pVF input."""
+
+    def __init__(self, registry: str, names: dict[str, str | None], versions: dict[str, str | None],
+                 limits: dict[str, int], threads: int = 1) -> None:
+        from raypipe.scoring.common import model_info
+        from raypipe.scoring.xray import KeypointModel, XrayPreprocessor
+
+        _set_threads(threads)
+        xray, self.error = _open(registry, names.get("xray"), versions.get("xray"))
+        pvf, _ = _open(registry, names.get("pvf"), versions.get("pvf"))
+        kp_version, self.keypoint_error = _open(registry, names.get("keypoints"), versions.get("keypoints"))
+        kp = KeypointModel(kp_version, threads) if kp_version is not None else None
+        self.pre = XrayPreprocessor(xray, pvf, kp)
+        self.info = model_info(kp_version) if kp_version is not None else None
+        self.limits = limits
+        if xray is None and pvf is not None:
+            self.error = None  # the pVF path still works
+
+    def _radiograph(self, data: bytes, wd: Path) -> Any:
+        from raypipe.io.radiograph import read_radiograph
+
+        if is_png_or_jpeg(data):
+            check_raster_size(data, "image", self.limits["max_pixels"])
+            path = wd / "image.png"
+        elif is_dicom(data):
+            check_dicom_image_size(data, "image", self.limits["max_pixels"])
+            path = wd / "image.dcm"
+        else:
+            raise UploadError(415, "image", "expected a DICOM, PNG or JPEG radiograph")
+        path.write_bytes(data)
+        return read_radiograph(path)
+
+    def _preprocess(self, image: bytes, keypoints: dict | None, clinical: dict[str, Any], need_survival: bool,
+                    keep_pixels: bool) -> Any:
+        with request_workdir() as wd:
+            try:
+                rad = self._radiograph(image, wd)
+                inp = self.pre.from_radiograph(rad, keypoints, clinical, need_survival)
+                return (inp, rad.pixels) if keep_pixels else inp
+            except Exception as e:  # noqa: BLE001
+                problem = as_serving_error(e, wd)
+                if problem is not None:
+                    raise problem from None
+                raise
+
+    async def preprocess(self, image: bytes, keypoints: dict | None, clinical: dict[str, Any],
+                         need_survival: bool = True, keep_pixels: bool = False) -> Any:
+        """Bytes in, `XrayInput` (and the [0, 1] pixels when asked) out; implausible keypoints -> 422."""
+        self._require()
+        return await run_guarded(self._preprocess, image, keypoints, clinical, need_survival, keep_pixels)
+
+    async def status(self) -> dict[str, Any]:
+        """Ready, plus whether the keypoint model is available for requests without keypoints."""
+        return {**await super().status(), "keypoint_model": self.keypoint_error is None, "keypoint_reason": self.keypoint_error}
+
+
+# ------------------------------------------------------------------------------------------ models
+@serve.deployment(name="CTModel", max_ongoing_requests=16, health_check_period_s=HEALTH_CHECK_PERIOD_S)
+class CTModel(_Batched):
+    """The published CT CNN-RNN; concurrent requests are grouped by `@serve.batch` into one forward pass."""
+
+    def __init__(self, registry: str, name: str | None, version: str | None, threads: int = 1,
+                 batch: dict[str, Any] | None = None) -> None:
+        from raypipe.scoring.ct import CTPredictor
+
+        _set_threads(threads)
+        v, self.error = _open(registry, name, version)
+        self.predictor = CTPredictor(v, threads) if v is not None else None
+        self.info = self.predictor.info if self.predictor else None
+        self._init_batching(batch)
+
+    def _run(self, items: list[tuple[Any, bool]]) -> list[dict[str, Any]]:
+        preds = self.predictor.predict_batch([i for i, _ in items], [g for _, g in items])
+        return [{"probability": p.probability, "model": p.model, "qc": p.qc,
+                 "gradcam_png": [b64png(b) for b in p.gradcam_png]} for p in preds]
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    async def predict(self, items: list[tuple[Any, bool]]) -> list[Any]:
+        """(CTInput, gradcam) per request -> probability, model, QC, Grad-CAM PNGs (base64)."""
+        self._require()
+        self.recorder.record(len(items))
+        return await asyncio.to_thread(self._run_items, self._run, items)
+
+    async def score(self, item: tuple[Any, bool]) -> dict[str, Any]:
+        """One request through the batcher (errors raised, not returned)."""
+        return _raise_if_error(await self.predict(item))
+
+
+@serve.deployment(name="XrayModel", max_ongoing_requests=16, health_check_period_s=HEALTH_CHECK_PERIOD_S)
+class XrayModel(_Batched):
+    """The published radiograph DeepSurv model, batched: log-risk, S(t) 1..10 years, 5-year risk."""
+
+    def __init__(self, registry: str, name: str | None, version: str | None, threads: int = 1,
+                 batch: dict[str, Any] | None = None) -> None:
+        from raypipe.scoring.xray import XrayPredictor
+
+        _set_threads(threads)
+        v, self.error = _open(registry, name, version)
+        self.predictor = XrayPredictor(v, None, None, threads) if v is not None else None
+        self.info = self.predictor.info if self.predictor else None
+        self._init_batching(batch)
+
+    def _run(self, items: list[Any]) -> list[dict[str, Any]]:
+        return [{"log_risk": p.log_risk, "survival": p.survival, "risk_5y": p.risk_5y, "model": p.model,
+                 "warnings": p.warnings} for p in self.predictor.predict_batch(items)]
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    async def predict(self, items: list[Any]) -> list[Any]:
+        """XrayInput per request -> DeepSurv outputs."""
+        self._require()
+        self.recorder.record(len(items))
+        return await asyncio.to_thread(self._run_items, self._run, items)
+
+    async def score(self, item: Any) -> dict[str, Any]:
+        """One request through the batcher (errors raised, not returned)."""
+        return _raise_if_error(await self.predict(item))
+
+
+@serve.deployment(name="PVFModel", max_ongoing_requests=32, health_check_period_s=HEALTH_CHECK_PERIOD_S)
+class PVFModel(_Batched):
+    """The published pVF classifier, batched: score in [0, 1] per prepared image."""
+
+    def __init__(self, registry: str, name: str | None, version: str | None, threads: int = 1,
+                 batch: dict[str, Any] | None = None) -> None:
+        from raypipe.scoring.xray import PVFPredictor
+
+        _set_threads(threads)
+        v, self.error = _open(registry, name, version)
+        self.predictor = PVFPredictor(v, threads) if v is not None else None
+        self.info = self.predictor.info if self.predictor else None
+        self._init_batching(batch)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    async def predict(self, images: list[np.ndarray]) -> list[Any]:
+        """Prepared (1, rows, cols) inputs -> pVF scores."""
+        self._require()
+        self.recorder.record(len(images))
+        return await asyncio.to_thread(self._run_items, self.predictor.predict_batch, images)
+
+    async def score(self, image: np.ndarray) -> float:
+        """One prepared image through the batcher."""
+        return _raise_if_error(await self.predict(image))
+
+    async def score_pixels(self, pixels: np.ndarray) -> float:
+        """A raw [0, 1] radiograph (e.g. a generated one): prepare, then score through the batcher."""
+        self._require()
+        prepared = await asyncio.to_thread(self.predictor.prepare, pixels)
+        return _raise_if_error(await self.predict(prepared))
+
+
+@serve.deployment(name="GeneratorModel", max_ongoing_requests=4, health_check_period_s=HEALTH_CHECK_PERIOD_S)
+class GeneratorModel(_Batched):
+    """The Diff-X generator (papers/004): future radiographs per (year, seed); disabled without `raypipe.generate`."""
+
+    def __init__(self, registry: str, name: str | None, version: str | None, threads: int = 1,
+                 batch: dict[str, Any] | None = None) -> None:
+        v, self.error = _open(registry, name, version)
+        self.generator = None
+        if v is not None:
+            from raypipe.scoring.future import FutureGenerator
+
+            _set_threads(threads)
+
+            try:
+                self.generator = FutureGenerator.from_registry(registry, name, version)
+            except Exception as e:  # noqa: BLE001 - generation unavailable disables /v1/xray/future only
+                self.error = f"Diff-X generation unavailable: {getattr(e, 'reason', e)}"
+        self.info = self.generator.info if self.generator else None
+        self._init_batching(batch)
+
+    def _run(self, items: list[dict[str, Any]]) -> list[list[Any]]:
+        return [self.generator.generate(i["pixels"], i["age"], i["sex"], i["years"], i["seeds"]) for i in items]
+
+    @serve.batch(max_batch_size=2, batch_wait_timeout_s=0.05)
+    async def predict(self, items: list[dict[str, Any]]) -> list[Any]:
+        """Generation requests -> lists of `GeneratedImage` (one per year x seed)."""
+        self._require()
+        self.recorder.record(len(items))
+        return await asyncio.to_thread(self._run_items, self._run, items)
+
+    async def generate(self, item: dict[str, Any]) -> list[Any]:
+        """One generation request through the batcher."""
+        return _raise_if_error(await self.predict(item))
+
+
+# ------------------------------------------------------------------------------------------ composition
+@serve.deployment(name="RiskAggregator", max_ongoing_requests=64, health_check_period_s=HEALTH_CHECK_PERIOD_S)
+class RiskAggregator(_Disabled):
+    """Radiograph scoring graph: preprocess, then DeepSurv and pVF concurrently, merged into one answer."""
+
+    def __init__(self, xray_pre: Any, xray_model: Any, pvf_model: Any, available: dict[str, Any],
+                 retries: int = 3) -> None:
+        self.xray_pre, self.xray_model, self.pvf_model = xray_pre, xray_model, pvf_model
+        self.available, self.retries = available, retries
+
+    async def score_xray(self, image: bytes, keypoints: dict | None, clinical: dict[str, Any]) -> dict[str, Any]:
+        """Radiograph bytes (+ keypoints, clinical) -> log-risk, S(t), 5-year risk, keypoints used, pVF score."""
+        inp = await call(self.xray_pre.preprocess, image, keypoints, clinical, True, retries=self.retries)
+        surv = call(self.xray_model.score, inp, retries=self.retries)
+        has_pvf = self.available.get("pvf", {}).get("ok") and inp.pvf_image is not None
+        pvf = call(self.pvf_model.score, inp.pvf_image, retries=self.retries) if has_pvf else None
+        s = await surv
+        p = await pvf if pvf is not None else None
+        models = {"xray": s["model"]}
+        if has_pvf:
+            models["pvf"] = self.available["pvf"]["info"]
+        if inp.keypoints_source == "model" and self.available.get("keypoints", {}).get("ok"):
+            models["keypoints"] = self.available["keypoints"]["info"]
+        qc = {**inp.qc, "warnings": list(inp.qc.get("warnings", [])) + s.get("warnings", [])}
+        if not has_pvf:
+            qc["warnings"].append(self.available.get("pvf", {}).get("reason") or "pVF model not available")
+        return {"log_risk": s["log_risk"], "survival": s["survival"], "risk_5y": s["risk_5y"],
+                "keypoints": inp.keypoints, "keypoints_source": inp.keypoints_source, "pvf_score": p,
+                "models": models, "qc": qc}
+
+
+@serve.deployment(name="JobStore", num_replicas=1, max_ongoing_requests=256,
+                  health_check_period_s=HEALTH_CHECK_PERIOD_S)
+class JobStore(_Disabled):
+    """Generation jobs: run in the background, results kept until fetched once or `ttl_s` after finishing.
+
+    One replica holds the state (jobs are lost if it dies: clients then get 404 and resubmit).
+    """
+
+    def __init__(self, generator: Any, pvf_model: Any, ttl_s: float = 3600.0, max_jobs: int = 64,
+                 retries: int = 3) -> None:
+        self.generator, self.pvf_model = generator, pvf_model
+        self.ttl_s, self.max_jobs, self.retries = float(ttl_s), int(max_jobs), retries
+        self.jobs: dict[str, dict[str, Any]] = {}
+        self.tasks: dict[str, asyncio.Task] = {}
+
+    def _expire(self) -> None:
+        now = time.time()
+        for jid in [j for j, rec in self.jobs.items() if rec.get("finished") and now - rec["finished"] > self.ttl_s]:
+            self.jobs.pop(jid, None)
+
+    async def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Queue a job; spec = pixels, pvf_input, age, sex, years, seeds, models. 429 when the store is full."""
+        self._expire()
+        if len(self.jobs) >= self.max_jobs:
+            raise ServingError(429, f"too many generation jobs pending ({self.max_jobs}); fetch results or retry later")
+        jid = uuid.uuid4().hex
+        self.jobs[jid] = {"status": "queued", "created": time.time(), "finished": None}
+        self.tasks[jid] = asyncio.get_running_loop().create_task(self._run(jid, spec))
+        return {"job_id": jid, "status": "queued"}
+
+    async def _run(self, jid: str, spec: dict[str, Any]) -> None:
+        from raypipe.scoring.common import png_bytes
+        from raypipe.scoring.future import summarise_future
+
+        rec = self.jobs[jid]
+        rec["status"] = "running"
+        bpvf_call = asyncio.ensure_future(call(self.pvf_model.score, spec["pvf_input"], retries=self.retries))
+        try:
+            images = await call(self.generator.generate, {k: spec[k] for k in ("pixels", "age", "sex", "years", "seeds")},
+                                retries=self.retries)
+            scores = await asyncio.gather(*[call(self.pvf_model.score_pixels, g.pixels, retries=self.retries)
+                                            for g in images])
+            bpvf = await bpvf_call
+            gpvf: dict[float, list[float]] = {}
+            for g, s in zip(images, scores):
+                gpvf.setdefault(float(g.year), []).append(float(s))
+            summary = summarise_future(bpvf, gpvf)
+            summary["images"] = [{"year": g.year, "seed": g.seed, "pvf_score": float(s), "png": b64png(png_bytes(np.round(np.clip(g.pixels, 0, 1) * 255).astype(np.uint8)))}
+                                 for g, s in zip(images, scores)]
+            summary["models"] = spec.get("models", {})
+            rec.update(status="done", result=summary)
+        except Exception as e:  # noqa: BLE001 - a failed job reports why; it must not take the store down
+            problem = as_serving_error(unwrap(e))
+            rec.update(status="failed", error=problem.message if problem else f"generation failed ({type(e).__name__})")
+            if problem is None:
+                log.exception("job %s failed", jid)
+        finally:
+            if not bpvf_call.done():
+                bpvf_call.cancel()
+            rec["finished"] = time.time()
+            self.tasks.pop(jid, None)
+
+    async def get(self, job_id: str) -> dict[str, Any] | None:
+        """Status; a finished job's result is returned once and then removed. None for unknown or expired ids."""
+        self._expire()
+        rec = self.jobs.get(job_id)
+        if rec is None:
+            return None
+        out = {"job_id": job_id, "status": rec["status"]}
+        if rec["status"] == "done":
+            out.update(rec["result"])
+            self.jobs.pop(job_id, None)
+        elif rec["status"] == "failed":
+            out["error"] = rec.get("error")
+            self.jobs.pop(job_id, None)
+        return out
+
+    async def stats(self) -> dict[str, int]:
+        """Jobs by status (for /healthz and tests)."""
+        self._expire()
+        counts: dict[str, int] = {}
+        for rec in self.jobs.values():
+            counts[rec["status"]] = counts.get(rec["status"], 0) + 1
+        return counts

@@ -1,0 +1,566 @@
+"""`raypipe train ldm`: the Diff-X VAE, then the structure and prompt LDMs (papers/004), on Ray Train.
+
+Reads top to bottom:
+
+1. `LDMTrainConfig`: defaults visible at the top (thesis: 512 x 512 radiographs, SD v1 structure).
+2. Losses as plain functions (`vae_loss`, `diffusion_loss`): VAE = L1 reconstruction + a small KL
+   (SD also uses LPIPS and a patch GAN; neither is available offline for grey radiographs, so they are
+   left out); LDMs = DDPM noise-prediction MSE with SD's noise schedule, both UNets on the same noisy
+   latent and prompt, the structure UNet also seeing the low-resolution image.
+3. `train_epoch`: one pass over batches for one stage, shared by the Ray worker loop and
+   `train_local` (tests, notebooks), so both run the same code.
+4. `train_loop_ldm` (every Ray Train worker): epochs 1..vae_epochs train the VAE, the rest the two
+   UNets (+ the small text encoder unless a pretrained CLIP is configured, which stays frozen); DDP
+   through `prepare_model`, bf16 autocast on CUDA, EMA of the LDM weights (diffusers' `EMAModel`,
+   saved in the checkpoint), one checkpoint per epoch and resume via `raypipe.train.common`.
+   The latent scaling factor (1 / SD of the training latents) is measured once after the VAE stage.
+5. `fit_ldm` on the driver: manifest -> Ray Data (radiographs read and resized on the fly) -> train ->
+   model.pt (flat state_dict: vae., structure_unet., prompt_unet., text_encoder.; EMA weights),
+   model_meta.json (builder + kwargs + sampler settings), config.yaml, metrics.csv, metrics.json.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+
+from raypipe.config import StrictModel
+from raypipe.train.common import (
+    TrainState,
+    all_reduce_mean,
+    autocast,
+    per_worker_batch,
+    read_checkpoint,
+    report_epoch,
+    seed_everything,
+    select_device,
+    to_device_model,
+    unwrap,
+    world_rank,
+    world_size,
+)
+
+log = logging.getLogger(__name__)
+
+Stage = Literal["vae", "unet"]
+
+
+class LDMTrainConfig(StrictModel):
+    """One Diff-X training run; defaults follow the thesis (SD v1 structure at 512 x 512)."""
+
+    model: str = Field("diffx", description="registry name: diffx (SD v1 sizes) or diffx_tiny")
+    model_kwargs: dict[str, Any] = Field(default_factory=dict, description="builder overrides (sizes, text path)")
+    display_name: str = "diffx"
+    clinical_prompts: bool = Field(True, description="add the thesis's clinical attributes to training prompts")
+    cond_drop_prob: float = Field(0.1, ge=0, lt=1, description="prompt dropout (empty prompt) for guidance")
+
+    vae_epochs: int = Field(20, ge=0)
+    vae_lr: float = Field(1e-4, gt=0)
+    kl_weight: float = Field(1e-6, ge=0)
+    unet_epochs: int = Field(100, ge=0)
+    unet_lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(1e-2, ge=0)
+    batch_size: int = Field(16, ge=1, description="global batch; each worker takes batch_size / num_workers")
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on steps per epoch (smoke runs)")
+    grad_clip: float | None = Field(1.0, gt=0)
+    ema_decay: float = Field(0.9999, gt=0, le=1, description="EMA of the LDM weights (warm-up as diffusers')")
+    use_ema: bool = True
+    amp: bool = Field(True, description="bf16 autocast on CUDA; fp32 on CPU")
+    latent_scale_batches: int = Field(8, ge=1, description="batches used to measure the latent SD")
+
+    label: str = Field("prevalent_fracture", description="stratifies the patient-level validation split")
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    test_fraction: float = Field(0.0, ge=0, lt=1)
+
+    sampler: dict[str, Any] = Field(
+        default_factory=lambda: {"steps": 50, "eta": 0.5, "guidance_scale": 1.0, "injection_layer": 5},
+        description="raypipe.generate.SamplerSettings saved with the model",
+    )
+
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool | None = None
+    max_failures: int = Field(1, ge=-1)
+    num_to_keep: int = Field(2, ge=1)
+    run_name: str = "train"
+    storage_path: str | None = None
+    torch_threads: int | None = Field(None, ge=1)
+    stop_after_epoch: int | None = Field(None, ge=1, description="end the run after that epoch; a rerun resumes")
+    seed: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.display_name
+
+
+# ---------------------------------------------------------------------------------------------- model
+def model_kwargs(cfg: LDMTrainConfig) -> dict[str, Any]:
+    """Registry builder kwargs of this run."""
+    return dict(cfg.model_kwargs)
+
+
+def build(cfg: LDMTrainConfig) -> Any:
+    """The `DiffXModel` of this config (`raypipe.models.registry.build_model`)."""
+    from raypipe.models.registry import build_model
+
+    return build_model(cfg.model, **model_kwargs(cfg))
+
+
+def image_size(cfg: LDMTrainConfig) -> int:
+    """Training image side from the builder defaults and overrides."""
+    from raypipe.models.registry import default_config
+
+    return int({**default_config(cfg.model), **cfg.model_kwargs}["image_size"])
+
+
+def set_trainable(model: Any, text_trainable: bool) -> None:
+    """Every part trainable except a pretrained text encoder (frozen, as in Stable Diffusion)."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if not text_trainable:
+        model.text_encoder.requires_grad_(False)
+
+
+def stage_parameters(model: Any, stage: Stage) -> list[nn.Parameter]:
+    """Parameters the stage's optimizer steps."""
+    if stage == "vae":
+        return [p for p in model.vae.parameters() if p.requires_grad]
+    parts = (model.structure_unet, model.prompt_unet, model.text_encoder)
+    return [p for part in parts for p in part.parameters() if p.requires_grad]
+
+
+def ldm_parameters(model: Any) -> list[nn.Parameter]:
+    """Parameters the EMA tracks (UNets + trainable text encoder), in a fixed order."""
+    return stage_parameters(model, "unet")
+
+
+# ---------------------------------------------------------------------------------------------- losses
+def vae_loss(model: Any, images: Tensor, kl_weight: float = 1e-6) -> Tensor:
+    """L1 reconstruction of a posterior sample + `kl_weight` x KL (mean per element)."""
+    dist = model.vae.encode(images).latent_dist
+    recon = model.vae.decode(dist.sample()).sample
+    return F.l1_loss(recon.float(), images.float()) + kl_weight * dist.kl().mean() / images[0].numel()
+
+
+def diffusion_loss(
+    model: Any,
+    images: Tensor,
+    prompts: Sequence[str],
+    scheduler: Any,
+    *,
+    noise: Tensor | None = None,
+    timesteps: Tensor | None = None,
+    cond_drop_prob: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """DDPM noise-prediction MSE of the structure and prompt LDMs: (sum, structure, prompt).
+
+    `noise` / `timesteps` fix the draw (evaluation); prompts are replaced by "" with `cond_drop_prob`.
+    """
+    with torch.no_grad():
+        z0 = model.encode(images).float()
+        lowres = model.lowres(images)
+    b = z0.shape[0]
+    if noise is None:
+        noise = torch.randn(z0.shape, generator=generator).to(z0.device)
+    if timesteps is None:
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator)
+    timesteps = timesteps.to(z0.device)
+    z_t = scheduler.add_noise(z0, noise.to(z0.device), timesteps)
+    texts = list(prompts)
+    if cond_drop_prob > 0:
+        drop = torch.rand(b, generator=generator) < cond_drop_prob
+        texts = ["" if d else t for d, t in zip(drop.tolist(), texts)]
+    text = model.encode_text(texts)
+    loss_s = F.mse_loss(model.structure_eps(z_t, timesteps, text, lowres).float(), noise.to(z0.device))
+    loss_p = F.mse_loss(model.prompt_eps(z_t, timesteps, text).float(), noise.to(z0.device))
+    return loss_s + loss_p, loss_s.detach(), loss_p.detach()
+
+
+class Objective(nn.Module):
+    """The trained model behind one forward (so DDP syncs gradients): the stage's loss."""
+
+    def __init__(self, model: Any, scheduler: Any, kl_weight: float, cond_drop_prob: float) -> None:
+        super().__init__()
+        self.model, self.scheduler = model, scheduler
+        self.kl_weight, self.cond_drop_prob = kl_weight, cond_drop_prob
+
+    def forward(self, images: Tensor, prompts: Sequence[str], stage: Stage) -> tuple[Tensor, dict[str, float]]:
+        if stage == "vae":
+            loss = vae_loss(self.model, images, self.kl_weight)
+            return loss, {"vae_loss": float(loss.detach())}
+        loss, ls, lp = diffusion_loss(self.model, images, prompts, self.scheduler, cond_drop_prob=self.cond_drop_prob)
+        return loss, {"structure_loss": float(ls), "prompt_loss": float(lp)}
+
+
+@torch.no_grad()
+def measure_latent_scale(model: Any, batches: Iterable[Tensor]) -> float:
+    """1 / SD of the VAE's latents over `batches` (all workers pooled), as the LDM paper scales latents."""
+    total, sq, n = 0.0, 0.0, 0
+    for images in batches:
+        z = model.vae.encode(images).latent_dist.sample().float()
+        total, sq, n = total + float(z.sum()), sq + float((z * z).sum()), n + z.numel()
+    mean = all_reduce_mean(total / max(n, 1), float(n))
+    second = all_reduce_mean(sq / max(n, 1), float(n))
+    sd = math.sqrt(max(second - mean * mean, 1e-12))
+    return 1.0 / sd
+
+
+def train_epoch(
+    objective: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable[tuple[Tensor, Sequence[str]]],
+    stage: Stage,
+    setup: Any,
+    grad_clip: float | None = None,
+    ema: Any = None,
+    max_steps: int | None = None,
+) -> dict[str, float]:
+    """One pass over `batches` for `stage`; returns mean losses and the number of steps."""
+    model = unwrap(objective).model
+    params = stage_parameters(model, stage)
+    objective.train()
+    sums: dict[str, float] = {}
+    steps = 0
+    for images, prompts in batches:
+        if max_steps is not None and steps >= max_steps:
+            break
+        with autocast(setup):
+            loss, parts = objective(images.to(setup.device, non_blocking=True), prompts, stage)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip:
+            nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        if ema is not None and stage == "unet":
+            ema.step(ldm_parameters(model))
+        for k, v in {"loss": float(loss.detach()), **parts}.items():
+            sums[k] = sums.get(k, 0.0) + v
+        steps += 1
+    return {**{k: v / max(steps, 1) for k, v in sums.items()}, "steps": float(steps)}
+
+
+@torch.no_grad()
+def validation_loss(model: Any, batches: Iterable[tuple[Tensor, Sequence[str]]], stage: Stage, scheduler: Any,
+                    setup: Any, seed: int = 0) -> float:
+    """Stage loss on validation batches with seeded noise and timesteps (comparable across epochs)."""
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    total, n = 0.0, 0
+    for images, prompts in batches:
+        images = images.to(setup.device)
+        with autocast(setup):
+            if stage == "vae":
+                recon = model.vae.decode(model.vae.encode(images).latent_dist.mode()).sample
+                loss = F.l1_loss(recon.float(), images.float())
+            else:
+                loss = diffusion_loss(model, images, prompts, scheduler, generator=gen)[0]
+        total, n = total + float(loss) * images.shape[0], n + images.shape[0]
+    return total / n if n else float("nan")
+
+
+def make_optimizer(model: Any, stage: Stage, cfg: LDMTrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the stage's parameters."""
+    lr = cfg.vae_lr if stage == "vae" else cfg.unet_lr
+    return torch.optim.AdamW(stage_parameters(model, stage), lr=lr, weight_decay=cfg.weight_decay)
+
+
+def make_ema(model: Any, cfg: LDMTrainConfig) -> Any:
+    """diffusers' EMAModel over the LDM parameters (None when disabled)."""
+    if not cfg.use_ema:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(ldm_parameters(model), decay=cfg.ema_decay)
+
+
+def ema_state(ema: Any) -> dict[str, Any]:
+    """EMA state with CPU copies of the shadow weights (checkpoint-safe, weights_only loadable)."""
+    st = dict(ema.state_dict())
+    st["shadow_params"] = [p.detach().cpu().clone() for p in ema.shadow_params]
+    return st
+
+
+def train_local(model: Any, images: Tensor, prompts: Sequence[str], cfg: LDMTrainConfig,
+                setup: Any = None) -> dict[str, list[float]]:
+    """Train without Ray (tests, notebooks): VAE epochs, latent scale, LDM epochs; EMA copied in at the end."""
+    from raypipe.models.ldm.schedule import ddpm_scheduler
+
+    setup = setup or select_device(cfg.amp)
+    seed_everything(cfg.seed)
+    set_trainable(model, not cfg.model_kwargs.get("text_encoder_path"))
+    objective = Objective(model, ddpm_scheduler(), cfg.kl_weight, cfg.cond_drop_prob)
+    history: dict[str, list[float]] = {"vae": [], "unet": []}
+    bs = cfg.batch_size
+
+    def batches(epoch: int) -> Iterable[tuple[Tensor, list[str]]]:
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+        for s in range(0, len(order), bs):
+            idx = order[s:s + bs]
+            yield images[idx], [prompts[i] for i in idx.tolist()]
+
+    opt = make_optimizer(model, "vae", cfg)
+    for epoch in range(cfg.vae_epochs):
+        history["vae"].append(train_epoch(objective, opt, batches(epoch), "vae", setup, cfg.grad_clip,
+                                          max_steps=cfg.max_steps_per_epoch)["loss"])
+    model.vae.latent_scale.fill_(measure_latent_scale(model, (images[s:s + bs].to(setup.device)
+                                                              for s in range(0, len(images), bs))))
+    opt, ema = make_optimizer(model, "unet", cfg), make_ema(model, cfg)
+    for epoch in range(cfg.unet_epochs):
+        history["unet"].append(train_epoch(objective, opt, batches(10_000 + epoch), "unet", setup, cfg.grad_clip,
+                                           ema, cfg.max_steps_per_epoch)["loss"])
+    if ema is not None and cfg.unet_epochs > 0:
+        ema.copy_to(ldm_parameters(model))
+    model.eval()
+    return history
+
+
+# ---------------------------------------------------------------------------------------------- data
+def study_prompt(row: Mapping[str, Any], clinical: bool) -> str:
+    """The thesis's prompt for a manifest row (age, sex and, when `clinical`, its attributes)."""
+    from raypipe.generate import CLINICAL_PROMPT_KEYS
+    from raypipe.models.ldm.text import build_prompt
+
+    attrs = {k: row.get(k) for k in CLINICAL_PROMPT_KEYS if clinical and k in row}
+    if "bmi" in attrs:
+        try:
+            attrs["bmi"] = float(attrs["bmi"])
+        except (TypeError, ValueError):
+            attrs["bmi"] = None
+        if attrs["bmi"] is not None and not math.isfinite(attrs["bmi"]):
+            attrs["bmi"] = None
+    return build_prompt(float(row["age"]), str(row["sex"]), **attrs)
+
+
+class LoadRadiographs:
+    """Ray Data map_batches: manifest rows -> `image` (B, 1, S, S) float32 in [-1, 1] + `prompt`."""
+
+    def __init__(self, size: int, clinical: bool) -> None:
+        self.size, self.clinical = size, clinical
+
+    def __call__(self, batch: pd.DataFrame) -> dict[str, np.ndarray]:
+        from raypipe.io.radiograph import read_radiograph
+        from raypipe.preprocess.pvf import ldm_input
+
+        images = [ldm_input(read_radiograph(p).pixels, self.size) for p in batch["image_path"]]
+        prompts = [study_prompt(r, self.clinical) for r in batch.to_dict("records")]
+        return {"study_id": batch["study_id"].astype(str).to_numpy(), "image": np.stack(images).astype(np.float32),
+                "prompt": np.asarray(prompts, dtype=object)}
+
+
+def _collate(batch: Mapping[str, np.ndarray]) -> tuple[Tensor, list[str]]:
+    return torch.from_numpy(np.asarray(batch["image"], dtype=np.float32)), [str(p) for p in batch["prompt"]]
+
+
+def _shard_batches(name: str, batch_size: int, seed: int) -> Iterable[tuple[Tensor, list[str]]]:
+    import ray.train
+
+    shard = ray.train.get_dataset_shard(name)
+    for b in shard.iter_batches(batch_size=batch_size, batch_format="numpy",
+                                local_shuffle_buffer_size=64 if name == "train" else None,
+                                local_shuffle_seed=seed if name == "train" else None):
+        yield _collate(b)
+
+
+# ---------------------------------------------------------------------------------------------- worker loop
+def train_loop_ldm(loop_config: dict) -> None:
+    """Ray Train worker loop: VAE epochs, then LDM epochs; checkpoint + report every epoch."""
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    from raypipe.models.ldm.schedule import ddpm_scheduler
+    from raypipe.train.common import load_checkpoint
+
+    cfg = LDMTrainConfig.model_validate(loop_config["config"])
+    rank, n_workers = world_rank(), world_size()
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    seed_everything(cfg.seed)
+    setup = select_device(cfg.amp)
+    model = build(cfg)
+    set_trainable(model, not cfg.model_kwargs.get("text_encoder_path"))
+    model = to_device_model(model, setup)
+    scheduler = ddpm_scheduler()
+
+    checkpoint = ray.train.get_checkpoint()
+    state, opt_state = TrainState(), None
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, model)
+        opt_state = read_checkpoint(checkpoint).get("optimizer") or None
+        log.info("resuming after epoch %d (stage %s)", state.epoch, state.extra.get("stage"))
+    objective = ray.train.torch.prepare_model(
+        Objective(model, scheduler, cfg.kl_weight, cfg.cond_drop_prob), move_to_device=False,
+        parallel_strategy_kwargs={"find_unused_parameters": True})
+    batch = per_worker_batch(cfg.batch_size, n_workers)
+    total = cfg.vae_epochs + cfg.unet_epochs
+    stage_now: Stage | None = None
+    optimizer, ema = None, None
+    for epoch in range(state.epoch + 1, total + 1):
+        stage: Stage = "vae" if epoch <= cfg.vae_epochs else "unet"
+        if stage != stage_now:
+            optimizer = make_optimizer(model, stage, cfg)
+            if opt_state and state.extra.get("stage") == stage:
+                optimizer.load_state_dict(opt_state)
+            if stage == "unet":
+                if not state.extra.get("latent_scale"):
+                    scale = measure_latent_scale(model, (x.to(setup.device) for x, _ in _islice(
+                        _shard_batches("train", batch, cfg.seed), cfg.latent_scale_batches)))
+                    model.vae.latent_scale.fill_(scale)
+                    state.extra["latent_scale"] = scale
+                    log.info("latent scale 1/SD = %.4f", scale)
+                ema = make_ema(model, cfg)
+                if ema is not None and state.extra.get("ema"):
+                    ema.load_state_dict(state.extra["ema"])
+                    ema.to(setup.device)
+            stage_now = stage
+        seed_everything(cfg.seed * 100_003 + epoch * 1_009 + rank)
+        stats = train_epoch(objective, optimizer, _shard_batches("train", batch, cfg.seed + epoch), stage, setup,
+                            cfg.grad_clip, ema, cfg.max_steps_per_epoch)
+        train_loss = all_reduce_mean(stats.get("loss", float("nan")), stats["steps"])
+        val = validation_loss(model, _shard_batches("val", batch, 0), stage, scheduler, setup, cfg.seed) \
+            if rank == 0 else None
+        if dist.is_available() and dist.is_initialized() and n_workers > 1:
+            holder = [val]
+            dist.broadcast_object_list(holder, src=0)
+            val = holder[0]
+        state.epoch = epoch
+        row = {"epoch": epoch, "stage": 0.0 if stage == "vae" else 1.0, "train_loss": train_loss,
+               f"val_{stage}_loss": val, "steps": stats["steps"],
+               **{k: v for k, v in stats.items() if k.endswith("_loss") and k != "loss"}}
+        state.history.append(row)
+        state.extra["stage"] = stage
+        if ema is not None:
+            state.extra["ema"] = ema_state(ema)
+        if rank == 0:
+            log.info("epoch %d (%s): train %.4f, val %.4f", epoch, stage, train_loss, val)
+        report_epoch(row, model, optimizer, state, loop_config.get("metrics_csv"))
+        if cfg.stop_after_epoch is not None and epoch >= cfg.stop_after_epoch:
+            break
+
+
+def _islice(it: Iterable[Any], n: int) -> Iterable[Any]:
+    for i, x in enumerate(it):
+        if i >= n:
+            break
+        yield x
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def read_training_manifest(data: str) -> pd.DataFrame:
+    """The radiograph (XR) rows of a manifest (a file, or a folder holding manifest.csv)."""
+    from raypipe.io.manifest import load_manifest
+
+    path = os.path.join(data, "manifest.csv") if os.path.isdir(data) else data
+    table = load_manifest(path)
+    xr = table[table["modality"] == "XR"].reset_index(drop=True)
+    if xr.empty:
+        raise ValueError(f"{path}: no XR studies")
+    missing = [c for c in ("age", "sex") if c not in xr.columns or xr[c].isna().any()]
+    if missing:
+        raise ValueError(f"{path}: prompts need {missing} for every XR study")
+    return xr
+
+
+def fit_ldm(config: LDMTrainConfig, data: str, out_dir: str) -> Any:
+    """Train Diff-X on the radiographs of manifest `data`; write the model folder into `out_dir`."""
+    import ray.data
+
+    from raypipe import storage
+    from raypipe.train.common import make_trainer
+    from raypipe.train.ct import split_by_patient
+
+    cfg = config
+    out = os.path.abspath(out_dir)
+    storage.makedirs(out)
+    storage_path = cfg.storage_path or storage.join(out, "ray_results")
+    table = read_training_manifest(data)
+    role = split_by_patient(table, cfg)  # duck-typed: label, seed, val_fraction, test_fraction
+    if not (role == "train").any() or not (role == "val").any():
+        raise ValueError("need training and validation patients")
+    cols = [c for c in ("patient_id", "study_id", "image_path", "age", "sex", "bmi", "prevalent_fracture",
+                        "glucocorticoid", "prior_fracture", "rheumatoid_arthritis", "secondary_osteoporosis")
+            if c in table.columns]
+    loader = LoadRadiographs(image_size(cfg), cfg.clinical_prompts)
+
+    def dataset(mask: pd.Series) -> Any:
+        return ray.data.from_pandas(table.loc[mask.to_numpy(), cols].reset_index(drop=True)).map_batches(
+            loader, batch_format="pandas", batch_size=8)
+
+    from ray.train import DataConfig
+
+    run_dir = storage.join(storage_path, cfg.run_name)
+    trainer = make_trainer(
+        train_loop_ldm, {"config": cfg.model_dump(mode="json"), "metrics_csv": storage.join(run_dir, "metrics.csv")},
+        {"train": dataset(role == "train"), "val": dataset(role == "val")}, num_workers=cfg.num_workers,
+        storage_path=storage_path, name=cfg.run_name, max_failures=cfg.max_failures, num_to_keep=cfg.num_to_keep,
+        use_gpu=cfg.use_gpu, dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    write_model_dir(cfg, read_checkpoint(result.checkpoint), out)
+    return result
+
+
+def write_model_dir(cfg: LDMTrainConfig, payload: Mapping[str, Any], out: str) -> None:
+    """model.pt (EMA LDM weights when kept), model_meta.json, config.yaml, metrics.csv, metrics.json."""
+    import io
+
+    from raypipe import storage
+    from raypipe.config import config_hash, dump_config
+    from raypipe.train.common import metrics_csv_text
+
+    state = payload["state"]
+    weights = dict(payload["model"])
+    ema = state.get("extra", {}).get("ema")
+    if cfg.use_ema and ema:
+        model = build(cfg)
+        set_trainable(model, not cfg.model_kwargs.get("text_encoder_path"))
+        model.load_state_dict(weights)
+        for p, shadow in zip(ldm_parameters(model), ema["shadow_params"], strict=True):
+            p.data.copy_(shadow)
+        weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    buf = io.BytesIO()
+    torch.save(weights, buf)
+    storage.atomic_write_bytes(storage.join(out, "model.pt"), buf.getvalue())
+    history = state.get("history", [])
+    meta = {
+        "builder": cfg.model, "kwargs": model_kwargs(cfg), "task": "ldm", "model": cfg.model,
+        "model_kwargs": model_kwargs(cfg), "display_name": cfg.name, "sampler": dict(cfg.sampler),
+        "latent_scale": float(weights["vae.latent_scale"]), "ema": bool(cfg.use_ema and ema),
+        "epochs_run": int(state.get("epoch", 0)), "image_size": image_size(cfg), "config_hash": config_hash(cfg),
+        "preprocess": {"ldm_size": image_size(cfg), "intensity": "min-max, padded square, [-1, 1]"},
+    }
+    storage.atomic_write_json(storage.join(out, "model_meta.json"), meta)
+    dump_config(cfg, storage.join(out, "config.yaml"))
+    storage.atomic_write_text(storage.join(out, "metrics.csv"), metrics_csv_text(history))
+    last = {}
+    for row in history:
+        last.update({k: v for k, v in row.items() if k.startswith("val_")})
+    metrics = {"models": {cfg.name: {k: {"value": v, "ci_low": None, "ci_high": None} for k, v in last.items()}},
+               "comparisons": []}
+    storage.atomic_write_json(storage.join(out, "metrics.json"), metrics)
+    log.info("wrote Diff-X model folder %s", out)
+
+
+def train_cli(config_path: str | None, data: str | None, out: str | None) -> int:
+    """`raypipe train ldm --config C --data MANIFEST --out DIR`."""
+    from raypipe.config import load_config
+    from raypipe.ray_utils import init_ray
+
+    if not data:
+        raise SystemExit("raypipe train ldm: --data (a manifest of radiographs) is required")
+    cfg = load_config(LDMTrainConfig, config_path)
+    out = out or os.path.join("runs", cfg.name)
+    init_ray()
+    fit_ldm(cfg, data, out)
+    return 0

@@ -1,0 +1,401 @@
+"""`raypipe train pvf`: the Verte-X pVF classifier (papers/004, Methods 4-5) on Ray Train.
+
+EfficientNet-B4 (`raypipe.models.pvf`) with one logit for a prevalent vertebral fracture on a lateral
+radiograph resized to 1024 x 512 with the aspect kept (zero padded), CLAHE and normalisation
+(`raypipe.preprocess.pvf.pvf_input`). BCE-with-logits, Adam, early stopping on the validation AUROC;
+the best checkpoint scores the validation and test studies into ``predictions.parquet`` (label =
+the prevalent fracture), ``metrics.json`` (AUROC with its bootstrap CI and the threshold metrics, via
+`raypipe.evaluate.evaluate_frame`), Grad-CAM PNGs of a few held-out images in ``gradcam/``, and
+``model.pt`` + ``model_meta.json`` (builder, kwargs, task "pvf", preprocessing) + ``config.yaml``,
+the same layout as `raypipe.train.ct`. ``--data`` is a manifest (radiographs read on the fly by Ray
+Data) or a folder of `raypipe preprocess xray` shards with one-channel full images.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import Field
+from torch import nn
+
+from raypipe.config import StrictModel
+from raypipe.train.common import (
+    TrainState,
+    all_reduce_mean,
+    autocast,
+    best_checkpoint,
+    freeze_batchnorm,
+    per_worker_batch,
+    read_checkpoint,
+    report_epoch,
+    resume,
+    score_for_ranking,
+    seed_everything,
+    select_device,
+    to_device_model,
+    world_rank,
+    world_size,
+)
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_SCORE = "checkpoint_score"
+
+
+class PVFTrainConfig(StrictModel):
+    """One pVF classifier run; defaults follow Verte-X (EfficientNet-B4, 1024 x 512, CLAHE)."""
+
+    model: str = Field("pvf_efficientnet_b4", description="registry name: pvf_efficientnet_b4 or pvf_tiny")
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    display_name: str = "pvf"
+    pretrained_path: str | None = Field(None, description="local ImageNet EfficientNet state_dict; never downloaded")
+    input_size: tuple[int, int] = Field((1024, 512), description="rows x cols after fit-and-pad")
+    clip_limit: float = Field(0.01, ge=0, description="CLAHE clip limit (0 disables)")
+    tiles: tuple[int, int] = (8, 8)
+    norm_mean: float = 0.5
+    norm_std: float = Field(0.25, gt=0)
+    label: str = Field("prevalent_fracture", description="binary target column")
+
+    optimizer: Literal["adam", "adamw"] = "adam"
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(16, ge=1)
+    eval_batch_size: int = Field(16, ge=1)
+    epochs: int = Field(30, ge=1)
+    pos_weight: float | None = Field(None, gt=0, description="BCE weight of positives (None: balanced from data)")
+    grad_clip: float | None = Field(None, gt=0)
+    amp: bool = True
+    freeze_batchnorm: bool = False
+    monitor: str = "val_auroc"
+    monitor_mode: Literal["max", "min"] = "max"
+    patience: int = Field(8, ge=1)
+    min_delta: float = Field(0.0, ge=0)
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    test_fraction: float = Field(0.0, ge=0, lt=1)
+    gradcam_images: int = Field(4, ge=0, description="held-out images with a Grad-CAM PNG")
+    stop_after_epoch: int | None = Field(None, ge=1)
+
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool | None = None
+    max_failures: int = Field(1, ge=-1)
+    num_to_keep: int = Field(2, ge=1)
+    run_name: str = "train"
+    storage_path: str | None = None
+    torch_threads: int | None = Field(None, ge=1)
+    seed: int = 0
+    n_boot: int = Field(1000, ge=0)
+
+    @property
+    def name(self) -> str:
+        return self.display_name
+
+    def preprocess(self) -> dict[str, Any]:
+        """`raypipe.preprocess.pvf.pvf_input` arguments, saved with the model for scoring."""
+        return {"size": list(self.input_size), "clip_limit": self.clip_limit, "tiles": list(self.tiles),
+                "mean": self.norm_mean, "std": self.norm_std}
+
+
+def model_kwargs(cfg: PVFTrainConfig) -> dict[str, Any]:
+    """Registry kwargs: one-channel input plus the config's overrides."""
+    kw: dict[str, Any] = {"in_chans": 1, **cfg.model_kwargs}
+    if cfg.pretrained_path:
+        kw["pretrained_path"] = cfg.pretrained_path
+    return kw
+
+
+def build(cfg: PVFTrainConfig) -> nn.Module:
+    """The registered classifier of this config."""
+    from raypipe.models.registry import build_model
+
+    return build_model(cfg.model, **model_kwargs(cfg))
+
+
+# ---------------------------------------------------------------------------------------------- data
+class PVFInputs:
+    """Ray Data map_batches: manifest rows (image_path) or shard rows (image) -> classifier input `x`."""
+
+    def __init__(self, preprocess: Mapping[str, Any], label: str) -> None:
+        self.p, self.label = dict(preprocess), label
+
+    def _pixels(self, row: Mapping[str, Any]) -> np.ndarray:
+        from raypipe.io.radiograph import read_radiograph
+
+        if "image" in row and row["image"] is not None:
+            img = np.asarray(row["image"], dtype=np.float32)
+            if img.ndim == 3 and img.shape[0] != 1:
+                raise ValueError(f"study {row.get('study_id')}: pvf needs one-channel full images, got {img.shape}")
+            return img.reshape(img.shape[-2:])
+        return read_radiograph(row["image_path"]).pixels
+
+    def __call__(self, batch: pd.DataFrame) -> dict[str, np.ndarray]:
+        from raypipe.preprocess.pvf import pvf_input
+
+        rows = batch.to_dict("records")
+        x = [pvf_input(self._pixels(r), size=tuple(self.p["size"]), clip_limit=self.p["clip_limit"],
+                       tiles=tuple(self.p["tiles"]), mean=self.p["mean"], std=self.p["std"]) for r in rows]
+        y = pd.to_numeric(batch[self.label], errors="coerce").to_numpy(dtype=np.float32) \
+            if self.label in batch.columns else np.full(len(rows), np.nan, np.float32)
+        return {"study_id": batch["study_id"].astype(str).to_numpy(), "x": np.stack(x).astype(np.float32), "y": y}
+
+
+def read_table(data: str) -> tuple[pd.DataFrame, str]:
+    """Studies with their metadata and the data kind ("manifest" or "shards")."""
+    if os.path.isdir(data) and not os.path.isfile(os.path.join(data, "manifest.csv")):
+        from raypipe.data.xray_pipeline import load_xray_shards
+
+        meta = load_xray_shards(data, backend="ray").drop_columns(["image"]).to_pandas()
+        return meta.assign(study_id=meta["study_id"].astype(str)), "shards"
+    from raypipe.io.manifest import load_manifest
+
+    path = os.path.join(data, "manifest.csv") if os.path.isdir(data) else data
+    table = load_manifest(path)
+    return table[table["modality"] == "XR"].reset_index(drop=True), "manifest"
+
+
+def dataset_for(data: str, kind: str, table: pd.DataFrame, ids: list[str], cfg: PVFTrainConfig) -> Any:
+    """Ray dataset of classifier inputs for the studies `ids`."""
+    import ray.data
+
+    fn = PVFInputs(cfg.preprocess(), cfg.label)
+    if kind == "manifest":
+        cols = [c for c in ("study_id", "image_path", cfg.label) if c in table.columns]
+        sub = table[table["study_id"].isin(ids)][cols].reset_index(drop=True)
+        return ray.data.from_pandas(sub).map_batches(fn, batch_format="pandas", batch_size=8)
+    from raypipe.data.xray_pipeline import load_xray_shards
+    from raypipe.train.ct import _subset
+
+    ds = load_xray_shards(data, backend="ray").select_columns(["study_id", "image", cfg.label])
+    return _subset(ds, ids).map_batches(fn, batch_format="pandas", batch_size=8)
+
+
+def _batches(ds_or_shard: Any, batch_size: int, seed: int | None = None) -> Any:
+    kw = {"local_shuffle_buffer_size": 64, "local_shuffle_seed": seed} if seed is not None else {}
+    for b in ds_or_shard.iter_batches(batch_size=batch_size, batch_format="numpy", **kw):
+        yield torch.from_numpy(np.asarray(b["x"], np.float32)), torch.from_numpy(np.asarray(b["y"], np.float32)), \
+            [str(s) for s in b["study_id"]]
+
+
+# ---------------------------------------------------------------------------------------------- worker loop
+def weighted_bce(logits: torch.Tensor, y: torch.Tensor, pos_weight: torch.Tensor) -> torch.Tensor:
+    """Class-weighted BCE-with-logits over the known labels (few positives: weight them up)."""
+    known = torch.isfinite(y)
+    yy = torch.nan_to_num(y)
+    weight = torch.where(yy > 0.5, pos_weight, torch.ones_like(yy)) * known
+    per = nn.functional.binary_cross_entropy_with_logits(logits.float(), yy, reduction="none")
+    return (per * weight).sum() / weight.sum().clamp(min=1e-6)
+
+
+def train_loop_pvf(loop_config: dict) -> None:
+    """Ray Train worker loop: BCE epochs, validation AUROC on rank 0, checkpoint, early stopping."""
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    cfg = PVFTrainConfig.model_validate(loop_config["config"])
+    rank, n_workers = world_rank(), world_size()
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    seed_everything(cfg.seed)
+    setup = select_device(cfg.amp)
+    model = to_device_model(build(cfg), setup)
+    opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    optimizer = opt_cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    state = resume(model, optimizer)
+    model = ray.train.torch.prepare_model(model, move_to_device=False)
+    batch = per_worker_batch(cfg.batch_size, n_workers)
+    pos_weight = torch.tensor(float(loop_config["pos_weight"]), device=setup.device)
+    for epoch in range(state.epoch + 1, cfg.epochs + 1):
+        if state.should_stop(cfg.patience):
+            break
+        seed_everything(cfg.seed * 100_003 + epoch * 1_009 + rank)
+        model.train()
+        if cfg.freeze_batchnorm:
+            freeze_batchnorm(model)
+        total, count, steps = 0.0, 0, 0
+        for x, y, _ in _batches(ray.train.get_dataset_shard("train"), batch, cfg.seed + epoch):
+            x, y = x.to(setup.device), y.to(setup.device)
+            if setup.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(setup):
+                logits = model(x)
+            loss = weighted_bce(logits, y, pos_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            total, count, steps = total + float(loss.detach()) * len(y), count + len(y), steps + 1
+        train_loss = all_reduce_mean(total / max(count, 1), float(count))
+        metrics = _validate(cfg, model, setup) if rank == 0 else None
+        if dist.is_available() and dist.is_initialized() and n_workers > 1:
+            holder = [metrics]
+            dist.broadcast_object_list(holder, src=0)
+            metrics = holder[0]
+        state.epoch = epoch
+        row = {"epoch": epoch, "train_loss": train_loss, "steps": steps, **metrics}
+        improved = state.update(metrics.get(cfg.monitor, float("nan")), cfg.monitor_mode, cfg.min_delta)
+        row.update(best_epoch=state.best_epoch, improved=int(improved))
+        state.history.append(row)
+        if rank == 0:
+            log.info("epoch %d: train %.4f, val auroc %.4f", epoch, train_loss, metrics.get("val_auroc", float("nan")))
+        score = score_for_ranking(metrics.get(cfg.monitor), cfg.monitor_mode)
+        report_epoch({**row, CHECKPOINT_SCORE: score if cfg.monitor_mode == "max" else -score}, model, optimizer,
+                     state, loop_config.get("metrics_csv"))
+        if cfg.stop_after_epoch is not None and epoch >= cfg.stop_after_epoch:
+            break
+
+
+@torch.no_grad()
+def _validate(cfg: PVFTrainConfig, model: nn.Module, setup: Any) -> dict[str, float]:
+    """Validation BCE and AUROC over the whole validation set."""
+    import ray.train
+
+    from raypipe.train.ct import _auroc, masked_bce
+
+    model.eval()
+    logits, labels, total, n = [], [], 0.0, 0
+    for x, y, _ in _batches(ray.train.get_dataset_shard("val"), cfg.eval_batch_size):
+        with autocast(setup):
+            out = model(x.to(setup.device)).float().cpu()
+        total, n = total + float(masked_bce(out, y)) * len(y), n + len(y)
+        logits.append(out.numpy())
+        labels.append(y.numpy())
+    if not logits:
+        return {"val_loss": float("nan"), "val_auroc": float("nan")}
+    return {"val_loss": total / max(n, 1), "val_auroc": _auroc(np.concatenate(labels), np.concatenate(logits))}
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def fit_pvf(config: PVFTrainConfig, data: str, out_dir: str) -> Any:
+    """Train the pVF classifier on `data` (manifest or shard folder); write the run folder into `out_dir`."""
+    from ray.train import DataConfig
+
+    from raypipe import storage
+    from raypipe.train.common import make_trainer
+    from raypipe.train.ct import split_by_patient
+
+    cfg = config
+    out = os.path.abspath(out_dir)
+    storage.makedirs(out)
+    storage_path = cfg.storage_path or storage.join(out, "ray_results")
+    table, kind = read_table(data)
+    if cfg.label not in table.columns:
+        raise ValueError(f"{data}: no {cfg.label!r} column to train on")
+    role = split_by_patient(table, cfg)  # duck-typed config: label, seed, val_fraction, test_fraction
+    labelled = pd.to_numeric(table[cfg.label], errors="coerce").notna()
+    train_ids = table.loc[((role == "train") & labelled).to_numpy(), "study_id"].astype(str).tolist()
+    val_ids = table.loc[(role == "val").to_numpy(), "study_id"].astype(str).tolist()
+    if not train_ids or not val_ids:
+        raise ValueError(f"need training and validation studies, got {len(train_ids)} and {len(val_ids)}")
+    y_train = pd.to_numeric(table.set_index("study_id").loc[train_ids, cfg.label], errors="coerce")
+    n_pos = float((y_train > 0.5).sum())
+    pos_weight = cfg.pos_weight or (float(len(y_train) - n_pos) / n_pos if n_pos > 0 else 1.0)
+    log.info("pvf: %d train, %d val studies; %d positives in train (pos_weight %.2f)", len(train_ids), len(val_ids),
+             int(n_pos), pos_weight)
+    run_dir = storage.join(storage_path, cfg.run_name)
+    trainer = make_trainer(
+        train_loop_pvf, {"config": cfg.model_dump(mode="json"), "pos_weight": pos_weight,
+                         "metrics_csv": storage.join(run_dir, "metrics.csv")},
+        {"train": dataset_for(data, kind, table, train_ids, cfg), "val": dataset_for(data, kind, table, val_ids, cfg)},
+        num_workers=cfg.num_workers, storage_path=storage_path, name=cfg.run_name, max_failures=cfg.max_failures,
+        num_to_keep=cfg.num_to_keep, score_attribute=CHECKPOINT_SCORE, score_order="max", use_gpu=cfg.use_gpu,
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    _write_outputs(cfg, result, data, kind, table, role, out)
+    return result
+
+
+def _write_outputs(cfg: PVFTrainConfig, result: Any, data: str, kind: str, table: pd.DataFrame, role: pd.Series,
+                   out: str) -> None:
+    """Best checkpoint -> model.pt, model_meta.json, config.yaml, metrics.csv, predictions.parquet, metrics.json, gradcam/."""
+    import io
+
+    from raypipe import storage
+    from raypipe.config import config_hash, dump_config
+    from raypipe.evaluate import evaluate_frame
+    from raypipe.predictions import CLINICAL_COLUMNS, validate_predictions, write_predictions
+    from raypipe.train.common import metrics_csv_text
+
+    best = best_checkpoint(result, CHECKPOINT_SCORE, "max")
+    payload = read_checkpoint(best)
+    latest = read_checkpoint(result.checkpoint) if result.checkpoint is not None else payload
+    model = build(cfg)
+    model.load_state_dict(payload["model"])
+    model.eval()
+    buf = io.BytesIO()
+    torch.save(payload["model"], buf)
+    storage.atomic_write_bytes(storage.join(out, "model.pt"), buf.getvalue())
+    state = TrainState(**payload["state"])
+    meta = {"builder": cfg.model, "kwargs": model_kwargs(cfg), "task": "pvf", "model": cfg.model,
+            "model_kwargs": model_kwargs(cfg), "display_name": cfg.name, "preprocess": cfg.preprocess(),
+            "label": cfg.label, "score_kind": "probability", "best_epoch": state.best_epoch, "monitor": cfg.monitor,
+            "best_value": state.best_value, "epochs_run": latest["state"]["epoch"], "config_hash": config_hash(cfg)}
+    storage.atomic_write_json(storage.join(out, "model_meta.json"), meta)
+    dump_config(cfg, storage.join(out, "config.yaml"))
+    storage.atomic_write_text(storage.join(out, "metrics.csv"), metrics_csv_text(latest["state"]["history"]))
+
+    held = table[(role != "train").to_numpy()].copy()
+    held["split"] = role[(role != "train").to_numpy()].to_numpy()
+    ids = held["study_id"].astype(str).tolist()
+    scores, first = _score(model, dataset_for(data, kind, table, ids, cfg), cfg)
+    held["study_id"] = held["study_id"].astype(str)
+    held = held.merge(scores, on="study_id", how="inner", validate="one_to_one")
+    keep = ["patient_id", "study_id", "split", *[c for c in ("time_days", "event") if c in held.columns],
+            *[c for c in CLINICAL_COLUMNS if c in held.columns]]
+    frame = held[list(dict.fromkeys(keep))].assign(
+        fold=-1, model=cfg.name, score=held["score"].to_numpy(), score_kind="probability",
+        label=pd.to_numeric(held[cfg.label], errors="coerce").to_numpy())
+    valid = validate_predictions(frame)
+    metrics = evaluate_frame(valid, reference_model=cfg.name, n_boot=cfg.n_boot, seed=cfg.seed).metrics
+    write_predictions(frame, storage.join(out, "predictions.parquet"),
+                      {"model": cfg.name, "config_hash": config_hash(cfg), "best_epoch": state.best_epoch})
+    storage.atomic_write_json(storage.join(out, "metrics.json"), metrics)
+    auroc = metrics["models"].get(cfg.name, {}).get("auroc", {})
+    log.info("pvf held-out AUROC %s (95%% CI %s-%s)", auroc.get("value"), auroc.get("ci_low"), auroc.get("ci_high"))
+    _write_gradcam(model, first, os.path.join(out, "gradcam"))
+
+
+@torch.no_grad()
+def _score(model: nn.Module, ds: Any, cfg: PVFTrainConfig) -> tuple[pd.DataFrame, list[tuple[str, torch.Tensor]]]:
+    """pVF scores keyed by study_id, plus the first few inputs for Grad-CAM."""
+    rows, first = [], []
+    for x, _, sids in _batches(ds, cfg.eval_batch_size):
+        rows.append(pd.DataFrame({"study_id": sids, "score": torch.sigmoid(model(x).float()).numpy()}))
+        first += [(s, x[i:i + 1]) for i, s in enumerate(sids)][: max(0, cfg.gradcam_images - len(first))]
+    return (pd.concat(rows, ignore_index=True) if rows else pd.DataFrame({"study_id": [], "score": []})), first
+
+
+def _write_gradcam(model: nn.Module, items: list[tuple[str, torch.Tensor]], folder: str) -> None:
+    """One Grad-CAM overlay PNG per held-out study (`raypipe.explain.gradcam`)."""
+    if not items:
+        return
+    from PIL import Image
+
+    from raypipe.explain.gradcam import grad_cam, overlay
+
+    os.makedirs(folder, exist_ok=True)
+    for sid, x in items:
+        cam = grad_cam(model, model.gradcam_layer, x)[0].numpy()
+        Image.fromarray(overlay(x[0, 0].numpy(), cam)).save(os.path.join(folder, f"{sid}.png"))
+
+
+def train_cli(config_path: str | None, data: str | None, out: str | None) -> int:
+    """`raypipe train pvf --config C --data MANIFEST|SHARDS --out DIR`."""
+    from raypipe.config import load_config
+    from raypipe.ray_utils import init_ray
+
+    if not data:
+        raise SystemExit("raypipe train pvf: --data (a manifest or a folder of X-ray shards) is required")
+    cfg = load_config(PVFTrainConfig, config_path)
+    out = out or os.path.join("runs", cfg.name)
+    init_ray()
+    fit_pvf(cfg, data, out)
+    return 0

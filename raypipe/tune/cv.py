@@ -1,0 +1,623 @@
+"""k-fold cross-validation on Ray Tune: patient-level stratified folds, one Tune trial per fold.
+
+papers/000 reports its image and clinical models over 10-fold cross-validation of the development set
+and scores an external validation set. `run_cv` does that for any model with a registered fold-fit
+function:
+
+1. `split_development_external` + `assign_folds`: external patients are those with a study in
+   `split == "test"` or from another site than the development site; development patients are dealt
+   into k folds stratified on the label (positive / negative / unknown), seeded, by patient.
+2. One Tune trial per fold (`tune.grid_search` over fold ids). A trial is a function (Ray Train V2:
+   never `Tuner(trainer)`) that calls the model's fit function, which builds and fits its own
+   `TorchTrainer` with the fold's train/validation patients and writes `OUT/folds/fold_KK/`.
+3. Out-of-fold predictions (split `val`, `fold` = k) and the external set scored by every fold model
+   (mean of the fold scores; split `external`, `fold` = -1, model name + `@external`) go to
+   `OUT/predictions.parquet`; `OUT/metrics.json` (DESIGN.md schema) holds both sets, thresholds for
+   accuracy/sensitivity/specificity at the Youden index of the out-of-fold predictions.
+
+Fit functions: `CV_MODELS` maps a `raypipe cv MODEL` name to a `CVModel` (config class + `FoldFit`).
+A `FoldFit` takes a `FoldTask` and must write `predictions.parquet` (prediction schema; split `val` for
+the fold's validation patients, `external` for the external ones) and `model_meta.json` into
+`task.out_dir`, and return a few scalar metrics for Tune. Others register theirs with
+`register_cv_model("deepsurv", CVModel(...))` (e.g. the X-ray DeepSurv).
+
+Resuming: the Tune experiment lives in `OUT/ray_results/cv` (`experiment_path(OUT)`). Rerunning the
+same command with the same OUT calls `Tuner.restore(OUT/ray_results/cv, trainable, resume_errored=True)`:
+finished folds are not run again, errored or interrupted ones continue (and their Ray Train run resumes
+from its latest checkpoint in `OUT/folds/fold_KK/ray_results`). By hand:
+``Tuner.restore(experiment_path(OUT), fold_trainable(spec), resume_errored=True).fit()`` with the
+spec of `build_trial_spec`. A fold that finished (a `fold.json` with the same config hash) is also never
+trained twice, even when the Tune state was deleted. Every trial start is appended to
+`OUT/folds/fold_KK/attempts.log`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, Field
+
+from raypipe.config import StrictModel
+
+log = logging.getLogger(__name__)
+
+EXTERNAL_SUFFIX = "@external"
+DEV_SPLIT = "val"
+EXTERNAL_SPLIT = "external"
+EXPERIMENT_NAME = "cv"
+FOLD_FILE = "fold.json"
+ATTEMPTS_FILE = "attempts.log"
+IMAGE_COLUMNS = ("bone", "bone_muscle", "slice_level", "slice_z_mm", "image", "keypoints")
+
+
+# ---------------------------------------------------------------------------------------------- settings
+class CVConfig(StrictModel):
+    """Cross-validation settings (the `cv:` section of a config, or `raypipe cv` flags)."""
+
+    folds: int = Field(10, ge=2, description="k of k-fold (papers/000: 10)")
+    seed: int | None = Field(None, description="fold assignment seed; default: the model config's seed")
+    label: str | None = Field(None, description="stratification label; default: the config's label, else event")
+    development_site: str | None = Field(None, description="site of the development set; default: the commonest")
+    external: bool = Field(True, description="score the external set (other site or split test) with every fold")
+    max_concurrent_trials: int | None = Field(None, ge=1, description="folds at once; default: what the CPUs fit")
+    max_failures: int = Field(1, ge=0, description="Tune retries per fold trial (FailureConfig)")
+    trial_cpus: float = Field(0.5, gt=0, description="CPUs of a trial's driver function (Train workers ask for theirs)")
+    gradcam_studies: int = Field(4, ge=0, description="validation studies with a Grad-CAM grid in OUT/gradcam")
+    n_boot: int | None = Field(None, ge=0, description="bootstrap resamples for metrics.json; default: the config's")
+
+
+# ---------------------------------------------------------------------------------------------- folds
+@dataclass(frozen=True)
+class FoldPlan:
+    """Which development patient is in which fold, and which patients form the external set."""
+
+    n_folds: int
+    seed: int
+    label: str | None
+    fold_of: dict[str, int]
+    external: tuple[str, ...] = ()
+
+    def patients(self, fold: int) -> dict[str, list[str]]:
+        """Role -> patient ids for one fold: `train`, `val` and (when any) `external`."""
+        roles = {"train": sorted(p for p, f in self.fold_of.items() if f != fold),
+                 "val": sorted(p for p, f in self.fold_of.items() if f == fold)}
+        if self.external:
+            roles["external"] = sorted(self.external)
+        return roles
+
+    def frame(self) -> pd.DataFrame:
+        """One row per patient: patient_id, fold (-1 external), set (development|external)."""
+        rows = [(p, f, "development") for p, f in sorted(self.fold_of.items())]
+        rows += [(p, -1, "external") for p in sorted(self.external)]
+        return pd.DataFrame(rows, columns=["patient_id", "fold", "set"])
+
+    def digest(self) -> str:
+        """Short hash of the assignment (a rerun on the same OUT must use the same folds)."""
+        from raypipe.predictions import config_hash
+
+        return config_hash({"k": self.n_folds, "folds": self.fold_of, "external": list(self.external)})
+
+
+def split_development_external(meta: pd.DataFrame, development_site: str | None = None,
+                               use_external: bool = True) -> tuple[list[str], list[str]]:
+    """Development and external patients: external = a study in split `test` or from another site."""
+    pid = meta["patient_id"].astype(str)
+    external = pd.Series(False, index=meta.index)
+    if use_external and "split" in meta.columns:
+        external |= meta["split"].astype("string").str.lower().eq("test").fillna(False).to_numpy()
+    if use_external and "site" in meta.columns and meta["site"].notna().any():
+        site = meta["site"].astype("string")
+        dev_site = development_site
+        if dev_site is None:
+            dev_site = str(site[~external].mode().iloc[0]) if (~external).any() else str(site.mode().iloc[0])
+        external |= (site.notna() & (site != dev_site)).to_numpy()
+    ext_patients = set(pid[external.to_numpy()])
+    dev = sorted(set(pid) - ext_patients)
+    return dev, sorted(ext_patients)
+
+
+def assign_folds(meta: pd.DataFrame, n_folds: int, seed: int = 0, label: str | None = "fracture_5y",
+                 development_site: str | None = None, use_external: bool = True) -> FoldPlan:
+    """Patient-level folds stratified on the label (positive / negative / unknown), deterministic by seed."""
+    dev, ext = split_development_external(meta, development_site, use_external)
+    if len(dev) < n_folds:
+        raise ValueError(f"{len(dev)} development patients cannot fill {n_folds} folds")
+    sub = meta[meta["patient_id"].astype(str).isin(dev)]
+    if label and label in sub.columns:
+        y = pd.to_numeric(sub[label], errors="coerce")
+        per_patient = y.groupby(sub["patient_id"].astype(str)).max()
+    else:
+        per_patient = pd.Series(np.nan, index=sorted(dev))
+    stratum = per_patient.reindex(dev).map(lambda v: "unknown" if pd.isna(v) else ("positive" if v > 0 else "negative"))
+    rng = np.random.default_rng(seed)
+    fold_of: dict[str, int] = {}
+    offset = 0
+    for name in ("positive", "negative", "unknown"):
+        ids = np.array(sorted(stratum.index[stratum == name]), dtype=object)
+        rng.shuffle(ids)
+        for i, p in enumerate(ids):
+            fold_of[str(p)] = (offset + i) % n_folds
+        offset += len(ids)
+    n_pos = int((stratum == "positive").sum())
+    if label and n_pos < n_folds:
+        log.warning("only %d positive development patients for %d folds: some folds have no positives", n_pos, n_folds)
+    return FoldPlan(n_folds=n_folds, seed=seed, label=label, fold_of=fold_of, external=tuple(ext))
+
+
+def read_shard_meta(data_dir: str) -> pd.DataFrame:
+    """Per-study scalar columns of preprocessed shards (ids, labels, site, split, clinical), no images."""
+    import pyarrow.parquet as pq
+
+    from raypipe import storage
+    from raypipe.data.shards import shard_files
+
+    files = shard_files(data_dir)
+    if not files:
+        raise FileNotFoundError(f"no preprocessed shards in {data_dir}")
+    frames = []
+    for f in files:
+        fs, inner = storage.filesystem(f)
+        names = [n for n in pq.read_schema(inner, filesystem=fs).names if n not in IMAGE_COLUMNS]
+        frames.append(pq.read_table(inner, filesystem=fs, columns=names).to_pandas())
+    meta = pd.concat(frames, ignore_index=True)
+    meta["patient_id"] = meta["patient_id"].astype(str)
+    meta["study_id"] = meta["study_id"].astype(str)
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------- fit functions
+@dataclass(frozen=True)
+class FoldTask:
+    """What a fold-fit function gets: the model config, data, the fold's folder and its patients by role."""
+
+    fold: int
+    n_folds: int
+    config: Any
+    data_dir: str
+    out_dir: str
+    patients: Mapping[str, Sequence[str]]
+
+
+FoldFit = Callable[[FoldTask], Mapping[str, float]]
+
+
+@dataclass(frozen=True)
+class CVModel:
+    """A model `raypipe cv` can run: its config class, fold-fit function and (optional) Grad-CAM writer."""
+
+    config_class: type[BaseModel]
+    fit: FoldFit
+    gradcam: Callable[[str, str, Sequence[str], str, Mapping[str, Mapping[str, Any]], int], list[str]] | None = None
+    label: str | None = None  # stratification label when the config has none
+
+
+def fit_ct_fold(task: FoldTask) -> dict[str, float]:
+    """Fold-fit for the CT models: `fit_ct` on the fold's patients, one Ray Train run per fold folder."""
+    from raypipe import storage
+    from raypipe.train.ct import fit_ct
+
+    cfg = task.config
+    update: dict[str, Any] = {"display_name": cv_model_name(cfg), "run_name": "train"}
+    if cfg.storage_path:
+        update["storage_path"] = storage.join(cfg.storage_path, f"fold_{task.fold:02d}")
+    fold_cfg = type(cfg).model_validate({**cfg.model_dump(), **update})
+    fit_ct(fold_cfg, task.data_dir, task.out_dir, fold_patients=task.patients)
+    meta = json.loads(storage.read_bytes(storage.join(task.out_dir, "model_meta.json")).decode())
+    out = {"best_epoch": float(meta["best_epoch"]), "epochs_run": float(meta["epochs_run"])}
+    if meta.get("best_value") is not None:
+        out[meta["monitor"]] = float(meta["best_value"])
+    return out
+
+
+def cv_model_name(cfg: Any) -> str:
+    """CV model name: the config's display_name, else `cnn_rnn_<input>` / `multitask_<input>` (tiny or not)."""
+    from raypipe.train.config import MultitaskConfig
+
+    if getattr(cfg, "display_name", None):
+        return str(cfg.display_name)
+    kind = "multitask" if isinstance(cfg, MultitaskConfig) else "cnn_rnn"
+    return f"{kind}_{cfg.input}"
+
+
+def _ct_gradcam(run_dir: str, data_dir: str, study_ids: Sequence[str], out_dir: str,
+                labels: Mapping[str, Mapping[str, Any]], start: int) -> list[str]:
+    """Grad-CAM grids of one fold model (`raypipe.explain.ct_gallery`)."""
+    from raypipe.explain.ct_gallery import write_run_gradcam
+
+    return write_run_gradcam(run_dir, data_dir, study_ids, out_dir, labels=labels, start=start)
+
+
+def _ct_models() -> dict[str, CVModel]:
+    """The CT entries (imports deferred so importing this module stays cheap)."""
+    from raypipe.train.config import CTTrainConfig, MultitaskConfig
+
+    return {"cnn-rnn": CVModel(CTTrainConfig, fit_ct_fold, _ct_gradcam),
+            "multitask": CVModel(MultitaskConfig, fit_ct_fold, _ct_gradcam)}
+
+
+CV_MODELS: dict[str, CVModel] = {}
+
+
+def register_cv_model(name: str, model: CVModel) -> CVModel:
+    """Make `raypipe cv NAME` run `model` (e.g. the X-ray DeepSurv); returns it."""
+    CV_MODELS[name] = model
+    return model
+
+
+def get_cv_model(name: str) -> CVModel:
+    """The registered entry of a `raypipe cv` model name (`cnn_rnn` is read as `cnn-rnn`)."""
+    if not CV_MODELS or "cnn-rnn" not in CV_MODELS:
+        for key, value in _ct_models().items():
+            CV_MODELS.setdefault(key, value)
+    key = name if name in CV_MODELS else name.replace("_", "-")
+    if key not in CV_MODELS:
+        raise KeyError(f"no cross-validation for model {name!r}; registered: {', '.join(sorted(CV_MODELS))}")
+    return CV_MODELS[key]
+
+
+# ---------------------------------------------------------------------------------------------- Tune trials
+@dataclass(frozen=True)
+class TrialSpec:
+    """Everything a fold trial needs, shipped once through the object store (`tune.with_parameters`)."""
+
+    fit: FoldFit
+    config: Any
+    data_dir: str
+    out_dir: str
+    plan: FoldPlan
+    config_digest: str
+
+
+def fold_dir(out_dir: str, fold: int) -> str:
+    """`OUT/folds/fold_KK`: the fold's run folder (model, predictions, Ray Train checkpoints)."""
+    from raypipe import storage
+
+    return storage.join(out_dir, "folds", f"fold_{fold:02d}")
+
+
+def experiment_path(out_dir: str) -> str:
+    """`OUT/ray_results/cv`: the Tune experiment to pass to `Tuner.restore`."""
+    from raypipe import storage
+
+    return storage.join(out_dir, "ray_results", EXPERIMENT_NAME)
+
+
+def _finished(path: str, digest: str) -> dict[str, Any] | None:
+    """The fold's `fold.json` when it finished with this config and folds, else None."""
+    from raypipe import storage
+
+    marker = storage.join(path, FOLD_FILE)
+    if not storage.exists(marker):
+        return None
+    info = json.loads(storage.read_bytes(marker).decode())
+    return info if info.get("digest") == digest else None
+
+
+def run_fold(config: dict[str, Any], spec: TrialSpec) -> dict[str, float]:
+    """One fold: fit (unless already finished with the same settings), write fold.json, return its metrics."""
+    from raypipe import storage
+
+    fold = int(config["fold"])
+    path = fold_dir(spec.out_dir, fold)
+    storage.makedirs(path)
+    attempts = storage.join(path, ATTEMPTS_FILE)
+    previous = storage.read_bytes(attempts).decode() if storage.exists(attempts) else ""
+    storage.atomic_write_text(attempts, previous + f"{time.time():.3f}\n")
+    done = _finished(path, spec.config_digest)
+    if done is not None:
+        log.info("fold %d already finished: not trained again", fold)
+        return dict(done["metrics"])
+    patients = spec.plan.patients(fold)
+    task = FoldTask(fold=fold, n_folds=spec.plan.n_folds, config=spec.config, data_dir=spec.data_dir,
+                    out_dir=path, patients=patients)
+    started = time.time()
+    metrics = {k: float(v) for k, v in dict(spec.fit(task)).items()}
+    metrics.update(fold=float(fold), n_train_patients=float(len(patients["train"])),
+                   n_val_patients=float(len(patients["val"])), fit_seconds=time.time() - started)
+    storage.atomic_write_json(storage.join(path, FOLD_FILE), {"fold": fold, "digest": spec.config_digest,
+                                                              "metrics": metrics, "finished": time.time()})
+    return metrics
+
+
+def fold_trial(config: dict[str, Any], spec: TrialSpec) -> None:
+    """The Tune trainable (a function, as Ray Train V2 requires): run one fold and report its metrics."""
+    from ray import tune
+
+    tune.report(run_fold(config, spec))
+
+
+def fold_trainable(spec: TrialSpec, trial_cpus: float = 0.5) -> Any:
+    """`fold_trial` bound to `spec` with its resources: what `Tuner(...)` and `Tuner.restore` take."""
+    from ray import tune
+
+    return tune.with_resources(tune.with_parameters(fold_trial, spec=spec), {"CPU": trial_cpus})
+
+
+def _max_concurrent(cfg: Any, cv: CVConfig) -> int:
+    """Folds at once: as many as the cluster's CPUs hold next to Ray Data, at least one."""
+    import ray
+
+    if cv.max_concurrent_trials:
+        return min(cv.max_concurrent_trials, cv.folds)
+    from raypipe.ray_utils import worker_resources
+
+    workers = int(getattr(cfg, "num_workers", 1) or 1)
+    res = worker_resources(workers, use_gpu=getattr(cfg, "use_gpu", None))
+    if res.use_gpu:
+        per_gpu = max(1, int(ray.cluster_resources().get("GPU", 1)) // workers)
+        return max(1, min(cv.folds, per_gpu))
+    total = float(ray.cluster_resources().get("CPU", 1))
+    need = workers * res.cpus_per_worker + cv.trial_cpus
+    return max(1, min(cv.folds, int((total - res.data_cpus_reserved) // need)))
+
+
+def build_trial_spec(model: str, config: Any, data_dir: str, out_dir: str, plan: FoldPlan) -> TrialSpec:
+    """The trial spec of a CV run (also what a manual `Tuner.restore` needs)."""
+    from raypipe.predictions import config_hash
+
+    entry = get_cv_model(model)
+    digest = config_hash({"config": config.model_dump(mode="json"), "folds": plan.digest(), "data": data_dir})
+    return TrialSpec(fit=entry.fit, config=config, data_dir=data_dir, out_dir=out_dir, plan=plan,
+                     config_digest=digest)
+
+
+def run_trials(spec: TrialSpec, cv: CVConfig) -> Any:
+    """Fit one Tune trial per fold, or restore the experiment in OUT (finished folds are not rerun)."""
+    from ray import tune
+
+    from raypipe import storage
+
+    path = experiment_path(spec.out_dir)
+    trainable = fold_trainable(spec, cv.trial_cpus)
+    if tune.Tuner.can_restore(path):
+        log.info("resuming the CV experiment in %s (finished folds are kept)", path)
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"fold": tune.grid_search(list(range(spec.plan.n_folds)))},
+            tune_config=tune.TuneConfig(max_concurrent_trials=_max_concurrent(spec.config, cv), reuse_actors=False),
+            run_config=tune.RunConfig(name=EXPERIMENT_NAME, storage_path=storage.join(spec.out_dir, "ray_results"),
+                                      failure_config=tune.FailureConfig(max_failures=cv.max_failures), verbose=0),
+        )
+    grid = tuner.fit()
+    failed = sorted(int(r.config["fold"]) for r in grid if r.error is not None)
+    if failed:
+        raise RuntimeError(f"CV fold(s) {failed} failed (see {path}); rerun the same command with the same --out "
+                           "to resume: finished folds are not run again")
+    return grid
+
+
+# ---------------------------------------------------------------------------------------------- collect
+def collect_predictions(out_dir: str, plan: FoldPlan) -> pd.DataFrame:
+    """Out-of-fold rows (fold = k) of every fold plus the external rows averaged over the fold models."""
+    from raypipe.predictions import read_predictions
+
+    oof, ext = [], []
+    for k in range(plan.n_folds):
+        df = read_predictions(fold_dir(out_dir, k)).drop(columns=["source_file"], errors="ignore")
+        df.attrs = {}
+        val = df[df["split"] == DEV_SPLIT].assign(fold=k)
+        wrong = set(val["patient_id"].astype(str)) - set(plan.patients(k)["val"])
+        if wrong:
+            raise RuntimeError(f"fold {k} scored {len(wrong)} patient(s) outside its validation fold")
+        oof.append(val)
+        ext.append(df[df["split"] == EXTERNAL_SPLIT])
+    dev = pd.concat(oof, ignore_index=True)
+    dup = dev.duplicated(["model", "study_id"])
+    if dup.any():
+        raise RuntimeError(f"{int(dup.sum())} studies scored in more than one validation fold")
+    parts = []
+    ext_all = pd.concat(ext, ignore_index=True) if ext else pd.DataFrame()
+    if len(ext_all):
+        mean = ext_all.groupby(["model", "study_id"], sort=False)["score"].agg(["mean", "size"]).reset_index()
+        short = mean[mean["size"] != plan.n_folds]
+        if len(short):
+            log.warning("%d external studies were scored by fewer than %d folds", len(short), plan.n_folds)
+        first = ext_all.drop_duplicates(["model", "study_id"]).drop(columns="score")
+        merged = first.merge(mean[["model", "study_id", "mean"]], on=["model", "study_id"], validate="one_to_one")
+        merged = merged.rename(columns={"mean": "score"}).assign(fold=-1, split=EXTERNAL_SPLIT)
+        merged["model"] = merged["model"].astype(str) + EXTERNAL_SUFFIX
+        parts.append(merged)
+    parts.append(dev)  # external first: `raypipe evaluate` then takes an external model as its reference
+    return pd.concat(parts, ignore_index=True)
+
+
+def summarise(predictions: pd.DataFrame, n_boot: int, seed: int) -> dict[str, Any]:
+    """metrics.json of a CV: every model on its out-of-fold rows and (as NAME@external) on the external set."""
+    from raypipe.report.ct_tables import evaluate_sets
+
+    sets = evaluate_sets(predictions, n_boot=n_boot, seed=seed)
+    models: dict[str, Any] = {}
+    comparisons: list[dict[str, Any]] = []
+    for set_name, ev in sets.items():
+        suffix = EXTERNAL_SUFFIX if set_name == "external" else ""
+        models.update({f"{name}{suffix}": m for name, m in ev.metrics["models"].items()})
+        comparisons += [{**c, "a": c["a"] + suffix, "b": c["b"] + suffix} for c in ev.metrics["comparisons"]]
+    return {"models": models, "comparisons": comparisons}
+
+
+TABLE_METRICS = ("auroc", "accuracy", "sensitivity", "specificity", "c_index")
+
+
+def summary_table(metrics: Mapping[str, Any]) -> list[str]:
+    """The CV summary as text lines: model, then each headline metric with its 95% CI."""
+    present = [m for m in TABLE_METRICS if any(m in e for e in metrics["models"].values())]
+    name_w = max([len("model"), *(len(n) for n in metrics["models"])])
+    lines = ["  ".join(["model".ljust(name_w), *(m.ljust(21) for m in present)])]
+    for name, entries in metrics["models"].items():
+        cells = []
+        for m in present:
+            e = entries.get(m) or {}
+            v, lo, hi = e.get("value"), e.get("ci_low"), e.get("ci_high")
+            text = "-" if v is None else (f"{v:.3f}" + (f" ({lo:.3f}-{hi:.3f})" if lo is not None and hi is not None else ""))
+            cells.append(text.ljust(21))
+        lines.append("  ".join([name.ljust(name_w), *cells]))
+    return lines
+
+
+def _fold_table(out_dir: str, n_folds: int) -> str:
+    """metrics.csv of a CV: one row per fold with what its trial reported."""
+    from raypipe import storage
+
+    rows = []
+    for k in range(n_folds):
+        marker = storage.join(fold_dir(out_dir, k), FOLD_FILE)
+        if storage.exists(marker):
+            rows.append(json.loads(storage.read_bytes(marker).decode())["metrics"])
+    return pd.DataFrame(rows).to_csv(index=False)
+
+
+def _gradcam(model: str, data_dir: str, out_dir: str, predictions: pd.DataFrame, n: int) -> list[str]:
+    """Grad-CAM grids for the `n` top-scored out-of-fold studies (positives first), each by its fold's model."""
+    from raypipe import storage
+    from raypipe.explain.ct_gallery import default_gradcam_dir
+    from raypipe.predictions import label_columns
+
+    entry = get_cv_model(model)
+    if entry.gradcam is None or n <= 0:
+        return []
+    dev = predictions[(predictions["split"] == DEV_SPLIT)]
+    if dev.empty:
+        return []
+    main = dev[dev["model"] == dev["model"].iloc[0]].copy()
+    labels = label_columns(list(main.columns))
+    main["_pos"] = pd.to_numeric(main[labels[0]], errors="coerce").fillna(0) if labels else 0
+    main["_rank"] = main["score"] if (main["score_kind"] == "probability").all() else main["score"].rank()
+    pick = main.sort_values(["_pos", "_rank", "study_id"], ascending=[False, False, True]).head(n)
+    out = default_gradcam_dir(out_dir)
+    if storage.exists(storage.join(out, "index.json")):
+        storage.atomic_write_json(storage.join(out, "index.json"), {})
+    written: list[str] = []
+    for fold, rows in pick.groupby("fold", sort=True):
+        facts = {str(r.study_id): {"fold": int(fold), "score": float(r.score),
+                                   **({"label": float(getattr(r, labels[0]))} if labels else {})}
+                 for r in rows.itertuples()}
+        written += entry.gradcam(fold_dir(out_dir, int(fold)), data_dir, list(facts), out, facts, len(written))
+    return written
+
+
+@dataclass
+class CVResult:
+    """What `run_cv` wrote: the predictions, metrics.json content, fold plan and Grad-CAM PNGs."""
+
+    out_dir: str
+    predictions: pd.DataFrame
+    metrics: dict[str, Any]
+    plan: FoldPlan
+    gradcam: list[str] = field(default_factory=list)
+
+
+def run_cv(model: str, config: Any, data_dir: str, out_dir: str, cv: CVConfig | None = None) -> CVResult:
+    """k-fold CV of `model` (a `CV_MODELS` name) on the shards in `data_dir`; writes OUT (see module doc)."""
+    from raypipe import storage
+    from raypipe.config import dump_config
+    from raypipe.predictions import config_hash, write_predictions
+    from raypipe.ray_utils import init_ray
+
+    cv = cv or CVConfig()
+    entry = get_cv_model(model)
+    out = str(out_dir) if storage.is_uri(out_dir) else os.path.abspath(out_dir)
+    data = str(data_dir) if storage.is_uri(data_dir) else os.path.abspath(data_dir)
+    storage.makedirs(out)
+    init_ray()
+    seed = cv.seed if cv.seed is not None else int(getattr(config, "seed", 0))
+    label = cv.label or getattr(config, "label", None) or entry.label or "event"
+    meta = read_shard_meta(data)
+    plan = assign_folds(meta, cv.folds, seed, label, cv.development_site, cv.external)
+    plan_file = storage.join(out, "folds.csv")
+    if storage.exists(plan_file):
+        old = pd.read_csv(io_bytes(storage.read_bytes(plan_file)), dtype={"patient_id": str})
+        if not old.equals(plan.frame()):
+            raise ValueError(f"{out} holds a CV with other folds (data, seed or k changed): use a new --out")
+    spec = build_trial_spec(model, config, data, out, plan)
+    state_file = storage.join(out, "cv.json")
+    if storage.exists(state_file):
+        before = json.loads(storage.read_bytes(state_file).decode()).get("digest")
+        if before != spec.config_digest:
+            raise ValueError(f"{out} holds a CV of another model config: use a new --out")
+    storage.atomic_write_text(plan_file, plan.frame().to_csv(index=False))
+    dump_config(config, storage.join(out, "config.yaml"))
+    storage.atomic_write_json(state_file, {"model": model, **cv.model_dump(mode="json"), "seed": seed,
+                                           "label": label, "data": data, "digest": spec.config_digest})
+    log.info("CV %s: %d folds over %d development patients, %d external", model, cv.folds, len(plan.fold_of),
+             len(plan.external))
+
+    run_trials(spec, cv)
+
+    predictions = collect_predictions(out, plan)
+    n_boot = cv.n_boot if cv.n_boot is not None else int(getattr(config, "n_boot", 1000))
+    metrics = summarise(predictions, n_boot=n_boot, seed=seed)
+    meta_out: dict[str, Any] = {"model": cv_model_name(config) if hasattr(config, "input") else model,
+                                "config_hash": config_hash(config), "cv_folds": cv.folds, "cv_seed": seed}
+    threshold = _oof_threshold(predictions)
+    if threshold is not None:
+        meta_out["threshold"] = threshold
+    write_predictions(predictions, storage.join(out, "predictions.parquet"), meta_out)
+    storage.atomic_write_json(storage.join(out, "metrics.json"), metrics)
+    storage.atomic_write_text(storage.join(out, "metrics.csv"), _fold_table(out, cv.folds))
+    gradcam = []
+    try:
+        gradcam = _gradcam(model, data, out, predictions, cv.gradcam_studies)
+    except Exception as exc:  # a figure must not fail a finished CV
+        log.warning("Grad-CAM gallery skipped: %s", exc)
+    for line in summary_table(metrics):
+        log.info("%s", line)
+    return CVResult(out_dir=out, predictions=predictions, metrics=metrics, plan=plan, gradcam=gradcam)
+
+
+def _oof_threshold(predictions: pd.DataFrame) -> float | None:
+    """Youden threshold of the out-of-fold predictions when the file holds one probability model."""
+    from raypipe import metrics as M
+    from raypipe.predictions import label_columns
+
+    dev = predictions[predictions["split"] == DEV_SPLIT]
+    if dev["model"].nunique() != 1 or (dev["score_kind"] != "probability").any():
+        return None
+    labels = label_columns(list(dev.columns))
+    if not labels:
+        return None
+    rows = dev[dev[labels[0]].notna()]
+    if rows[labels[0]].nunique() != 2:
+        return None
+    return float(M.youden_threshold(rows[labels[0]].to_numpy(dtype=int), rows["score"].to_numpy(dtype=float)))
+
+
+def io_bytes(data: bytes) -> Any:
+    """A binary buffer for pandas readers."""
+    import io
+
+    return io.BytesIO(data)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def load_cv_configs(model: str, config_path: str | None, folds: int | None = None) -> tuple[Any, CVConfig]:
+    """Model config and CVConfig from one YAML: its `cv:` section is the CV settings, the rest the model's."""
+    from raypipe.config import parse_config, read_yaml
+
+    entry = get_cv_model(model)
+    data = read_yaml(config_path) if config_path else {}
+    cv_data = dict(data.pop("cv", None) or {})
+    if folds is not None:
+        cv_data["folds"] = folds
+    source = str(config_path) if config_path else "<defaults>"
+    return parse_config(entry.config_class, data, source), parse_config(CVConfig, cv_data, f"{source} (cv)")
+
+
+def cv_cli(model: str, config: str | None, folds: int | None, data: str | None, out: str | None) -> int:
+    """`raypipe cv MODEL --config C --folds K --data DIR --out DIR`: run the CV, print its summary table."""
+    if not data:
+        raise SystemExit(f"raypipe cv {model}: --data (a folder of preprocessed shards) is required")
+    model_cfg, cv = load_cv_configs(model, config, folds)
+    out = out or os.path.join("runs", f"cv_{model.replace('-', '_')}")
+    result = run_cv(model, model_cfg, data, out, cv)
+    print("\n".join(summary_table(result.metrics)))  # the command's output, not a log line
+    print(f"predictions: {os.path.join(result.out_dir, 'predictions.parquet')}")
+    return 0

@@ -1,0 +1,1 @@
+"""Serve application entrypoint package (`serve run serve.app:app`, `serve deploy serve/config.yaml`)."""
