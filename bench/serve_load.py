@@ -74,10 +74,12 @@ def direct_baselines(registry: str, n_xray: int, n_ct: int) -> dict[str, dict[st
     img = SHARED / "xray/fo_dicom/GH342.dcm"
     d = SHARED / "ct/totalseg_example"
 
+    from raypipe.io.radiograph import read_radiograph
+
     def xray_once() -> int:
         inp = xp.preprocess(img, KP, CLINICAL)
         xp.predict(inp)
-        pvf.predict_batch([inp.pvf_image])
+        pvf.predict_batch([pvf.prepare(read_radiograph(img).pixels)])
         return 200
 
     def ct_once() -> int:
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         publish_tiny_models(registry, which=("ct", "xray", "pvf"))
     log.info("load average at start: %s (cores: %d)", os.getloadavg(), os.cpu_count())
 
-    init_ray()
+    init_ray(address="local")  # never attach to another Ray started on this machine (`ray start`)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -12,14 +12,13 @@ overrides `cv.folds`. The shared jobs/configs/ct_*.yaml have no `cv:` section (`
 it), so the defaults apply: 10 folds as in papers/000, seeded by the config's seed. `--baselines` also
 cross-validates clinical models A-D and FRAX with the same folds into OUT/clinical.
 
-Rerunning with the same --out resumes the Tune experiment OUT/ray_results/cv (`Tuner.restore`):
+Relative --data/--out resolve under RAYPIPE_STORAGE when set (`raypipe.cluster`). Rerunning with the same --out resumes the Tune experiment OUT/ray_results/cv (`Tuner.restore`):
 finished folds are not run again. The model kind comes from --model, else the config's `model` name.
 """
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -40,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    from raypipe.cluster import resolve_input, resolve_output
+    a.data, a.out = resolve_input(a.data), resolve_output(a.out)
+    from raypipe import storage
     from raypipe.config import read_yaml
     from raypipe.ray_utils import init_ray
     from raypipe.tune.cv import load_cv_configs, run_cv, summary_table
@@ -54,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.baselines:
         from raypipe.tune.baselines import run_clinical_cv
 
-        run_clinical_cv(a.data, os.path.join(a.out, "clinical"), label=getattr(cfg, "label", "fracture_5y"),
-                        seed=result.plan.seed, folds_csv=os.path.join(result.out_dir, "folds.csv"),
+        run_clinical_cv(a.data, storage.join(a.out, "clinical"), label=getattr(cfg, "label", "fracture_5y"),
+                        seed=result.plan.seed, folds_csv=storage.join(result.out_dir, "folds.csv"),
                         n_boot=cv.n_boot if cv.n_boot is not None else cfg.n_boot)
     log.info("done: %s", a.out)
     return 0

@@ -8,6 +8,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir's raypipe when not installed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from raypipe.cluster import resolve_input, resolve_output
+
+    a.data, a.out, a.model = resolve_input(a.data), resolve_output(a.out), resolve_input(a.model)
+    a.pvf = resolve_input(a.pvf) if a.pvf else None
     from raypipe.data.generate_pipeline import generate_cohort_cli
 
     return generate_cohort_cli(a.data, a.model, a.out, a.pvf, a.config)

@@ -4,7 +4,8 @@
         --config jobs/configs/ct_tiny.yaml --data runs/shards_ct --out runs/ct_tiny
 
 Connects to the cluster the job runs on (RAY_ADDRESS) or starts a local Ray; rerunning with the same
---out resumes from the latest checkpoint. The model kind comes from --model, else from the config's
+--out resumes from the latest checkpoint. Relative --data/--out resolve under RAYPIPE_STORAGE when set
+(`raypipe.cluster.resolve_output`), never inside the job's temporary working dir. The model kind comes from --model, else from the config's
 `model` name (multitask* -> multitask).
 """
 from __future__ import annotations
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    from raypipe.cluster import resolve_input, resolve_output
+    a.data, a.out = resolve_input(a.data), resolve_output(a.out)
     from raypipe.config import load_config, read_yaml
     from raypipe.ray_utils import init_ray
     from raypipe.train.ct import config_class_for, fit_ct

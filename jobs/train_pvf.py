@@ -4,6 +4,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir's raypipe when not installed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,6 +17,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from raypipe.cluster import resolve_input, resolve_output
+    a.data = resolve_input(a.data)
+    a.out = resolve_output(a.out) if a.out else None
     from raypipe.train.pvf import train_cli
 
     return train_cli(a.config, a.data, a.out)

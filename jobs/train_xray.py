@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    from raypipe.cluster import resolve_input, resolve_output
+    a.data, a.out = resolve_input(a.data), resolve_output(a.out)
     from raypipe.config import read_yaml
 
     kind = a.model or ("keypoints" if str(read_yaml(a.config).get("model", "")).startswith("keypoints") else "deepsurv")

@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    from raypipe.cluster import resolve_input, resolve_output
+    a.data, a.out = resolve_input(a.data), resolve_output(a.out)
     from raypipe.tune.search import tune_cli
 
     return tune_cli(a.model, a.config, a.trials, a.data, a.out)

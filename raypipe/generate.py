@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -247,7 +246,7 @@ def aggregate_scores(
     from raypipe.metrics import risk_groups
 
     per_year: dict[str, dict[str, Any]] = {}
-    best_year, best_mean, best_sd = None, -math.inf, float("nan")
+    means: list[tuple[float, float, float]] = []  # (year, mean, sd)
     for year in sorted(gpvf):
         scores = np.asarray(gpvf[year], dtype=np.float64)
         if scores.size == 0:
@@ -255,8 +254,11 @@ def aggregate_scores(
         mean = float(scores.mean())
         sd = float(scores.std(ddof=1)) if scores.size > 1 else 0.0
         per_year[f"{float(year):g}"] = {"mean": mean, "sd": sd, "scores": scores.tolist()}
-        if mean > best_mean:
-            best_year, best_mean, best_sd = float(year), mean, sd
+        means.append((float(year), mean, sd))
+    best_year, best_mean, best_sd = None, float("nan"), float("nan")
+    if means:
+        top = max(m for _, m, _ in means)
+        best_year, best_mean, best_sd = next(x for x in means if x[1] >= top - 1e-9)  # earliest of (near-)ties
     out: dict[str, Any] = {"bpvf": None if bpvf is None else float(bpvf), "gpvf_by_year": per_year,
                            "gpvf": best_mean if per_year else None, "gpvf_year": best_year,
                            "uncertainty": best_sd if per_year else None, "thresholds": {"low": low, "high": high},

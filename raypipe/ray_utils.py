@@ -48,7 +48,8 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True, **kwargs) -> None:
         return
     n = num_cpus or local_num_cpus()
     log.info("starting local Ray with %d logical CPUs", n)
-    ray.init(num_cpus=n, **common)
+    # address="local": never attach to some other `ray start` cluster on this host by accident.
+    ray.init(address="local", num_cpus=n, **common)
     _quiet_data_progress()
 
 

@@ -24,7 +24,7 @@ from raypipe.models.ldm.text import WordTokenizer, build_prompt
 from raypipe.models.registry import build_model
 from raypipe.train.ldm import LDMTrainConfig, diffusion_loss, train_local, vae_loss
 
-TRAIN = LDMTrainConfig(model="diffx_tiny", vae_epochs=12, unet_epochs=25, batch_size=8, vae_lr=2e-3, unet_lr=1e-3,
+TRAIN = LDMTrainConfig(model="diffx_tiny", vae_epochs=8, unet_epochs=15, batch_size=8, vae_lr=2e-3, unet_lr=1e-3,
                        cond_drop_prob=0.0, ema_decay=0.99, seed=0)
 
 
@@ -118,7 +118,7 @@ def test_generation_is_deterministic_given_seeds(trained: torch.nn.Module, image
     assert a.shape == (2, 2, 1, 64, 64)
     assert torch.equal(a, b)
     c = pipe(x[:1], prompts[0], future[:1], [1])  # a sample depends on its seed, not its place in the batch
-    torch.testing.assert_close(c[0, 0], a[0, 1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(c[0, 0], a[0, 1], atol=1e-4, rtol=0)
     assert not torch.allclose(a[0, 0], a[0, 1])  # different seeds, different futures
     single = pipe.sample_single(future[:1], [3])
     torch.testing.assert_close(single, pipe.sample_single(future[:1], [3]), atol=0, rtol=0)

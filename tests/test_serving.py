@@ -170,7 +170,7 @@ def test_ct_missing_vertebrae_is_422(served: dict, shared_data: Path) -> None:
     r = served["client"].post("/v1/ct/score", headers=AUTH,
                               files={"study": ("ct", (d / "example_ct.nii.gz").read_bytes(), "application/gzip"),
                                      "masks": ("m", keep.getvalue(), "application/zip")})
-    body = _assert_problem(r, 422)
+    body = _assert_problem(r, 422, "masks")
     assert "L2" in body["error"] and "L3" in body["error"] and "/tmp" not in body["error"]
 
 
@@ -228,7 +228,9 @@ def test_request_size_limit_header_and_stream(served: dict) -> None:
     big = b"\0" * (MAX_BYTES + 1024)
     _assert_problem(c.post("/v1/xray/score", headers=AUTH, files={"image": ("x", big, "application/dicom")}), 413, "body")
 
-    def chunks():  # no Content-Length: the limit applies while reading
+    def chunks():  # no Content-Length (chunked): the limit applies while reading
+        yield (b'--xyz\r\nContent-Disposition: form-data; name="image"; filename="x"\r\n'
+               b"Content-Type: application/dicom\r\n\r\n")
         for _ in range(MAX_BYTES // (1 << 20) + 2):
             yield b"\0" * (1 << 20)
 

@@ -98,7 +98,7 @@ def test_cnn_rnn_learns_planted_signal(ray_session, tmp_path):
     from raypipe.models.registry import build_model
 
     state = torch.load(run / "model.pt", weights_only=True)
-    build_model(meta["model"], **meta["model_kwargs"]).load_state_dict(state)
+    build_model(meta["builder"], **meta["kwargs"]).load_state_dict(state)
 
 
 def test_ddp_two_workers_match_one(ray_session, tmp_path):

@@ -166,13 +166,17 @@ class _ShardTask:
         self.out, self.spec, self.cfg_json, self.schema = out, spec, cfg_json, schema
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
+        import ray
+
         cfg = self.spec.config_cls.model_validate_json(self.cfg_json)
         plan = ShardPlan(index=int(item["index"]), name=str(item["name"]), rows=tuple(json.loads(item["rows"])))
-        return write_shard(plan, self.out, self.spec, cfg, self.schema)
+        counts = write_shard(plan, self.out, self.spec, cfg, self.schema)
+        counts["node_id"] = ray.get_runtime_context().get_node_id()  # which node wrote it (multi-node runs)
+        return counts
 
 
-def _run_with_ray(pending: list[ShardPlan], out: str, spec: ShardSpec, cfg: Any, schema) -> None:
-    """Fan the pending shards out as Ray Data tasks (one block per shard) and log each one as it lands."""
+def _run_with_ray(pending: list[ShardPlan], out: str, spec: ShardSpec, cfg: Any, schema) -> dict[str, str]:
+    """Fan the pending shards out as Ray Data tasks (one block per shard); returns shard name -> node id."""
     import ray
 
     from raypipe.ray_utils import init_ray
@@ -181,9 +185,12 @@ def _run_with_ray(pending: list[ShardPlan], out: str, spec: ShardSpec, cfg: Any,
     items = [{"index": p.index, "name": p.name, "rows": json.dumps(list(p.rows), default=str)} for p in pending]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map(_ShardTask(out, spec, cfg.model_dump_json(), schema), num_cpus=cfg.cpus_per_task)
+    nodes: dict[str, str] = {}
     for i, r in enumerate(ds.iter_rows(), start=1):
-        log.info("shard %s done (%d/%d): %d ok, %d skipped, %d error",
-                 r["shard"], i, len(pending), r["ok"], r["skipped"], r["error"])
+        nodes[str(r["shard"])] = str(r["node_id"])
+        log.info("shard %s done (%d/%d) on node %s: %d ok, %d skipped, %d error",
+                 r["shard"], i, len(pending), str(r["node_id"])[:8], r["ok"], r["skipped"], r["error"])
+    return nodes
 
 
 def run_shards(spec: ShardSpec, table: pd.DataFrame, out: str | os.PathLike, cfg: Any, use_ray: bool = True,
@@ -201,8 +208,9 @@ def run_shards(spec: ShardSpec, table: pd.DataFrame, out: str | os.PathLike, cfg
     log.info("%s preprocessing: %d studies in %d shards, %d already complete, %d to do -> %s",
              spec.kind, len(table), len(plans), len(plans) - len(pending), len(pending), out_s)
     schema = scalar_schema(table)
+    shard_nodes: dict[str, str] = {}
     if pending and use_ray:
-        _run_with_ray(pending, out_s, spec, cfg, schema)
+        shard_nodes = _run_with_ray(pending, out_s, spec, cfg, schema)
     elif pending:
         for i, p in enumerate(pending, start=1):
             r = write_shard(p, out_s, spec, cfg, schema)
@@ -226,6 +234,7 @@ def run_shards(spec: ShardSpec, table: pd.DataFrame, out: str | os.PathLike, cfg
         "shards_reused": len(plans) - len(pending),
         "parquet_files": shards,
         "config_hash": output_config_hash(cfg),
+        "shard_nodes": shard_nodes,  # shards written by this run -> Ray node id (empty without Ray)
         "qc_path": storage.join(out_s, "qc.csv"),
         "seconds": round(time.perf_counter() - t0, 2),
     }

@@ -33,7 +33,7 @@ def load_run_model(run_dir: str) -> tuple[nn.Module, dict[str, Any]]:
     from raypipe.models.registry import build_model
 
     meta = json.loads(storage.read_bytes(storage.join(run_dir, "model_meta.json")).decode("utf-8"))
-    model = build_model(meta["model"], **meta["model_kwargs"])
+    model = build_model(meta["builder"], **meta["kwargs"])
     state = torch.load(io.BytesIO(storage.read_bytes(storage.join(run_dir, "model.pt"))), map_location="cpu",
                        weights_only=True)
     model.load_state_dict(state)

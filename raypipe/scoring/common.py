@@ -30,12 +30,12 @@ class ClinicalInputError(RaypipeInputError):
 
 
 def builder_of(version: ModelVersion) -> tuple[str, dict[str, Any]]:
-    """(builder name, kwargs) from model_meta.json; accepts both `builder`/`kwargs` and the trainers' `model`/`model_kwargs`."""
+    """(builder name, kwargs) from model_meta.json, without the kwargs that only matter in training."""
     meta = version.meta
-    builder = meta.get("builder") or meta.get("model")
+    builder = meta.get("builder")
     if not builder:
         raise RegistryError("model_meta.json names no builder", path=str(version.path), field="builder")
-    kwargs = dict(meta.get("kwargs") or meta.get("model_kwargs") or {})
+    kwargs = dict(meta.get("kwargs") or {})
     for key in _TRAINING_ONLY_KWARGS:
         kwargs.pop(key, None)
     return str(builder), kwargs

@@ -34,7 +34,7 @@ def write_run(run: Path, builder: str, kwargs: dict[str, Any], meta: dict[str, A
     model = build_model(builder, **kwargs).eval()
     run.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), run / "model.pt")
-    full_meta = {"builder": builder, "kwargs": kwargs, "model": builder, "model_kwargs": kwargs, **(meta or {})}
+    full_meta = {"builder": builder, "kwargs": kwargs, **(meta or {})}
     (run / "model_meta.json").write_text(json.dumps(full_meta, indent=2))
     (run / "config.yaml").write_text(yaml.safe_dump(config or {"model": builder}, sort_keys=False))
     (run / "metrics.json").write_text(json.dumps({"models": {}}))

@@ -86,6 +86,12 @@ def baseline_from_meta(meta: Mapping[str, Any]) -> BreslowBaseline | None:
     return None
 
 
+def uses_image(version: ModelVersion) -> bool:
+    """False for a clinical-only DeepSurv (built with backbone=None), which takes no image."""
+    _, kwargs = builder_of(version)
+    return not ("backbone" in kwargs and kwargs["backbone"] is None)
+
+
 class KeypointModel:
     """A published L1-L5 keypoint model applied to a whole radiograph (the X-ray pipeline's predictor)."""
 
@@ -115,6 +121,7 @@ class XrayPreprocessor:
         self.xray, self.pvf, self.keypoint_model = xray, pvf, keypoints
         self.config = _xray_config(xray)
         self.clinical = ClinicalStandardiser.from_meta(xray.meta) if xray is not None else ClinicalStandardiser()
+        self.uses_image = xray is not None and uses_image(xray)
         self.pvf_size = PVFPredictor.input_size(pvf) if pvf is not None else None
 
     def keypoints_for(self, rad: Any, keypoints: Mapping[str, Any] | None) -> tuple[np.ndarray, str, list[float] | None]:
@@ -139,7 +146,9 @@ class XrayPreprocessor:
         image, qc, vec, missing = None, {}, None, []
         kp_used: dict[str, list[float]] = {}
         source = "none"
-        if need_survival and self.xray is not None:
+        if need_survival and self.xray is not None and not self.uses_image:  # clinical-only DeepSurv
+            vec, missing = self.clinical.vector(clinical)
+        elif need_survival and self.xray is not None:
             xy, source, conf = self.keypoints_for(rad, keypoints)
             kp_used = {lvl: [float(x), float(y)] for lvl, (x, y) in zip(LEVELS, xy)}
             img, qc = preprocess_radiograph(rad, xy, self.config)  # KeypointsError when implausible
@@ -173,10 +182,18 @@ class XrayPredictor:
 
     def __init__(self, version: ModelVersion, keypoints: KeypointModel | None = None, pvf: ModelVersion | None = None,
                  threads: int | None = None) -> None:
+        from raypipe.registry import RegistryError
+
+        head = version.meta.get("head", "cox")
+        if head != "cox":
+            raise RegistryError(f"only Cox-head DeepSurv models are served (this one has head {head!r})",
+                                path=str(version.path), field="head")
         self.version = version
         self.model = build_module(version, threads)
         self.info = model_info(version)
         self.baseline = baseline_from_meta(version.meta)
+        self.uses_image = uses_image(version)
+        self.image_size = version.meta.get("image_size")  # the trainer resizes shard images on the fly to this
         self.preprocessor = XrayPreprocessor(version, pvf, keypoints)
 
     @classmethod
@@ -209,7 +226,14 @@ class XrayPredictor:
 
         if not inputs:
             return []
-        x = torch.from_numpy(np.stack([i.image for i in inputs]).astype(np.float32))
+        import torch.nn.functional as F
+
+        x = None
+        if self.uses_image:
+            x = torch.from_numpy(np.stack([i.image for i in inputs]).astype(np.float32))
+            if self.image_size and tuple(x.shape[-2:]) != (int(self.image_size),) * 2:
+                x = F.interpolate(x, size=(int(self.image_size),) * 2, mode="bilinear", align_corners=False,
+                                  antialias=True)
         cl = stack_optional([i.clinical for i in inputs])
         with torch.inference_mode():
             r = self.model(x, None if cl is None else torch.from_numpy(cl)).float().numpy()

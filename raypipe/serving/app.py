@@ -45,7 +45,7 @@ from raypipe.serving.uploads import (
     check_content_type,
 )
 
-log = logging.getLogger("raypipe.serving")
+log = logging.getLogger("ray.serve.raypipe")  # a child of Serve's logger: lands in the replica logs
 
 DEPLOYMENT_NAMES: tuple[str, ...] = ("ApiIngress", "CTPreprocess", "XrayPreprocess", "CTModel", "XrayModel",
                                      "PVFModel", "GeneratorModel", "RiskAggregator", "JobStore")
@@ -172,11 +172,27 @@ async def _respond(request: Request, work: Any) -> JSONResponse:
         problem = as_serving_error(e)
         if problem is not None:
             return _problem(problem.status, problem.message, problem.field, request)
+        from starlette.exceptions import HTTPException
         from starlette.formparsers import MultiPartException
 
+        if _caused_by(e, BodyTooLarge):
+            return _problem(413, "request body larger than the configured limit", "body", request)
         if isinstance(e, MultiPartException):
             return _problem(400, f"malformed multipart body: {e.message}", "body", request)
+        if isinstance(e, HTTPException) and 400 <= e.status_code < 500:  # Starlette's own form errors
+            return _problem(e.status_code, f"malformed multipart body: {e.detail}", "body", request)
         return await _unexpected(request, e)
+
+
+def _caused_by(exc: BaseException, kind: type) -> bool:
+    """True when `kind` is anywhere in the exception's cause/context chain."""
+    seen = 0
+    while exc is not None and seen < 16:
+        if isinstance(exc, kind):
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
 
 
 def _form(request: Request) -> Any:
@@ -284,7 +300,6 @@ class ApiIngress:
 
     def __init__(self, ct_pre: Any, ct_model: Any, aggregator: Any, xray_pre: Any, pvf_model: Any, jobs: Any,
                  handles: dict[str, Any], available: dict[str, Any], options: dict[str, Any]) -> None:
-        logging.getLogger("raypipe").setLevel(logging.INFO)
         self.ct_pre, self.ct_model, self.aggregator = ct_pre, ct_model, aggregator
         self.xray_pre, self.pvf_model, self.jobs = xray_pre, pvf_model, jobs
         self.handles, self.available = handles, available

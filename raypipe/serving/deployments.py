@@ -36,7 +36,7 @@ from raypipe.serving.uploads import (
     series_folder,
 )
 
-log = logging.getLogger("raypipe.serving")
+log = logging.getLogger("ray.serve.raypipe")  # a child of Serve's logger: lands in the replica logs
 
 HEALTH_CHECK_PERIOD_S = 2.0
 
@@ -53,7 +53,7 @@ async def call(method: Any, *args: Any, retries: int = 3, **kwargs: Any) -> Any:
     """`await handle.method.remote(...)`, retrying when the target replica died; ServingErrors pass through."""
     for attempt in range(retries + 1):
         try:
-            return await method.remote(*args, **kwargs)
+            result = await method.remote(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - classified below
             cause = unwrap(e)
             if isinstance(cause, ServingError):
@@ -65,16 +65,19 @@ async def call(method: Any, *args: Any, retries: int = 3, **kwargs: Any) -> Any:
             if _replica_gone(e):
                 raise ServingError(503, "a model replica restarted while serving this request; retry") from None
             raise
+        if isinstance(result, ServingError):  # expected input errors travel as values (no error logs per bad request)
+            raise result
+        return result
 
 
 async def run_guarded(fn: Any, *args: Any, workdir: Path | None = None) -> Any:
-    """Run blocking work in a thread, turning raypipe input errors into picklable `ServingError`s."""
+    """Run blocking work in a thread; raypipe input errors come back as a `ServingError` value (4xx), bugs raise."""
     try:
         return await asyncio.to_thread(fn, *args)
     except Exception as e:  # noqa: BLE001 - known input errors become 4xx; the rest stays a bug (500)
         problem = as_serving_error(e, workdir)
         if problem is not None:
-            raise problem from None
+            return problem
         raise
 
 
@@ -155,12 +158,6 @@ class _Batched(_Disabled):
             return out
 
 
-def _raise_if_error(result: Any) -> Any:
-    if isinstance(result, ServingError):
-        raise result
-    return result
-
-
 # ------------------------------------------------------------------------------------------ preprocessing
 @serve.deployment(name="CTPreprocess", max_ongoing_requests=2, health_check_period_s=HEALTH_CHECK_PERIOD_S)
 class CTPreprocess(_Disabled):
@@ -213,15 +210,16 @@ class CTPreprocess(_Disabled):
                     Path(labels).write_text(json.dumps(mask_labels))
                 return self.pre.from_files(ct_path, masks_path, body_path, labels, clinical)
             except Exception as e:  # noqa: BLE001
-                problem = as_serving_error(e, wd)
+                problem = as_serving_error(e, wd, "study")
                 if problem is not None:
                     raise problem from None
                 raise
 
     async def preprocess(self, study: bytes, masks: bytes, body_mask: bytes | None, mask_labels: Any,
                          clinical: dict[str, Any]) -> Any:
-        """Bytes in, `CTInput` out; bad uploads raise `ServingError` (4xx)."""
-        self._require()
+        """Bytes in, `CTInput` out; a bad upload gives a `ServingError` value (4xx)."""
+        if self.error is not None:
+            return ServingError(503, self.error)
         return await run_guarded(self._preprocess, study, masks, body_mask, mask_labels, clinical)
 
 
@@ -275,15 +273,16 @@ class XrayPreprocess(_Disabled):
                 inp = self.pre.from_radiograph(rad, keypoints, clinical, need_survival)
                 return (inp, rad.pixels) if keep_pixels else inp
             except Exception as e:  # noqa: BLE001
-                problem = as_serving_error(e, wd)
+                problem = as_serving_error(e, wd, "image")
                 if problem is not None:
                     raise problem from None
                 raise
 
     async def preprocess(self, image: bytes, keypoints: dict | None, clinical: dict[str, Any],
                          need_survival: bool = True, keep_pixels: bool = False) -> Any:
-        """Bytes in, `XrayInput` (and the [0, 1] pixels when asked) out; implausible keypoints -> 422."""
-        self._require()
+        """Bytes in, `XrayInput` (and the [0, 1] pixels when asked) out; implausible keypoints -> 422 (a value)."""
+        if self.error is not None:
+            return ServingError(503, self.error)
         return await run_guarded(self._preprocess, image, keypoints, clinical, need_survival, keep_pixels)
 
     async def status(self) -> dict[str, Any]:
@@ -319,8 +318,8 @@ class CTModel(_Batched):
         return await asyncio.to_thread(self._run_items, self._run, items)
 
     async def score(self, item: tuple[Any, bool]) -> dict[str, Any]:
-        """One request through the batcher (errors raised, not returned)."""
-        return _raise_if_error(await self.predict(item))
+        """One request through the batcher (a failed item comes back as a `ServingError` value)."""
+        return await self.predict(item)
 
 
 @serve.deployment(name="XrayModel", max_ongoing_requests=16, health_check_period_s=HEALTH_CHECK_PERIOD_S)
@@ -349,8 +348,8 @@ class XrayModel(_Batched):
         return await asyncio.to_thread(self._run_items, self._run, items)
 
     async def score(self, item: Any) -> dict[str, Any]:
-        """One request through the batcher (errors raised, not returned)."""
-        return _raise_if_error(await self.predict(item))
+        """One request through the batcher (a failed item comes back as a `ServingError` value)."""
+        return await self.predict(item)
 
 
 @serve.deployment(name="PVFModel", max_ongoing_requests=32, health_check_period_s=HEALTH_CHECK_PERIOD_S)
@@ -376,13 +375,14 @@ class PVFModel(_Batched):
 
     async def score(self, image: np.ndarray) -> float:
         """One prepared image through the batcher."""
-        return _raise_if_error(await self.predict(image))
+        return await self.predict(image)
 
     async def score_pixels(self, pixels: np.ndarray) -> float:
         """A raw [0, 1] radiograph (e.g. a generated one): prepare, then score through the batcher."""
-        self._require()
+        if self.error is not None:
+            return ServingError(503, self.error)
         prepared = await asyncio.to_thread(self.predictor.prepare, pixels)
-        return _raise_if_error(await self.predict(prepared))
+        return await self.predict(prepared)
 
 
 @serve.deployment(name="GeneratorModel", max_ongoing_requests=4, health_check_period_s=HEALTH_CHECK_PERIOD_S)
@@ -417,7 +417,7 @@ class GeneratorModel(_Batched):
 
     async def generate(self, item: dict[str, Any]) -> list[Any]:
         """One generation request through the batcher."""
-        return _raise_if_error(await self.predict(item))
+        return await self.predict(item)
 
 
 # ------------------------------------------------------------------------------------------ composition
@@ -432,6 +432,12 @@ class RiskAggregator(_Disabled):
 
     async def score_xray(self, image: bytes, keypoints: dict | None, clinical: dict[str, Any]) -> dict[str, Any]:
         """Radiograph bytes (+ keypoints, clinical) -> log-risk, S(t), 5-year risk, keypoints used, pVF score."""
+        try:
+            return await self._score_xray(image, keypoints, clinical)
+        except ServingError as e:  # returned, not raised: a bad upload is not a replica error
+            return e
+
+    async def _score_xray(self, image: bytes, keypoints: dict | None, clinical: dict[str, Any]) -> dict[str, Any]:
         inp = await call(self.xray_pre.preprocess, image, keypoints, clinical, True, retries=self.retries)
         surv = call(self.xray_model.score, inp, retries=self.retries)
         has_pvf = self.available.get("pvf", {}).get("ok") and inp.pvf_image is not None

@@ -14,6 +14,8 @@ from typing import Any
 from raypipe.io.errors import ImageReadError, KeypointsError, MaskError, RaypipeInputError
 from raypipe.serving.uploads import UploadError
 
+# Manifest column names used by the readers -> the HTTP form fields they correspond to.
+_HTTP_FIELDS = {"mask_path": "masks", "body_mask_path": "body_mask", "keypoints_path": "keypoints", "image_path": "image"}
 _TMP_PATH = re.compile(r"(/[\w.\-]+)*/raypipe-req-[\w]+(/[^\s:'\",)]*)?")
 
 
@@ -61,7 +63,8 @@ def as_serving_error(exc: BaseException, workdir: Path | None = None, field: str
         return ServingError(exc.status, scrub(exc.message, workdir), exc.field)
     if isinstance(exc, RaypipeInputError):
         reason = getattr(exc, "reason", None) or str(exc)
-        return ServingError(_status_of(exc), scrub(str(reason), workdir), field or exc.field)
+        name = _HTTP_FIELDS.get(exc.field or "", exc.field) or field
+        return ServingError(_status_of(exc), scrub(str(reason), workdir), name)
     return None
 
 

@@ -17,9 +17,13 @@ A training loop (one per task, e.g. `raypipe.train.ct`) runs inside each Ray Tra
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import csv
+import functools
 import io
+import json
 import logging
+import time
 import math
 import os
 import random
@@ -285,6 +289,82 @@ def score_for_ranking(value: float, mode: str) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- trainer
+PLACEMENT_DIR = "worker_placement"  # under the run folder: one JSON per worker start (rank, node id, pid)
+WORKER_RESOURCES_ENV = "RAYPIPE_WORKER_RESOURCES"  # JSON mapping merged over the derived per-worker resources
+PLACEMENT_STRATEGY_ENV = "RAYPIPE_PLACEMENT_STRATEGY"  # PACK (default) | SPREAD | STRICT_PACK | STRICT_SPREAD
+
+
+@dataclass(frozen=True)
+class TrainerOverrides:
+    """Cluster-level settings a caller (a Tune trial, a test, a benchmark) imposes on every trainer it builds."""
+
+    callbacks: tuple[Any, ...] = ()
+    resources_per_worker: Mapping[str, float] | None = None
+    placement_strategy: str | None = None
+
+
+_OVERRIDES: contextvars.ContextVar[TrainerOverrides] = contextvars.ContextVar(
+    "raypipe_trainer_overrides", default=TrainerOverrides())
+
+
+@contextlib.contextmanager
+def trainer_overrides(callbacks: Sequence[Any] = (), resources_per_worker: Mapping[str, float] | None = None,
+                      placement_strategy: str | None = None) -> Iterator[TrainerOverrides]:
+    """Within the block, `make_trainer` adds these callbacks/resources/strategy (so fit functions need no new args).
+
+    Nested blocks add up: callbacks are appended, resources merged (inner wins), the inner strategy wins.
+    """
+    outer = _OVERRIDES.get()
+    resources = {**(outer.resources_per_worker or {}), **(resources_per_worker or {})}
+    value = TrainerOverrides((*outer.callbacks, *callbacks), resources or None,
+                             placement_strategy or outer.placement_strategy)
+    token = _OVERRIDES.set(value)
+    try:
+        yield value
+    finally:
+        _OVERRIDES.reset(token)
+
+
+def record_placement(directory: str) -> dict[str, Any]:
+    """Write this worker's rank and Ray node id into `directory` (which node ran which rank, per attempt)."""
+    import ray
+
+    from raypipe.storage import atomic_write_json, join
+
+    info = {"rank": world_rank(), "world_size": world_size(), "node_id": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(), "time": time.time()}
+    try:
+        atomic_write_json(join(directory, f"rank{info['rank']:03d}-{time.time_ns()}-{os.getpid()}.json"), info)
+    except Exception as exc:  # placement is diagnostics: it must never fail a training run
+        log.warning("could not record worker placement in %s: %s", directory, exc)
+    return info
+
+
+def read_placement(directory: str) -> list[dict[str, Any]]:
+    """Every recorded worker start of a run (see `record_placement`), oldest first; [] when none."""
+    import pyarrow.fs as pafs
+
+    from raypipe import storage
+
+    if not storage.exists(directory):
+        return []
+    fs, p = storage.filesystem(directory)
+    infos = [i for i in fs.get_file_info(pafs.FileSelector(p)) if i.base_name.endswith(".json")]
+    rows = [json.loads(storage.read_bytes(storage.join(directory, i.base_name))) for i in infos]
+    return sorted(rows, key=lambda r: (r["time"], r["rank"]))
+
+
+def _with_placement_log(train_loop: Callable[[dict], None], directory: str) -> Callable[[dict], None]:
+    """The train loop, first recording where this worker runs (multi-node placement and failover checks)."""
+
+    @functools.wraps(train_loop)
+    def loop(config: dict) -> None:
+        record_placement(directory)
+        return train_loop(config)
+
+    return loop
+
+
 def make_trainer(
     train_loop: Callable[[dict], None],
     config: Mapping[str, Any],
@@ -310,18 +390,26 @@ def make_trainer(
 
     from raypipe.ray_utils import worker_resources
 
+    from raypipe.storage import join
+
     res = worker_resources(num_workers, use_gpu=use_gpu)
-    resources = {"CPU": res.cpus_per_worker}
+    resources: dict[str, float] = {"CPU": res.cpus_per_worker}
     if res.use_gpu:
         resources["GPU"] = 1
-    log.info("Ray Train: %d worker(s), %s each, gpu=%s", num_workers, resources, res.use_gpu)
+    overrides = _OVERRIDES.get()
+    resources.update(json.loads(os.environ.get(WORKER_RESOURCES_ENV) or "{}"))
+    resources.update(overrides.resources_per_worker or {})
+    strategy = overrides.placement_strategy or os.environ.get(PLACEMENT_STRATEGY_ENV) or "PACK"
+    log.info("Ray Train: %d worker(s), %s each, gpu=%s, placement %s", num_workers, resources, res.use_gpu, strategy)
     return TorchTrainer(
-        train_loop,
+        _with_placement_log(train_loop, join(storage_path, name, PLACEMENT_DIR)),
         train_loop_config=dict(config),
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=res.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=res.use_gpu, resources_per_worker=resources,
+                                     placement_strategy=strategy),
         run_config=RunConfig(
             storage_path=storage_path,
             name=name,
+            callbacks=list(overrides.callbacks) or None,
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=num_to_keep,

@@ -521,7 +521,7 @@ def _write_outputs(cfg: CTTrainConfig, result: Any, ds: Any, meta: pd.DataFrame,
     storage.atomic_write_bytes(storage.join(out, "model.pt"), buf.getvalue())
     state = payload["state"]
     model_meta = {
-        "model": cfg.model, "display_name": cfg.name, "model_kwargs": model_kwargs(cfg, n_clinical),
+        "builder": cfg.model, "kwargs": model_kwargs(cfg, n_clinical), "display_name": cfg.name,
         "task": "ct_multitask" if isinstance(cfg, MultitaskConfig) else "ct_fracture",
         "input": cfg.input, "n_slices": cfg.n_slices, "label": cfg.label,
         "clinical": clinical or {"columns": [], "mean": [], "sd": []},

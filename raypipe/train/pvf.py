@@ -78,6 +78,8 @@ class PVFTrainConfig(StrictModel):
     val_fraction: float = Field(0.2, gt=0, lt=1)
     test_fraction: float = Field(0.0, ge=0, lt=1)
     gradcam_images: int = Field(4, ge=0, description="held-out images with a Grad-CAM PNG")
+    bn_recalibration_batches: int = Field(
+        8, ge=0, description="after each epoch, recompute BatchNorm statistics over this many training batches")
     stop_after_epoch: int | None = Field(None, ge=1)
 
     num_workers: int = Field(1, ge=1)
@@ -190,6 +192,35 @@ def weighted_bce(logits: torch.Tensor, y: torch.Tensor, pos_weight: torch.Tensor
     return (per * weight).sum() / weight.sum().clamp(min=1e-6)
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches: Any, max_batches: int) -> int:
+    """Recompute BatchNorm running statistics as plain averages over a few training batches.
+
+    Why: torchvision's EfficientNet uses BN momentum 0.01, so after a few hundred steps the running
+    statistics still sit near their initial values (mean 0, var 1) and eval-mode activations shrink
+    block after block until every image gets the same score; averaging over fresh batches fixes that.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return 0
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    was_training = model.training
+    model.train()
+    n = 0
+    for x in batches:
+        if n >= max_batches:
+            break
+        model(x)
+        n += 1
+    for m, mom in zip(norms, momenta):
+        m.momentum = mom
+    model.train(was_training)
+    return n
+
+
 def train_loop_pvf(loop_config: dict) -> None:
     """Ray Train worker loop: BCE epochs, validation AUROC on rank 0, checkpoint, early stopping."""
     import ray.train
@@ -231,6 +262,9 @@ def train_loop_pvf(loop_config: dict) -> None:
             optimizer.step()
             total, count, steps = total + float(loss.detach()) * len(y), count + len(y), steps + 1
         train_loss = all_reduce_mean(total / max(count, 1), float(count))
+        if cfg.bn_recalibration_batches:
+            recalibrate_batchnorm(model, (x.to(setup.device) for x, _, _ in _batches(
+                ray.train.get_dataset_shard("train"), batch)), cfg.bn_recalibration_batches)
         metrics = _validate(cfg, model, setup) if rank == 0 else None
         if dist.is_available() and dist.is_initialized() and n_workers > 1:
             holder = [metrics]

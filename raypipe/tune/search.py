@@ -11,16 +11,22 @@ space:                            # dotted config keys -> distributions
   model_kwargs.dropout: {type: uniform, low: 0.0, high: 0.5}
   model_kwargs.hidden_sizes: {type: choice, values: [[16], [32, 32]]}
 asha: {grace_period: 2, reduction_factor: 2}   # max_t defaults to the base config's epochs
-max_concurrent_trials: 1
+max_concurrent_trials: 1          # optional; default: what `ray.cluster_resources()` holds
 trial_cpus: 0.25
+trial_resources: {}               # optional custom resources per trial (e.g. a node-type label)
 ```
+Concurrency and each trial's Ray Train worker resources are derived from the cluster
+(`raypipe.cluster.trial_resources`): on GPU clusters one GPU per worker, on CPU clusters the CPUs left
+after Ray Data's share divided over the concurrent trials. Models: `deepsurv` (X-ray), `cnn-rnn` and
+`multitask` (CT; e.g. `jobs/configs/ct_search.yaml`).
 Each trial is a function (Ray Train V2: never `Tuner(trainer)`) that merges its sample into the base config
 and calls the model's fit function, which builds and fits its own TorchTrainer with Tune's
 `TuneReportCallback`, so every epoch's validation metric reaches Optuna and ASHA. Trials write
 `OUT/trials/<trial_id>/` (a full run folder when not stopped early); the search writes `OUT/results.csv`
 (one row per trial: sampled values, last and best metric) and `OUT/best_config.yaml` (the base config with
-the best trial's values, ready for `raypipe train`). Rerunning with the same OUT restores the experiment
-(`Tuner.restore`). `cv_cli` is `raypipe.tune.cv.cv_cli` with the X-ray models registered.
+the best trial's values, ready for `raypipe train`) and `OUT/report.md` (the table as a report section).
+Rerunning with the same OUT restores the experiment (`Tuner.restore`): finished trials are not run again
+(each trial start is appended to `OUT/trials/<trial_id>/attempts.log`, its node to `trial.json`). `cv_cli` is `raypipe.tune.cv.cv_cli` with the X-ray models registered.
 """
 from __future__ import annotations
 
@@ -70,8 +76,11 @@ class SearchSpec(StrictModel):
     space: dict[str, Distribution]
     asha: AshaSettings = Field(default_factory=AshaSettings)
     seed: int = 0
-    max_concurrent_trials: int = Field(1, ge=1)
+    max_concurrent_trials: int | None = Field(None, ge=1, description="default: what the cluster's resources hold")
     trial_cpus: float = Field(0.25, gt=0, description="CPUs of a trial's driver function (Train workers ask for theirs)")
+    trial_resources: dict[str, float] = Field(default_factory=dict, description="extra custom resources per trial")
+    workers_per_trial: int | None = Field(None, ge=1, description="Ray Train workers per trial; default: config's")
+    max_failures: int = Field(1, ge=0, description="Tune retries per trial (FailureConfig)")
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -93,11 +102,31 @@ def _fit_deepsurv(config: BaseModel, data: str, out: str, callbacks: Sequence[An
     return fit_deepsurv(config, data, out, callbacks=callbacks)
 
 
+def _fit_ct(config: BaseModel, data: str, out: str, callbacks: Sequence[Any]) -> Any:
+    """CT (CNN-RNN / multitask) fit with Tune's report callback added to the trainer `fit_ct` builds."""
+    from raypipe.train.common import trainer_overrides
+    from raypipe.train.ct import fit_ct
+
+    with trainer_overrides(callbacks=callbacks):
+        return fit_ct(config, data, out)
+
+
 def tune_models() -> dict[str, TuneModel]:
     """`raypipe tune` model names (imports deferred)."""
+    from raypipe.train.config import CTTrainConfig, MultitaskConfig
     from raypipe.train.xray_config import DeepSurvConfig
 
-    return {"deepsurv": TuneModel(DeepSurvConfig, _fit_deepsurv)}
+    return {"deepsurv": TuneModel(DeepSurvConfig, _fit_deepsurv), "cnn-rnn": TuneModel(CTTrainConfig, _fit_ct),
+            "multitask": TuneModel(MultitaskConfig, _fit_ct)}
+
+
+def tune_model(name: str) -> TuneModel:
+    """The entry of a `raypipe tune` model name (`cnn_rnn` is read as `cnn-rnn`)."""
+    models = tune_models()
+    key = name if name in models else name.replace("_", "-")
+    if key not in models:
+        raise KeyError(f"no search for model {name!r}; known: {', '.join(sorted(models))}")
+    return models[key]
 
 
 def register_xray_cv_models() -> None:
@@ -199,20 +228,32 @@ class SearchTask:
     base: dict[str, Any]
     data_dir: str
     out_dir: str
+    worker_resources: dict[str, float] | None = None
 
 
 def search_trial(sample: dict[str, Any], task: SearchTask) -> None:
     """The Tune trainable: merge the sample into the base config and fit (the callback reports epochs)."""
+    import time
+
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from raypipe import storage
+    from raypipe.cluster import node_id
+    from raypipe.train.common import trainer_overrides
 
-    entry = tune_models()[task.model]
+    entry = tune_model(task.model)
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(entry.config_class, task.base, sample)
     out = storage.join(task.out_dir, "trials", trial_id)
-    entry.fit(cfg, task.data_dir, out, [TuneReportCallback()])
+    storage.makedirs(out)
+    attempts = storage.join(out, "attempts.log")
+    previous = storage.read_bytes(attempts).decode() if storage.exists(attempts) else ""
+    storage.atomic_write_text(attempts, previous + f"{time.time():.3f}\n")
+    storage.atomic_write_json(storage.join(out, "trial.json"), {"trial_id": trial_id, "node_id": node_id(),
+                                                                "config": decode(sample)})
+    with trainer_overrides(resources_per_worker=task.worker_resources):
+        entry.fit(cfg, task.data_dir, out, [TuneReportCallback()])
 
 
 def run_search(model: str, spec: SearchSpec, base: Mapping[str, Any], trials: int, data_dir: str,
@@ -222,12 +263,22 @@ def run_search(model: str, spec: SearchSpec, base: Mapping[str, Any], trials: in
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from raypipe import storage
+    import ray
 
-    entry = tune_models()[model]
+    from raypipe import storage
+    from raypipe.cluster import trial_resources
+
+    entry = tune_model(model)
     base_cfg = entry.config_class.model_validate(dict(base))
-    task = SearchTask(model=model, base=dict(base), data_dir=data_dir, out_dir=out_dir)
-    trainable = tune.with_resources(tune.with_parameters(search_trial, task=task), {"CPU": spec.trial_cpus})
+    workers = spec.workers_per_trial or int(getattr(base_cfg, "num_workers", 1) or 1)
+    plan = trial_resources(ray.cluster_resources(), workers, trials, trial_cpus=spec.trial_cpus,
+                           max_concurrent=spec.max_concurrent_trials)
+    log.info("search: %d trial(s), %d at once, trial driver %.2f CPU %s, %d worker(s) per trial with %s", trials,
+             plan.max_concurrent, plan.trial_cpus, spec.trial_resources or "", workers, plan.worker_resources)
+    task = SearchTask(model=model, base=dict(base), data_dir=data_dir, out_dir=out_dir,
+                      worker_resources=plan.worker_resources)
+    trainable = tune.with_resources(tune.with_parameters(search_trial, task=task),
+                                    {"CPU": plan.trial_cpus, **spec.trial_resources})
     path = storage.join(out_dir, "ray_results", EXPERIMENT_NAME)
     if tune.Tuner.can_restore(path):
         log.info("restoring the search in %s", path)
@@ -242,15 +293,15 @@ def run_search(model: str, spec: SearchSpec, base: Mapping[str, Any], trials: in
             param_space=param_space(spec),
             tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=trials,
                                         search_alg=OptunaSearch(seed=spec.seed), scheduler=scheduler,
-                                        max_concurrent_trials=spec.max_concurrent_trials, reuse_actors=False),
+                                        max_concurrent_trials=plan.max_concurrent, reuse_actors=False),
             run_config=tune.RunConfig(name=EXPERIMENT_NAME, storage_path=storage.join(out_dir, "ray_results"),
-                                      verbose=0),
+                                      failure_config=tune.FailureConfig(max_failures=spec.max_failures), verbose=0),
         )
     return tuner.fit()
 
 
-def results_table(grid: Any, metric: str, mode: str) -> pd.DataFrame:
-    """One row per trial: id, status, sampled values (`config/...`), epochs run, last and best metric."""
+def results_table(grid: Any, metric: str, mode: str, trials_dir: str | None = None) -> pd.DataFrame:
+    """One row per trial: id, status, sampled values, epochs run, last and best metric (+ node, starts)."""
     rows = []
     for r in grid:
         hist = r.metrics_dataframe if r.metrics_dataframe is not None else pd.DataFrame()
@@ -265,9 +316,36 @@ def results_table(grid: Any, metric: str, mode: str) -> pd.DataFrame:
             f"best_{metric}": float(values.max() if mode == "max" else values.min()) if len(values) else float("nan"),
         })
     table = pd.DataFrame(rows)
-    if len(table):
+    if len(table) and trials_dir:
+        table = _with_trial_nodes(table, trials_dir)
         table = table.sort_values(f"best_{metric}", ascending=(mode == "min"), na_position="last")
     return table.reset_index(drop=True)
+
+
+def _with_trial_nodes(table: pd.DataFrame, trials_dir: str) -> pd.DataFrame:
+    """Add each trial's node id and start count (from TRIALS/<id>/trial.json and attempts.log)."""
+    from raypipe import storage
+
+    nodes, starts = [], []
+    for trial_id in table["trial_id"].astype(str):
+        folder = storage.join(trials_dir, trial_id)
+        info = (json.loads(storage.read_bytes(storage.join(folder, "trial.json")).decode())
+                if storage.exists(storage.join(folder, "trial.json")) else {})
+        log_file = storage.join(folder, "attempts.log")
+        nodes.append(info.get("node_id", ""))
+        starts.append(len(storage.read_bytes(log_file).decode().split()) if storage.exists(log_file) else 0)
+    return table.assign(node_id=nodes, starts=starts)
+
+
+def results_markdown(table: pd.DataFrame, metric: str, mode: str) -> str:
+    """The results table as a Markdown report section (best trial first)."""
+    cols = [c for c in table.columns if c not in ("node_id",)]
+    lines = [f"## Hyperparameter search ({len(table)} trials, {mode} {metric})", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, row in table.iterrows():
+        cells = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in (row[c] for c in cols)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def tune_cli(model: str, config: str | None, trials: int, data: str | None, out: str | None) -> int:
@@ -279,8 +357,10 @@ def tune_cli(model: str, config: str | None, trials: int, data: str | None, out:
 
     if not data or not config:
         raise SystemExit(f"raypipe tune {model}: --config (a search spec YAML) and --data are required")
-    if model not in tune_models():
-        raise SystemExit(f"raypipe tune: no search for model {model!r}; known: {', '.join(sorted(tune_models()))}")
+    try:
+        entry = tune_model(model)
+    except KeyError as exc:
+        raise SystemExit(f"raypipe tune: {exc.args[0]}") from None
     spec, base = load_search_spec(config)
     out = out or os.path.join("runs", f"tune_{model}")
     out = str(out) if storage.is_uri(out) else os.path.abspath(out)
@@ -288,13 +368,14 @@ def tune_cli(model: str, config: str | None, trials: int, data: str | None, out:
     storage.makedirs(out)
     init_ray()
     grid = run_search(model, spec, base, trials, data, out)
-    table = results_table(grid, spec.metric, spec.mode)
+    table = results_table(grid, spec.metric, spec.mode, storage.join(out, "trials"))
     storage.atomic_write_text(storage.join(out, "results.csv"), table.to_csv(index=False))
+    storage.atomic_write_text(storage.join(out, "report.md"), results_markdown(table, spec.metric, spec.mode))
     ok = [r for r in grid if r.error is None and r.metrics and spec.metric in r.metrics]
     if not ok:
         raise RuntimeError(f"no trial reported {spec.metric}; see {storage.join(out, 'ray_results', EXPERIMENT_NAME)}")
     best = grid.get_best_result(metric=spec.metric, mode=spec.mode, scope="all", filter_nan_and_inf=True)
-    best_cfg = trial_config(tune_models()[model].config_class, base, best.config)
+    best_cfg = trial_config(entry.config_class, base, best.config)
     storage.atomic_write_text(storage.join(out, "best_config.yaml"),
                               yaml.safe_dump(best_cfg.model_dump(mode="json", exclude={"run_name"}), sort_keys=False))
     log.info("best trial: %s", json.dumps(decode(best.config)))

@@ -1,0 +1,42 @@
+"""Pure scale-out helpers: job path resolution under RAYPIPE_STORAGE and sweep sizing from cluster resources."""
+from __future__ import annotations
+
+import os
+
+from raypipe.cluster import resolve_input, resolve_output, trial_resources
+from raypipe.train.common import TrainerOverrides, _OVERRIDES, trainer_overrides
+
+
+def test_outputs_resolve_under_storage_root(monkeypatch, tmp_path):
+    """Relative job outputs go under RAYPIPE_STORAGE; URIs and absolute paths are kept."""
+    monkeypatch.setenv("RAYPIPE_STORAGE", "s3://bucket/raypipe")
+    assert resolve_output("runs/ct") == "s3://bucket/raypipe/runs/ct"
+    assert resolve_output("gs://b/x") == "gs://b/x"
+    assert resolve_output(str(tmp_path / "x")) == str(tmp_path / "x")
+    monkeypatch.setenv("RAYPIPE_STORAGE", str(tmp_path))
+    assert resolve_output("runs/ct") == os.path.join(str(tmp_path), "runs/ct")
+    monkeypatch.delenv("RAYPIPE_STORAGE")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_output("o") == str(tmp_path / "o") and resolve_input("o") == str(tmp_path / "o")
+
+
+def test_trial_resources_leave_whole_cpus_for_data():
+    """Concurrent trials never take the CPUs Ray Data needs (one whole CPU per node at least)."""
+    two_nodes = trial_resources({"CPU": 4.0}, workers_per_trial=1, trials=2, trial_cpus=0.25, nodes=2)
+    assert two_nodes.max_concurrent == 2 and not two_nodes.use_gpu
+    used = two_nodes.max_concurrent * (two_nodes.trial_cpus + two_nodes.worker_resources["CPU"])
+    assert used <= 4.0 - 2.0
+    big = trial_resources({"CPU": 64.0}, workers_per_trial=2, trials=20, nodes=4)
+    assert big.max_concurrent > 1 and big.worker_resources["CPU"] >= 0.25
+    gpu = trial_resources({"CPU": 32.0, "GPU": 8.0}, workers_per_trial=2, trials=10, nodes=1)
+    assert gpu.max_concurrent == 4 and gpu.worker_resources["GPU"] == 1.0 and gpu.use_gpu
+    assert trial_resources({"CPU": 4.0}, 1, 5, max_concurrent=1, nodes=1).max_concurrent == 1
+
+
+def test_trainer_overrides_nest_and_reset():
+    """Nested overrides add callbacks, merge resources (inner wins) and are gone after the block."""
+    with trainer_overrides(callbacks=["a"], resources_per_worker={"CPU": 1.0, "x": 1.0}):
+        with trainer_overrides(callbacks=["b"], resources_per_worker={"CPU": 0.5}, placement_strategy="SPREAD"):
+            inner = _OVERRIDES.get()
+    assert inner.callbacks == ("a", "b") and inner.resources_per_worker == {"CPU": 0.5, "x": 1.0}
+    assert inner.placement_strategy == "SPREAD" and _OVERRIDES.get() == TrainerOverrides()
