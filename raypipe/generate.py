@@ -381,24 +381,6 @@ def generate(
     return record
 
 
-def add_generate_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The `raypipe generate` options (DESIGN.md), for the lead's CLI and jobs/generate.py."""
-    p.add_argument("--image", required=True, help="baseline radiograph (DICOM or PNG)")
-    p.add_argument("--age", type=float, required=True)
-    p.add_argument("--sex", required=True, help="F or M")
-    p.add_argument("--years", default="1,5,10", help="comma-separated years after baseline")
-    p.add_argument("--last-followup", type=float, default=None, help="extra time point: years to last follow-up")
-    p.add_argument("--seeds", default=str(DEFAULT_SEEDS), help="count (0..n-1) or comma-separated seeds")
-    p.add_argument("--model", required=True, help="`raypipe train ldm` output or registry version folder")
-    p.add_argument("--pvf", default=None, help="`raypipe train pvf` output or registry version folder")
-    p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's)")
-    p.add_argument("--eta", type=float, default=None)
-    p.add_argument("--device", default=None)
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA")
-    return p
-
-
 def generate_cli(args: argparse.Namespace) -> int:
     """`raypipe generate --image X --age A --sex S --years 1,5,10 --seeds 10 --model DIR [--pvf DIR] --out DIR`."""
     years = [float(y) for y in str(args.years).split(",") if y.strip()]

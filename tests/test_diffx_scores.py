@@ -49,7 +49,8 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]
 
 
 def test_generate_cli_writes_images_and_scores(folders: tuple[Path, Path, Path], tmp_path: Path) -> None:
-    from raypipe.generate import add_generate_arguments, generate_cli
+    from raypipe.cli import add_generate_arguments
+    from raypipe.generate import generate_cli
 
     manifest, ldm, pvf = folders
     row = pd.read_csv(manifest).iloc[0]

@@ -67,6 +67,7 @@ def two_nodes():
             init_ray()
 
 
+@pytest.mark.slow
 def test_worker_node_removed_mid_training_resumes_on_remaining_node(two_nodes, tmp_path):
     """Remove the node hosting rank 1 after epoch 1's checkpoint: the run retries on the head, resumes, finishes."""
     import torch
@@ -156,6 +157,7 @@ def _finished_trials(out: Path) -> int:
     return max((s.read_text().count("TERMINATED") for s in states), default=0)
 
 
+@pytest.mark.slow
 def test_killed_tune_driver_resumes_without_rerunning_finished_trials(tmp_path):
     """Kill the sweep's driver after a trial finished; the rerun restores it and runs only the rest."""
     import pandas as pd
@@ -198,6 +200,7 @@ def _hashes(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("part-*.parquet"))}
 
 
+@pytest.mark.slow
 def test_killed_preprocessing_job_reruns_into_identical_shards(tmp_path, tmp_path_factory):
     """Kill `jobs/preprocess.py` after some shards landed; the rerun skips them and matches an uninterrupted run."""
     from raypipe.data.ct_pipeline import preprocess_ct

@@ -19,6 +19,9 @@ from tests.test_train_ct import _tiny_cfg, write_planted_shards
 NODE_LABELS = ("node_a", "node_b")
 
 
+pytestmark = pytest.mark.slow  # separate 2-node clusters: minutes each on 2 cores; `make test-slow`
+
+
 @pytest.fixture(scope="module")
 def two_nodes():
     """Head (node_a) + one worker node (node_b), 2 CPUs each; yields {label: node id}."""

@@ -36,6 +36,8 @@ def _cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return manifest, shards
 
 
+pytestmark = pytest.mark.slow  # seven Ray Train fits, not yet measured on an idle 2-core machine; `make test-slow`
+
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory, ray_session) -> tuple[Path, Path]:
     return _cohort(tmp_path_factory)

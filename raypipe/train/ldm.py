@@ -534,8 +534,8 @@ def write_model_dir(cfg: LDMTrainConfig, payload: Mapping[str, Any], out: str) -
     storage.atomic_write_bytes(storage.join(out, "model.pt"), buf.getvalue())
     history = state.get("history", [])
     meta = {
-        "builder": cfg.model, "kwargs": model_kwargs(cfg), "task": "ldm", "model": cfg.model,
-        "model_kwargs": model_kwargs(cfg), "display_name": cfg.name, "sampler": dict(cfg.sampler),
+        "builder": cfg.model, "kwargs": model_kwargs(cfg), "task": "ldm",
+        "display_name": cfg.name, "sampler": dict(cfg.sampler),
         "latent_scale": float(weights["vae.latent_scale"]), "ema": bool(cfg.use_ema and ema),
         "epochs_run": int(state.get("epoch", 0)), "image_size": image_size(cfg), "config_hash": config_hash(cfg),
         "preprocess": {"ldm_size": image_size(cfg), "intensity": "min-max, padded square, [-1, 1]"},

@@ -368,8 +368,8 @@ def _write_outputs(cfg: PVFTrainConfig, result: Any, data: str, kind: str, table
     torch.save(payload["model"], buf)
     storage.atomic_write_bytes(storage.join(out, "model.pt"), buf.getvalue())
     state = TrainState(**payload["state"])
-    meta = {"builder": cfg.model, "kwargs": model_kwargs(cfg), "task": "pvf", "model": cfg.model,
-            "model_kwargs": model_kwargs(cfg), "display_name": cfg.name, "preprocess": cfg.preprocess(),
+    meta = {"builder": cfg.model, "kwargs": model_kwargs(cfg), "task": "pvf",
+            "display_name": cfg.name, "preprocess": cfg.preprocess(),
             "label": cfg.label, "score_kind": "probability", "best_epoch": state.best_epoch, "monitor": cfg.monitor,
             "best_value": state.best_value, "epochs_run": latest["state"]["epoch"], "config_hash": config_hash(cfg)}
     storage.atomic_write_json(storage.join(out, "model_meta.json"), meta)
