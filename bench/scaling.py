@@ -94,14 +94,17 @@ def preprocessing_throughput(manifest: Path, work: Path, nodes: int, cpus_per_no
 
     from raypipe.data.ct_pipeline import preprocess_ct, read_ct_manifest
     from raypipe.preprocess.config import CTPreprocessConfig
+    from raypipe.ray_utils import LOCAL_SYSTEM_CONFIG, configure_data
 
     ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": cpus_per_node, "include_dashboard": False})
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": cpus_per_node, "include_dashboard": False, "_system_config": LOCAL_SYSTEM_CONFIG})
     for _ in range(nodes - 1):
         cluster.add_node(num_cpus=cpus_per_node)
     cluster.wait_for_nodes()
     try:
         ray.init(address=cluster.address, log_to_driver=False)
+        configure_data()
         n = len(read_ct_manifest(manifest))
         t0 = time.perf_counter()
         summary = preprocess_ct(manifest, work / f"shards_{nodes}n", config=CTPreprocessConfig(shard_size=1))

@@ -89,6 +89,88 @@ class Demo:
             msg += f"\n   real-CT DRR: {r['ok']} of {r['studies']} aligned into L1-L5 patches -> {r['out']}"
         return msg
 
+    def cv_ct(self) -> str:
+        from raypipe.tune.cv import cv_cli
+
+        out = self.out / "runs" / "ct_cv"
+        cv_cli("cnn-rnn", str(TINY_CONFIGS / "ct_tiny.yaml"), 2, str(self.state["ct_shards"]), str(out))
+        self.state["ct_cv"] = out
+        return f"2-fold CV of the tiny CNN-RNN (one Tune trial per fold, Ray Train inside) -> {out}"
+
+    def evaluate_ct(self) -> str:
+        from raypipe.evaluate import evaluate, summary_lines
+
+        out = self.out / "reports" / "ct_cv"
+        result = evaluate(self.state["ct_cv"] / "predictions.parquet", out, n_boot=200, seed=self.seed)
+        _indent("\n".join(summary_lines(result)))
+        return f"report: {out / 'report.html'}"
+
+    def train_xray(self) -> str:
+        from raypipe.train.deepsurv import train_cli
+
+        out = self.out / "runs" / "xray_deepsurv"
+        train_cli("deepsurv", str(TINY_CONFIGS / "xray_deepsurv_tiny.yaml"), str(self.state["xray_shards"]), str(out))
+        self.state["xray_run"] = out
+        return f"DeepSurv (image + clinical model 3, Cox partial likelihood) -> {out}{_headline(out, 'c_index')}"
+
+    def train_pvf(self) -> str:
+        from raypipe.train.pvf import train_cli
+
+        out = self.out / "runs" / "pvf"
+        train_cli(str(TINY_CONFIGS / "pvf_tiny.yaml"), str(self.state["manifest"]), str(out))
+        self.state["pvf_run"] = out
+        return f"prevalent-fracture classifier (EfficientNet, CLAHE) -> {out}{_headline(out, 'auroc')}"
+
+    def train_ldm(self) -> str:
+        from raypipe.train.ldm import train_cli
+
+        out = self.out / "runs" / "ldm"
+        train_cli(str(TINY_CONFIGS / "ldm_tiny.yaml"), str(self.state["manifest"]), str(out))
+        self.state["ldm_run"] = out
+        return f"Diff-X: VAE + structure LDM + prompt LDM -> {out}"
+
+    def generate(self) -> str:
+        import pandas as pd
+
+        from raypipe.data.generate_pipeline import GenerateJobConfig, generate_cohort
+
+        cfg = GenerateJobConfig(years=[1, 5], include_last_followup=False, seeds=2, split="test", bf16=False,
+                                n_boot=50, image_quality=True)
+        out = self.out / "diffx"
+        r = generate_cohort(str(self.state["manifest"]), str(self.state["ldm_run"]), str(out),
+                            str(self.state["pvf_run"]), cfg)
+        preds = pd.read_parquet(r["predictions"])
+        table = preds[["study_id", "bpvf", "score", "gpvf_sd", "gpvf_year", "group"]].rename(
+            columns={"bpvf": "BpVF", "score": "GpVF", "gpvf_sd": "GpVF SD", "gpvf_year": "year of max"})
+        _indent(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        q = r["metrics"].get("image_quality", {})
+        if q:
+            _indent("baseline reconstruction vs the real image (mean over patients): " + ", ".join(
+                f"{k.replace('_', ' ')} {v['mean']:.3f}" for k, v in q.items()))
+        groups = ", ".join(f"{k} {v}" for k, v in r["metrics"]["groups"].items())
+        return f"{r['studies']} test-split patients x 2 time points x 2 seeds; groups: {groups} -> {out}"
+
+    def publish(self) -> str:
+        from raypipe.registry import publish
+
+        registry = self.out / "registry"
+        runs = {"ct": self.state["ct_cv"] / "folds" / "fold_00", "xray": self.state["xray_run"],
+                "pvf": self.state["pvf_run"], "ldm": self.state["ldm_run"]}
+        lines = []
+        for name, run in runs.items():
+            v = publish(run, registry, name, "raypipe demo: trained on the synthetic cohort")
+            lines.append(f"{name} {v.version} <- {run}")
+        _indent("\n".join(lines))
+        self.state["registry"] = registry
+        return f"registry: {registry}"
+
+    def serve(self) -> str:
+        from raypipe.serving.smoke import score_over_http
+
+        _indent(score_over_http(self.state["registry"], self.state["manifest"],
+                                real_ct=(REAL_CT, REAL_CT_MASKS) if REAL_CT.exists() else None))
+        return "Serve app scored a CT and a radiograph over HTTP and shut down"
+
     def steps(self) -> list[tuple[str, Callable[[], str]]]:
         """The ordered steps (name, function)."""
         return [
@@ -98,11 +180,33 @@ class Demo:
             ("preprocess CT on Ray Data", self.preprocess_ct),
             ("DRR of the real CT", self.drr),
             ("preprocess radiographs on Ray Data", self.preprocess_xray),
+            ("CT: tiny 2-fold cross-validation on Ray Tune + Ray Train", self.cv_ct),
+            ("CT: evaluate the out-of-fold and external predictions", self.evaluate_ct),
+            ("X-ray: train DeepSurv on Ray Train", self.train_xray),
+            ("Diff-X: train the pVF classifier", self.train_pvf),
+            ("Diff-X: train the latent diffusion models", self.train_ldm),
+            ("Diff-X: future radiographs and risk groups (Ray Data)", self.generate),
+            ("publish the demo's models to a registry", self.publish),
+            ("Ray Serve: score over HTTP", self.serve),
         ]
 
 
 def _indent(text: str) -> None:
     print("   " + text.replace("\n", "\n   "), flush=True)
+
+
+def _headline(run: Path, key: str) -> str:
+    """The run's first model's `key` metric (e.g. c_index, auroc) with its CI from metrics.json, if present."""
+    path = run / "metrics.json"
+    if not path.is_file():
+        return ""
+    for name, m in json.loads(path.read_text()).get("models", {}).items():
+        if isinstance(m.get(key), dict) and m[key].get("value") is not None:
+            lo, hi = m[key].get("ci_low"), m[key].get("ci_high")
+            span = f" (95% CI {lo:.2f}-{hi:.2f})" if lo is not None and hi is not None else ""
+            n = f", n={m['n']}" if "n" in m else ""
+            return f"\n   held-out {key} of {name}: {m[key]['value']:.3f}{span}{n}"
+    return ""
 
 
 def _one_row_manifest(folder: Path, ct: Path, masks: Path, body: Path) -> Path:

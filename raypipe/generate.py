@@ -330,6 +330,26 @@ def generate_study(
     return record
 
 
+def reconstruction_quality(pipeline: DiffXPipeline, pixels: np.ndarray, age: float, sex: str,
+                           seeds: Sequence[int], clinical: Mapping[str, Any] | None = None) -> dict[str, float]:
+    """MS-SSIM and PSNR against the baseline image of Diff-X's reconstruction (inversion + injection, baseline
+    prompt) and of the single prompt LDM (same prompt, no structure); means over seeds (thesis Results 2)."""
+    from raypipe.metrics import ms_ssim, psnr
+    from raypipe.preprocess.pvf import from_ldm_output, ldm_input
+
+    base_prompt, _ = future_prompts(age, sex, [], clinical)
+    image = torch.from_numpy(ldm_input(pixels, pipeline.model.image_size))[None]
+    target = from_ldm_output(image[0, 0].numpy())
+    seeds = [int(v) for v in seeds]
+    out: dict[str, float] = {}
+    for name, images in (("diffx", pipeline(image, base_prompt, [base_prompt], seeds)),
+                         ("single", pipeline.sample_single([base_prompt], seeds))):
+        grey = from_ldm_output(images[0, :, 0].numpy())  # (seeds, H, W)
+        out[f"{name}_ms_ssim"] = float(np.mean([ms_ssim(g, target, data_range=1.0) for g in grey]))
+        out[f"{name}_psnr"] = float(np.mean([psnr(g, target, data_range=1.0) for g in grey]))
+    return out
+
+
 def _seed_list(seeds: int | Sequence[int]) -> list[int]:
     """An int n means seeds 0..n-1; a sequence is taken as given."""
     if isinstance(seeds, (int, np.integer)):

@@ -132,6 +132,11 @@ def publish(run_dir: str | Path, registry: str | Path, name: str, card_notes: st
     return load_version(registry, name, f"v{n}")
 
 
+def _fmt(x: Any) -> str:
+    """A metric for the model card: 3 decimals, "n/a" when undefined (null/NaN in metrics.json)."""
+    return f"{x:.3f}" if isinstance(x, (int, float)) and x == x else "n/a"
+
+
 def _model_card(name: str, meta: dict, folder: Path, run: Path, notes: str) -> str:
     metrics = json.loads((folder / "metrics.json").read_text() or "{}")
     lines = [f"# {name}", "", f"Published {datetime.now(timezone.utc).isoformat(timespec='seconds')} from `{run}`.", "",
@@ -144,7 +149,8 @@ def _model_card(name: str, meta: dict, folder: Path, run: Path, notes: str) -> s
     for m, vals in models.items():
         for k, v in vals.items():
             if isinstance(v, dict) and "value" in v:
-                lines.append(f"- {m} {k}: {v['value']:.3f} (95% CI {v.get('ci_low', float('nan')):.3f}-{v.get('ci_high', float('nan')):.3f})")
+                ci = f" (95% CI {_fmt(v.get('ci_low'))}-{_fmt(v.get('ci_high'))})" if "ci_low" in v else ""
+                lines.append(f"- {m} {k}: {_fmt(v['value'])}{ci}")
     lines += ["", "## Intended use",
               "Research use: opportunistic fracture-risk estimation from routine imaging. Not a medical device;",
               "validate on the local population before any clinical use.", ""]

@@ -78,8 +78,15 @@ def test_batch_pipeline_then_evaluate(ray_session: None, folders: tuple[Path, Pa
     from raypipe.predictions import read_predictions
 
     manifest, ldm, pvf = folders
+    table = pd.read_csv(manifest)
+    # a "real follow-up" radiograph for half the patients (their own image, 2 years on) -> pVF agreement block
+    half = table.index < len(table) // 2
+    table.loc[half, "followup_image_path"] = table.loc[half, "image_path"]
+    table.loc[half, "followup_years"] = 2.0
+    manifest = manifest.parent / "manifest_followup.csv"
+    table.to_csv(manifest, index=False)
     cfg = GenerateJobConfig(years=[1, 10], seeds=2, steps=3, include_last_followup=False, write_images=False,
-                            n_boot=20)
+                            n_boot=20, image_quality=True)
     res = generate_cohort(str(manifest), str(ldm), str(tmp_path / "batch"), str(pvf), cfg)
     n = len(pd.read_csv(manifest))
     assert res["studies"] == n
@@ -91,6 +98,18 @@ def test_batch_pipeline_then_evaluate(ray_session: None, folders: tuple[Path, Pa
     metrics = json.loads((tmp_path / "batch" / "diffx_metrics.json").read_text())
     assert metrics["n"] == n and sum(metrics["groups"].values()) == n
     assert {"cox_univariable", "cox_age_sex_bmi", "cox_frax_mof", "td_auroc_gpvf", "logrank"} <= set(metrics)
+    quality = metrics["image_quality"]
+    assert set(quality) == {"diffx_ms_ssim", "diffx_psnr", "single_ms_ssim", "single_psnr"}
+    assert all(q["n"] == n for q in quality.values()) and 0 <= quality["diffx_ms_ssim"]["mean"] <= 1
+    assert quality["diffx_ms_ssim"]["mean"] == pytest.approx(preds["quality_diffx_ms_ssim"].mean())
+    agree = metrics["followup_agreement"]
+    followed = preds.dropna(subset=["pvf_followup_real"])
+    assert agree["n"] == len(followed) == n // 2
+    diff = followed["pvf_followup_generated"] - followed["pvf_followup_real"]
+    assert agree["bland_altman"]["mean_difference"] == pytest.approx(diff.mean())
+    for sid, followed_row in zip(table["study_id"].astype(str), half):  # the follow-up year is generated too
+        rec = json.loads((tmp_path / "batch" / "studies" / sid / "generation.json").read_text())
+        assert ("2" in rec["gpvf_by_year"]) == bool(followed_row), (sid, list(rec["gpvf_by_year"]))
     report = evaluate(res["predictions"], tmp_path / "eval", n_boot=20)
     assert "diffx" in report["models"]
     assert (tmp_path / "eval" / "report.html").exists()

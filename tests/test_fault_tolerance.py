@@ -50,15 +50,17 @@ def two_nodes():
     import ray
     from ray.cluster_utils import Cluster
 
-    from raypipe.ray_utils import init_ray
+    from raypipe.ray_utils import LOCAL_SYSTEM_CONFIG, configure_data, init_ray
 
     had_ray = ray.is_initialized()
     ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "include_dashboard": False, "_system_config": LOCAL_SYSTEM_CONFIG})
     worker = cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
     try:
         ray.init(address=cluster.address, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}}, log_to_driver=False)
+        configure_data()
         yield cluster, worker
     finally:
         ray.shutdown()
@@ -189,7 +191,7 @@ def test_killed_tune_driver_resumes_without_rerunning_finished_trials(tmp_path):
         kill_marked(ray_tmp)
     assert "restoring the search" in (tmp_path / "second.log").read_text()
     table = pd.read_csv(out / "results.csv", dtype={"trial_id": str})
-    assert len(table) == 3 and (table["status"] == "ok").all(), table
+    assert len(table) == 3 and (table["status"] == "complete").all(), table
     starts = dict(zip(table["trial_id"], table["starts"]))
     for trial in done_before:
         assert starts[trial] == 1, (trial, starts)  # finished before the kill: never started again

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from raypipe.ray_utils import LOCAL_SYSTEM_CONFIG
 from tests._scaleout import ROOT, VENV_BIN, ct_cohort, free_port, kill_group, kill_marked
 
 pytestmark = pytest.mark.slow  # ~6-10 min on 2 loaded cores: two real training jobs
@@ -44,7 +45,8 @@ def cluster(tmp_path_factory):
     home.mkdir()
     env = _env(dict(os.environ), HOME=str(home), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
     # a loaded 2-core host starts the dashboard agent slowly; the raylet's default wait for it is too short
-    head_env = {**env, "RAY_agent_register_timeout_ms": "180000"}
+    head_env = {**env, "RAY_agent_register_timeout_ms": "180000",
+                **{f"RAY_{k}": str(v) for k, v in LOCAL_SYSTEM_CONFIG.items()}}
     port, dash = free_port(), free_port()
     head = subprocess.Popen(
         [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
@@ -90,8 +92,9 @@ def _wait(address: str, env: dict[str, str], job_id: str) -> tuple[str, str]:
     while time.time() < deadline:
         r = subprocess.run([str(VENV_BIN / "ray"), "job", "status", "--address", address, job_id], env=env,
                            capture_output=True, text=True, timeout=120)
-        m = re.search(r"\b(PENDING|RUNNING|SUCCEEDED|FAILED|STOPPED)\b", r.stdout)
-        status = m.group(1) if m else status
+        # the CLI prints "... is currently RUNNING" while running and "Job '...' succeeded" once done
+        m = re.search(r"\b(PENDING|RUNNING|SUCCEEDED|FAILED|STOPPED)\b", r.stdout + r.stderr, re.IGNORECASE)
+        status = m.group(1).upper() if m else status
         if status in ("SUCCEEDED", "FAILED", "STOPPED"):
             break
         time.sleep(5)

@@ -174,6 +174,21 @@ def test_diffx_reconstructs_better_than_single_ldm(trained: torch.nn.Module, ima
     pipe.injection.remove()
 
 
+def test_reconstruction_quality_favours_diffx(trained: torch.nn.Module, images: tuple) -> None:
+    """`reconstruction_quality` (the batch job's image-quality block): Diff-X beats the single LDM on both."""
+    from raypipe.generate import reconstruction_quality
+
+    x, _, rows = images
+    pipe = DiffXPipeline(trained, SamplerSettings(steps=10, eta=0.0))
+    qs = [reconstruction_quality(pipe, (x[i, 0].numpy() + 1) / 2, float(rows[i]["age"]), str(rows[i]["sex"]), [0, 1])
+          for i in range(3)]
+    pipe.injection.remove()
+    for key in ("ms_ssim", "psnr"):
+        ours, single = np.mean([q[f"diffx_{key}"] for q in qs]), np.mean([q[f"single_{key}"] for q in qs])
+        assert ours > single, (key, qs)
+    assert all(0.0 <= q["diffx_ms_ssim"] <= 1.0 and 0.0 <= q["single_ms_ssim"] <= 1.0 for q in qs)
+
+
 def test_prompt_age_changes_the_output(trained: torch.nn.Module, images: tuple) -> None:
     x, prompts, _ = images
     pipe = DiffXPipeline(trained, SamplerSettings(steps=4))

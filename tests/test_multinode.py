@@ -28,17 +28,19 @@ def two_nodes():
     import ray
     from ray.cluster_utils import Cluster
 
-    from raypipe.ray_utils import init_ray
+    from raypipe.ray_utils import LOCAL_SYSTEM_CONFIG, configure_data, init_ray
 
     had_ray = ray.is_initialized()
     ray.shutdown()
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 2, "resources": {NODE_LABELS[0]: 1, "trial_slot": 1}, "include_dashboard": False})
+        "num_cpus": 2, "resources": {NODE_LABELS[0]: 1, "trial_slot": 1}, "include_dashboard": False,
+        "_system_config": LOCAL_SYSTEM_CONFIG})
     cluster.add_node(num_cpus=2, resources={NODE_LABELS[1]: 1, "trial_slot": 1})
     cluster.wait_for_nodes()
     try:
         ray.init(address=cluster.address, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
                  log_to_driver=False)
+        configure_data()
         ids = {}
         for n in ray.nodes():
             for label in NODE_LABELS:
@@ -96,7 +98,7 @@ def test_sweep_spreads_trials_over_both_nodes(two_nodes, tmp_path):
     (tmp_path / "search.yaml").write_text(yaml.safe_dump(spec))
     assert tune_cli("cnn-rnn", str(tmp_path / "search.yaml"), 2, str(tmp_path / "shards"), str(tmp_path / "out")) == 0
     table = pd.read_csv(tmp_path / "out" / "results.csv")
-    assert len(table) == 2 and (table["status"] == "ok").all()
+    assert len(table) == 2 and (table["status"] == "complete").all()
     assert set(table["node_id"]) == set(two_nodes.values()), table
     assert (tmp_path / "out" / "best_config.yaml").is_file() and (tmp_path / "out" / "report.md").is_file()
 

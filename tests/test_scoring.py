@@ -124,3 +124,17 @@ def test_future_summary_groups() -> None:
     assert s["gpvf_mean"] == pytest.approx(0.675) and s["gpvf_sd"] == pytest.approx(np.std([0.7, 0.65], ddof=1))
     assert summarise_future(0.55, {1.0: [0.1]})["risk_group"] == "HIGH"
     assert summarise_future(0.1, {1.0: [0.1, 0.2]})["risk_group"] == "LL"
+
+
+def test_publish_with_undefined_metrics_writes_card(tmp_path: Path) -> None:
+    """A tiny held-out set gives null CIs (one class in every resample): the model card says n/a, publish works."""
+    from raypipe.registry import load_version, publish
+    from raypipe.scoring.tiny import write_run
+
+    run = write_run(tmp_path / "run", "pvf_tiny", {"in_chans": 1})
+    (run / "metrics.json").write_text(json.dumps({"models": {"pvf": {
+        "auroc": {"value": 0.5, "ci_low": None, "ci_high": None}, "c_index": {"value": None}}}}))
+    v = publish(run, tmp_path / "reg", "pvf")
+    card = (v.path / "card.md").read_text()
+    assert "- pvf auroc: 0.500 (95% CI n/a-n/a)" in card and "- pvf c_index: n/a" in card
+    assert load_version(tmp_path / "reg", "pvf").version == "v1"

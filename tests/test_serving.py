@@ -32,12 +32,9 @@ CLINICAL = {"age": 71, "sex": "F", "bmi": 23.5, "glucocorticoid": False}
 
 
 def _zip_dir(folder: Path, prefix: str = "") -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-        for f in sorted(folder.rglob("*")):
-            if f.is_file():
-                z.write(f, prefix + str(f.relative_to(folder)))
-    return buf.getvalue()
+    from raypipe.serving.smoke import zip_folder
+
+    return zip_folder(folder, prefix)
 
 
 def _free_port() -> int:

@@ -10,7 +10,11 @@ one ``generation.json`` per study under ``OUT/studies/<study_id>/``. Then:
 - ``OUT/diffx_metrics.json``: the thesis's Table 4 and Figure 17-20 numbers: Cox hazard ratios of the
   groups (univariable; + age, sex, BMI; + FRAX MOF) with likelihood-ratio chi-square, the LR chi-square
   of the BpVF-only split (0.5) for comparison, time-dependent AUROC of GpVF at 1/5/10 years, group
-  incidence, KM curves and the log-rank test by group.
+  incidence, KM curves and the log-rank test by group; with ``image_quality``, MS-SSIM and PSNR of
+  Diff-X's baseline reconstruction and of the single prompt LDM against the real baseline (mean, SD);
+  and, for studies whose manifest row has a real follow-up radiograph (``followup_image_path`` taken
+  ``followup_years`` after baseline), Bland-Altman agreement and Pearson correlation between pVF on the
+  real follow-up and the mean GpVF generated for that year.
 Every metric block records an ``error`` instead of failing when the cohort cannot support it (e.g.
 one group only, no events).
 """
@@ -48,6 +52,7 @@ class GenerateJobConfig(StrictModel):
     split: str | None = Field(None, description="only studies of this manifest split (None: all)")
     concurrency: int | None = Field(None, ge=1, description="replicas (None: one per GPU, else 1 on CPU)")
     clinical_prompts: bool = Field(False, description="add clinical attributes to the prompts (thesis: age, sex)")
+    image_quality: bool = Field(False, description="MS-SSIM/PSNR of Diff-X vs single-LDM baseline reconstructions")
     n_boot: int = Field(200, ge=0)
     seed: int = 0
 
@@ -69,7 +74,7 @@ class DiffXGenerator:
         self.out_dir = out_dir
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        from raypipe.generate import CLINICAL_PROMPT_KEYS, generate_study
+        from raypipe.generate import CLINICAL_PROMPT_KEYS, generate_study, reconstruction_quality
         from raypipe.io.radiograph import read_radiograph
 
         rows = []
@@ -79,15 +84,36 @@ class DiffXGenerator:
                 last = round(float(r["time_days"]) / DAYS_PER_YEAR, 2)
                 if last not in years:
                     years.append(last)
+            followup = _followup(r)
+            if followup is not None and followup[1] not in years:
+                years.append(followup[1])
             clinical = {k: r.get(k) for k in CLINICAL_PROMPT_KEYS} if self.cfg.clinical_prompts else None
-            rec = generate_study(self.pipe, read_radiograph(r["image_path"]).pixels, float(r["age"]), str(r["sex"]),
-                                 years, list(range(self.cfg.seeds)),
+            pixels = read_radiograph(r["image_path"]).pixels
+            seeds = list(range(self.cfg.seeds))
+            rec = generate_study(self.pipe, pixels, float(r["age"]), str(r["sex"]), years, seeds,
                                  os.path.join(self.out_dir, "studies", str(r["study_id"])), self.pvf, clinical,
                                  self.cfg.write_images)
-            rows.append({"study_id": str(r["study_id"]), "bpvf": rec.get("bpvf"), "gpvf": rec.get("gpvf"),
-                         "gpvf_sd": rec.get("uncertainty"), "gpvf_year": rec.get("gpvf_year"),
-                         "group": rec.get("group")})
+            row = {"study_id": str(r["study_id"]), "bpvf": rec.get("bpvf"), "gpvf": rec.get("gpvf"),
+                   "gpvf_sd": rec.get("uncertainty"), "gpvf_year": rec.get("gpvf_year"), "group": rec.get("group")}
+            if followup is not None and self.pvf is not None:
+                real = read_radiograph(followup[0]).pixels.astype(np.float32)
+                row["followup_years"] = followup[1]
+                row["pvf_followup_real"] = float(self.pvf([real])[0])
+                row["pvf_followup_generated"] = rec["gpvf_by_year"][f"{followup[1]:g}"]["mean"]
+            if self.cfg.image_quality:
+                row.update({f"quality_{k}": v for k, v in reconstruction_quality(
+                    self.pipe, pixels, float(r["age"]), str(r["sex"]), seeds, clinical).items()})
+            rows.append(row)
         return pd.DataFrame(rows)
+
+
+def _followup(row: dict[str, Any]) -> tuple[str, float] | None:
+    """(real follow-up radiograph path, years after baseline) when the manifest row has both."""
+    path, years = row.get("followup_image_path"), row.get("followup_years")
+    if path is None or (isinstance(path, float) and not np.isfinite(path)) or years is None:
+        return None
+    years = float(years)
+    return (str(path), round(years, 2)) if np.isfinite(years) and years > 0 else None
 
 
 def generate_cohort(manifest: str, model_dir: str, out_dir: str, pvf_dir: str | None = None,
@@ -111,8 +137,12 @@ def generate_cohort(manifest: str, model_dir: str, out_dir: str, pvf_dir: str | 
     if table.empty:
         raise ValueError(f"{manifest}: no XR studies to generate for")
     cols = [c for c in ("study_id", "image_path", "age", "sex", "time_days", "bmi", "prevalent_fracture",
-                        "glucocorticoid", "prior_fracture", "rheumatoid_arthritis", "secondary_osteoporosis")
+                        "glucocorticoid", "prior_fracture", "rheumatoid_arthritis", "secondary_osteoporosis",
+                        "followup_image_path", "followup_years")
             if c in table.columns]
+    from raypipe.ray_utils import init_ray
+
+    init_ray()
     gpus = int(ray.cluster_resources().get("GPU", 0))
     concurrency = cfg.concurrency or (gpus if gpus else 1)
     resources = {"num_gpus": 1} if gpus else {"num_cpus": 1}
@@ -133,6 +163,8 @@ def generate_cohort(manifest: str, model_dir: str, out_dir: str, pvf_dir: str | 
         split=base["split"].astype(str) if "split" in base.columns else "test", fold=-1, model=MODEL_NAME,
         score=base["gpvf"].astype(float), score_kind="probability", bpvf=base["bpvf"].astype(float),
         gpvf_sd=base["gpvf_sd"].astype(float), gpvf_year=base["gpvf_year"].astype(float), group=base["group"])
+    extra = [c for c in scored.columns if c.startswith("quality_") or c.startswith("pvf_followup_")]
+    frame = frame.assign(**{c: base[c].astype(float) for c in extra})
     pred_path = storage.join(out, "predictions.parquet")
     write_predictions(frame, pred_path, {"model": MODEL_NAME, "model_dir": os.path.abspath(model_dir),
                                          "pvf_dir": os.path.abspath(pvf_dir), **cfg.model_dump(mode="json")})
@@ -206,6 +238,34 @@ def diffx_metrics(frame: pd.DataFrame, cfg: GenerateJobConfig | None = None) -> 
                                                    "survival": kaplan_meier(t[m], e[m]).survival.tolist()}
                                           for g in df["group"].unique() for m in [(df["group"] == g).to_numpy()]})
     out["logrank"] = _guard(lambda: vars(logrank_test(t, e, df["group"].to_numpy(str))))
+    quality = image_quality_summary(frame)
+    if quality:
+        out["image_quality"] = quality
+    if "pvf_followup_real" in frame.columns:
+        out["followup_agreement"] = _guard(lambda: followup_agreement(frame))
+    return out
+
+
+def image_quality_summary(frame: pd.DataFrame) -> dict[str, Any]:
+    """Mean and SD over studies of each `quality_*` column (Diff-X vs single-LDM MS-SSIM and PSNR)."""
+    out: dict[str, Any] = {}
+    for c in sorted(c for c in frame.columns if c.startswith("quality_")):
+        v = frame[c].to_numpy(float)
+        v = v[np.isfinite(v)]
+        if v.size:
+            out[c.removeprefix("quality_")] = {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if v.size > 1 else 0.0,
+                                               "n": int(v.size)}
+    return out
+
+
+def followup_agreement(frame: pd.DataFrame) -> dict[str, Any]:
+    """pVF on real follow-up radiographs vs mean GpVF generated for the same year: Bland-Altman + Pearson r."""
+    from raypipe.metrics import bland_altman, correlation_ci
+
+    pair = frame[["pvf_followup_real", "pvf_followup_generated"]].astype(float).dropna()
+    real, gen = pair["pvf_followup_real"].to_numpy(), pair["pvf_followup_generated"].to_numpy()
+    out: dict[str, Any] = {"n": int(len(pair)), "bland_altman": vars(bland_altman(gen, real))}
+    out["correlation"] = _guard(lambda: vars(correlation_ci(gen, real)))
     return out
 
 

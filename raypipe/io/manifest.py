@@ -16,17 +16,18 @@ import pandas as pd
 from raypipe.io.errors import RaypipeInputError
 
 REQUIRED_COLUMNS = ("patient_id", "study_id", "modality", "image_path", "time_days", "event")
-PATH_COLUMNS = ("image_path", "mask_path", "body_mask_path", "keypoints_path")
+PATH_COLUMNS = ("image_path", "mask_path", "body_mask_path", "keypoints_path", "followup_image_path")
 BINARY_COLUMNS = (
     "event", "prevalent_fracture", "smoker", "alcohol", "glucocorticoid", "secondary_osteoporosis",
     "rheumatoid_arthritis", "prior_fracture", "t2dm", "hiv", "hcv", "renal_failure",
 )
-NUMERIC_COLUMNS = ("time_days", "age", "height_cm", "weight_kg", "bmi", "frax_mof", "frax_hip")
+NUMERIC_COLUMNS = ("time_days", "age", "height_cm", "weight_kg", "bmi", "frax_mof", "frax_hip", "followup_years")
 OPTIONAL_COLUMNS = (
     "mask_path", "mask_labels", "body_mask_path", "keypoints_path", "site", "split", "prevalent_fracture",
     "age", "sex", "height_cm", "weight_kg", "bmi", "smoker", "alcohol", "glucocorticoid",
     "secondary_osteoporosis", "rheumatoid_arthritis", "prior_fracture", "t2dm", "hiv", "hcv",
     "renal_failure", "frax_mof", "frax_hip",
+    "followup_image_path", "followup_years",  # XR: a real follow-up radiograph and its years after baseline (Diff-X)
 )
 KNOWN_COLUMNS = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
 MODALITIES = ("CT", "XR")
@@ -194,6 +195,8 @@ def _check_row(i: int, r: dict, base: Path, check_files: bool, add) -> None:
             add(ManifestProblem(i, c, r[c], "not a finite number"))
         elif c == "time_days" and v <= 0:
             add(ManifestProblem(i, c, r[c], "time must be > 0 days"))
+        elif c == "followup_years" and v <= 0:
+            add(ManifestProblem(i, c, r[c], "follow-up must be > 0 years after baseline"))
         elif c == "age" and not 0 <= v <= 120:
             add(ManifestProblem(i, c, r[c], "age outside 0-120 years"))
         elif c in ("frax_mof", "frax_hip") and not 0 <= v <= 100:

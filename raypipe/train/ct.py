@@ -480,7 +480,8 @@ def fit_ct(config: CTTrainConfig, data_dir: str, out_dir: str,
                    "metrics_csv": storage.join(run_dir, "metrics.csv")}
     trainer = make_trainer(
         train_loop_multitask if multitask else train_loop_cnn_rnn, loop_config,
-        {"train": _subset(ds, train_ids), "val": _subset(ds, val_ids)},
+        # validation is read every epoch: materialise it once instead of re-reading and filtering every shard
+        {"train": _subset(ds, train_ids), "val": _subset(ds, val_ids).materialize()},
         num_workers=cfg.num_workers, storage_path=storage_path, name=cfg.run_name,
         max_failures=cfg.max_failures, num_to_keep=cfg.num_to_keep, score_attribute=CHECKPOINT_SCORE,
         score_order="max", use_gpu=cfg.use_gpu, dataset_config=DataConfig(datasets_to_split=["train"]),

@@ -412,7 +412,7 @@ def fit_deepsurv(config: DeepSurvConfig, data_dir: str, out_dir: str, roles: pd.
     loop_config = {"config": cfg.model_dump(mode="json"), "clinical": clinical, "labels": labels,
                    "in_chans": in_chans, "metrics_csv": storage.join(run_dir, "metrics.csv")}
     trainer = make_trainer(
-        train_loop_deepsurv, loop_config, {"train": _subset(ds, train_ids), "val": _subset(ds, val_ids)},
+        train_loop_deepsurv, loop_config, {"train": _subset(ds, train_ids), "val": _subset(ds, val_ids).materialize()},
         num_workers=cfg.num_workers, storage_path=storage_path, name=cfg.run_name, max_failures=cfg.max_failures,
         num_to_keep=cfg.num_to_keep, score_attribute=CHECKPOINT_SCORE, score_order="max", use_gpu=cfg.use_gpu,
         dataset_config=DataConfig(datasets_to_split=["train"]),

@@ -335,7 +335,7 @@ def fit_pvf(config: PVFTrainConfig, data: str, out_dir: str) -> Any:
     trainer = make_trainer(
         train_loop_pvf, {"config": cfg.model_dump(mode="json"), "pos_weight": pos_weight,
                          "metrics_csv": storage.join(run_dir, "metrics.csv")},
-        {"train": dataset_for(data, kind, table, train_ids, cfg), "val": dataset_for(data, kind, table, val_ids, cfg)},
+        {"train": dataset_for(data, kind, table, train_ids, cfg), "val": dataset_for(data, kind, table, val_ids, cfg).materialize()},
         num_workers=cfg.num_workers, storage_path=storage_path, name=cfg.run_name, max_failures=cfg.max_failures,
         num_to_keep=cfg.num_to_keep, score_attribute=CHECKPOINT_SCORE, score_order="max", use_gpu=cfg.use_gpu,
         dataset_config=DataConfig(datasets_to_split=["train"]),

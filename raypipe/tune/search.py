@@ -23,7 +23,7 @@ Each trial is a function (Ray Train V2: never `Tuner(trainer)`) that merges its 
 and calls the model's fit function, which builds and fits its own TorchTrainer with Tune's
 `TuneReportCallback`, so every epoch's validation metric reaches Optuna and ASHA. Trials write
 `OUT/trials/<trial_id>/` (a full run folder when not stopped early); the search writes `OUT/results.csv`
-(one row per trial: sampled values, last and best metric) and `OUT/best_config.yaml` (the base config with
+(one row per trial: status complete/stopped/error, sampled values, last and best metric) and `OUT/best_config.yaml` (the base config with
 the best trial's values, ready for `raypipe train`) and `OUT/report.md` (the table as a report section).
 Rerunning with the same OUT restores the experiment (`Tuner.restore`): finished trials are not run again
 (each trial start is appended to `OUT/trials/<trial_id>/attempts.log`, its node to `trial.json`). `cv_cli` is `raypipe.tune.cv.cv_cli` with the X-ray models registered.
@@ -63,7 +63,7 @@ class AshaSettings(StrictModel):
 
     grace_period: int = Field(2, ge=1)
     reduction_factor: float = Field(2.0, gt=1)
-    max_t: int | None = Field(None, ge=1, description="default: the base config's epochs")
+    max_t: int | None = Field(None, ge=1, description="default: the base config's epochs (caps them when smaller)")
 
 
 class SearchSpec(StrictModel):
@@ -269,13 +269,17 @@ def run_search(model: str, spec: SearchSpec, base: Mapping[str, Any], trials: in
     from raypipe.cluster import trial_resources
 
     entry = tune_model(model)
-    base_cfg = entry.config_class.model_validate(dict(base))
+    base = dict(base)
+    if spec.asha.max_t and "epochs" in base and spec.asha.max_t < int(base["epochs"]):
+        log.info("search: asha.max_t=%d caps the base config's %s epochs", spec.asha.max_t, base["epochs"])
+        base["epochs"] = spec.asha.max_t
+    base_cfg = entry.config_class.model_validate(base)
     workers = spec.workers_per_trial or int(getattr(base_cfg, "num_workers", 1) or 1)
     plan = trial_resources(ray.cluster_resources(), workers, trials, trial_cpus=spec.trial_cpus,
                            max_concurrent=spec.max_concurrent_trials)
     log.info("search: %d trial(s), %d at once, trial driver %.2f CPU %s, %d worker(s) per trial with %s", trials,
              plan.max_concurrent, plan.trial_cpus, spec.trial_resources or "", workers, plan.worker_resources)
-    task = SearchTask(model=model, base=dict(base), data_dir=data_dir, out_dir=out_dir,
+    task = SearchTask(model=model, base=base, data_dir=data_dir, out_dir=out_dir,
                       worker_resources=plan.worker_resources)
     trainable = tune.with_resources(tune.with_parameters(search_trial, task=task),
                                     {"CPU": plan.trial_cpus, **spec.trial_resources})
@@ -285,7 +289,9 @@ def run_search(model: str, spec: SearchSpec, base: Mapping[str, Any], trials: in
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     else:
         max_t = spec.asha.max_t or int(getattr(base_cfg, "epochs", 10))
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_t,
+        # ASHA stops a trial the moment it reports iteration max_t, before the trial scores its best checkpoint
+        # and writes predictions; one past the last epoch lets trials that survive every rung end on their own.
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_t + 1,
                                   grace_period=min(spec.asha.grace_period, max_t),
                                   reduction_factor=spec.asha.reduction_factor)
         tuner = tune.Tuner(
@@ -309,7 +315,7 @@ def results_table(grid: Any, metric: str, mode: str, trials_dir: str | None = No
         flat = pd.json_normalize(decode(r.config), sep=".").iloc[0].to_dict() if r.config else {}
         rows.append({
             "trial_id": (r.metrics or {}).get("trial_id", os.path.basename(str(r.path))),
-            "status": "error" if r.error is not None else "ok",
+            "status": _trial_status(r, trials_dir),
             **{f"config.{k}": (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in flat.items()},
             "epochs": int(len(hist)),
             f"last_{metric}": float(values.iloc[-1]) if len(values) else float("nan"),
@@ -320,6 +326,19 @@ def results_table(grid: Any, metric: str, mode: str, trials_dir: str | None = No
         table = _with_trial_nodes(table, trials_dir)
         table = table.sort_values(f"best_{metric}", ascending=(mode == "min"), na_position="last")
     return table.reset_index(drop=True)
+
+
+def _trial_status(result: Any, trials_dir: str | None) -> str:
+    """"error", "complete" (ran to the end and wrote its predictions) or "stopped" (pruned early by ASHA)."""
+    from raypipe import storage
+
+    if result.error is not None:
+        return "error"
+    if trials_dir is None:
+        return "complete"
+    trial_id = (result.metrics or {}).get("trial_id", os.path.basename(str(result.path)))
+    done = storage.exists(storage.join(trials_dir, str(trial_id), "predictions.parquet"))
+    return "complete" if done else "stopped"
 
 
 def _with_trial_nodes(table: pd.DataFrame, trials_dir: str) -> pd.DataFrame:
