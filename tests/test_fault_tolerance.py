@@ -202,7 +202,6 @@ def _hashes(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("part-*.parquet"))}
 
 
-@pytest.mark.slow
 def test_killed_preprocessing_job_reruns_into_identical_shards(tmp_path, tmp_path_factory):
     """Kill `jobs/preprocess.py` after some shards landed; the rerun skips them and matches an uninterrupted run."""
     from raypipe.data.ct_pipeline import preprocess_ct

@@ -182,3 +182,17 @@ def test_xray_tables_in_evaluation_and_report(tmp_path):
     path = build_report(ev, tmp_path)
     html = open(path).read()
     assert "C-index of CoxPH and DeepSurv" in html and "L1-L5 patches without masks" in html
+
+
+def test_duration_index_of_all_censored_and_empty_batches():
+    """A batch without events (pycox's binning alone fails on one) gets the indices the rows get in any batch."""
+    import numpy as np
+
+    from raypipe.train.deepsurv import duration_index
+
+    cuts = np.linspace(0.0, 3000.0, 10)
+    t, e = np.array([100.0, 2000.0, 2500.0, 900.0]), np.array([1.0, 0.0, 0.0, 1.0])
+    mixed = duration_index(cuts, t, e)
+    censored = duration_index(cuts, t[1:3], e[1:3])
+    np.testing.assert_array_equal(censored, mixed[1:3])
+    assert duration_index(cuts, np.array([]), np.array([])).shape == (0,)

@@ -101,14 +101,19 @@ def duration_index(cuts: np.ndarray, time: np.ndarray, event: np.ndarray) -> np.
     """Interval index of each time on a pycox grid (`LabTransDiscreteTime` with predefined cuts)."""
     from pycox.preprocessing.label_transforms import LabTransDiscreteTime
 
+    if np.asarray(time).size == 0:  # an empty batch (Ray Data can hand one over at the end of a shard)
+        return np.zeros(0, dtype=np.int64)
     t = np.nan_to_num(np.asarray(time, dtype=np.float64), nan=float(cuts[0]))
     e = np.nan_to_num(np.asarray(event, dtype=np.float64), nan=0.0)
     lab = LabTransDiscreteTime(np.asarray(cuts, dtype=np.float64))
+    # pycox's binning fails on a batch without events; each row's index depends only on its own (t, e) and
+    # the cuts, so one appended event row (dropped again) keeps all-censored batches working
+    t, e = np.append(t, float(cuts[-1])), np.append(e, 1.0)
     with warnings.catch_warnings():  # "cuts already defined": intended, the grid comes from the training rows
         warnings.simplefilter("ignore", UserWarning)
         lab.fit(t, e)
     idx, _ = lab.transform(t, e)
-    return np.asarray(idx, dtype=np.int64)
+    return np.asarray(idx, dtype=np.int64)[:-1]
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -271,6 +276,8 @@ def train_loop_deepsurv(loop_config: dict) -> None:
             batch_size=batch, collate_fn=collate, device="cpu",
             local_shuffle_buffer_size=cfg.shuffle_buffer or None, local_shuffle_seed=cfg.seed + epoch,
         ):
+            if n_workers == 1 and int(b["time_days"].shape[0]) <= 1:
+                continue  # a 0/1-row tail: no risk set, and BatchNorm cannot train on it (DDP ranks must all step)
             loss = head_loss(cfg, model, b, setup, labels, distributed=True, rng=rng)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
