@@ -69,7 +69,6 @@ def two_nodes():
             init_ray()
 
 
-@pytest.mark.slow
 def test_worker_node_removed_mid_training_resumes_on_remaining_node(two_nodes, tmp_path):
     """Remove the node hosting rank 1 after epoch 1's checkpoint: the run retries on the head, resumes, finishes."""
     import torch

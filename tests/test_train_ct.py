@@ -101,7 +101,6 @@ def test_cnn_rnn_learns_planted_signal(ray_session, tmp_path):
     build_model(meta["builder"], **meta["kwargs"]).load_state_dict(state)
 
 
-@pytest.mark.slow  # did not finish within 25 min on the shared 2-core machine; `make test-slow`
 def test_ddp_two_workers_match_one(ray_session, tmp_path):
     """Same global batch, 2 workers vs 1: the same loss curve.
 
