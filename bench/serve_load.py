@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         publish_tiny_models(registry, which=("ct", "xray", "pvf"))
     log.info("load average at start: %s (cores: %d)", os.getloadavg(), os.cpu_count())
 
-    init_ray(address="local")  # never attach to another Ray started on this machine (`ray start`)
+    os.environ.pop("RAY_ADDRESS", None)  # init_ray then starts a local Ray, never another one on this machine
+    init_ray()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
