@@ -204,8 +204,7 @@ def _headline(run: Path, key: str) -> str:
         if isinstance(m.get(key), dict) and m[key].get("value") is not None:
             lo, hi = m[key].get("ci_low"), m[key].get("ci_high")
             span = f" (95% CI {lo:.2f}-{hi:.2f})" if lo is not None and hi is not None else ""
-            n = f", n={m['n']}" if "n" in m else ""
-            return f"\n   held-out {key} of {name}: {m[key]['value']:.3f}{span}{n}"
+            return f"\n   held-out {key} of {name}: {m[key]['value']:.3f}{span}"
     return ""
 
 

@@ -110,10 +110,9 @@ class DiffXGenerator:
 def _followup(row: dict[str, Any]) -> tuple[str, float] | None:
     """(real follow-up radiograph path, years after baseline) when the manifest row has both."""
     path, years = row.get("followup_image_path"), row.get("followup_years")
-    if path is None or (isinstance(path, float) and not np.isfinite(path)) or years is None:
+    if pd.isna(path) or pd.isna(years) or float(years) <= 0:
         return None
-    years = float(years)
-    return (str(path), round(years, 2)) if np.isfinite(years) and years > 0 else None
+    return str(path), round(float(years), 2)
 
 
 def generate_cohort(manifest: str, model_dir: str, out_dir: str, pvf_dir: str | None = None,
@@ -125,6 +124,7 @@ def generate_cohort(manifest: str, model_dir: str, out_dir: str, pvf_dir: str | 
     from raypipe import storage
     from raypipe.io.manifest import load_manifest
     from raypipe.predictions import CLINICAL_COLUMNS, label_columns, write_predictions
+    from raypipe.ray_utils import init_ray
 
     cfg = config or GenerateJobConfig()
     out = os.path.abspath(out_dir)
@@ -140,8 +140,6 @@ def generate_cohort(manifest: str, model_dir: str, out_dir: str, pvf_dir: str | 
                         "glucocorticoid", "prior_fracture", "rheumatoid_arthritis", "secondary_osteoporosis",
                         "followup_image_path", "followup_years")
             if c in table.columns]
-    from raypipe.ray_utils import init_ray
-
     init_ray()
     gpus = int(ray.cluster_resources().get("GPU", 0))
     concurrency = cfg.concurrency or (gpus if gpus else 1)

@@ -377,15 +377,16 @@ def make_trainer(
     score_attribute: str | None = None,
     score_order: str = "max",
     use_gpu: bool | None = None,
-    dataset_config: Any = None,
+    split_datasets: Sequence[str] = ("train",),
 ) -> Any:
     """A TorchTrainer with fractional worker CPUs, failure retries and best-plus-latest checkpoint retention.
 
     Rerunning with the same `storage_path` and `name` resumes from that run's latest checkpoint
-    (Ray Train V2 restores its checkpoint manager from storage). `dataset_config` is a
-    `ray.train.DataConfig` (e.g. split only "train", so validation is read whole by rank 0).
+    (Ray Train V2 restores its checkpoint manager from storage). Datasets named in `split_datasets` are
+    streamed and split over the workers; the others (validation) are read whole by rank 0 every epoch,
+    so they are materialised once here instead of being re-read and re-filtered each epoch.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from raypipe.ray_utils import worker_resources
@@ -417,8 +418,8 @@ def make_trainer(
                 checkpoint_score_order=score_order,
             ),
         ),
-        datasets=dict(datasets),
-        dataset_config=dataset_config,
+        datasets={k: ds if k in split_datasets else ds.materialize() for k, ds in datasets.items()},
+        dataset_config=DataConfig(datasets_to_split=list(split_datasets)),
     )
 
 

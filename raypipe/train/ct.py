@@ -432,8 +432,6 @@ def fit_ct(config: CTTrainConfig, data_dir: str, out_dir: str,
     role -> patient ids, with `train` and `val` required (e.g. also `external`); studies of patients not
     listed are neither trained on nor scored.
     """
-    from ray.train import DataConfig
-
     from raypipe import storage
     from raypipe.data.ct_pipeline import load_ct_shards
     from raypipe.train.common import make_trainer
@@ -480,11 +478,10 @@ def fit_ct(config: CTTrainConfig, data_dir: str, out_dir: str,
                    "metrics_csv": storage.join(run_dir, "metrics.csv")}
     trainer = make_trainer(
         train_loop_multitask if multitask else train_loop_cnn_rnn, loop_config,
-        # validation is read every epoch: materialise it once instead of re-reading and filtering every shard
-        {"train": _subset(ds, train_ids), "val": _subset(ds, val_ids).materialize()},
+        {"train": _subset(ds, train_ids), "val": _subset(ds, val_ids)},
         num_workers=cfg.num_workers, storage_path=storage_path, name=cfg.run_name,
         max_failures=cfg.max_failures, num_to_keep=cfg.num_to_keep, score_attribute=CHECKPOINT_SCORE,
-        score_order="max", use_gpu=cfg.use_gpu, dataset_config=DataConfig(datasets_to_split=["train"]),
+        score_order="max", use_gpu=cfg.use_gpu,
     )
     result = trainer.fit()
     if result.error is not None:

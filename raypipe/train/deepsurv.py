@@ -377,8 +377,6 @@ def fit_deepsurv(config: DeepSurvConfig, data_dir: str, out_dir: str, roles: pd.
     `fold` is written to the predictions; `callbacks` go to the Ray Train run (e.g. Tune's report
     callback). Rerunning with the same `out_dir` resumes. Returns the Ray Train `Result`.
     """
-    from ray.train import DataConfig
-
     from raypipe import storage
     from raypipe.data.xray_pipeline import load_xray_shards
     from raypipe.train.common import make_trainer
@@ -419,10 +417,9 @@ def fit_deepsurv(config: DeepSurvConfig, data_dir: str, out_dir: str, roles: pd.
     loop_config = {"config": cfg.model_dump(mode="json"), "clinical": clinical, "labels": labels,
                    "in_chans": in_chans, "metrics_csv": storage.join(run_dir, "metrics.csv")}
     trainer = make_trainer(
-        train_loop_deepsurv, loop_config, {"train": _subset(ds, train_ids), "val": _subset(ds, val_ids).materialize()},
+        train_loop_deepsurv, loop_config, {"train": _subset(ds, train_ids), "val": _subset(ds, val_ids)},
         num_workers=cfg.num_workers, storage_path=storage_path, name=cfg.run_name, max_failures=cfg.max_failures,
         num_to_keep=cfg.num_to_keep, score_attribute=CHECKPOINT_SCORE, score_order="max", use_gpu=cfg.use_gpu,
-        dataset_config=DataConfig(datasets_to_split=["train"]),
     )
     trainer.run_config.callbacks = [*(trainer.run_config.callbacks or []), *callbacks]
     result = trainer.fit()

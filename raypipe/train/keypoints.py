@@ -260,8 +260,6 @@ def keypoint_rows(manifest: str) -> pd.DataFrame:
 def fit_keypoints(config: KeypointTrainConfig, manifest: str, out_dir: str) -> Any:
     """Train the keypoint model on a manifest's radiographs; write the run folder. Returns the Ray Result."""
     import ray
-    from ray.train import DataConfig
-
     from raypipe import storage
     from raypipe.train.common import make_trainer
     from raypipe.train.ct import split_by_patient
@@ -283,7 +281,6 @@ def fit_keypoints(config: KeypointTrainConfig, manifest: str, out_dir: str) -> A
         {"train": ray.data.from_pandas(train), "val": ray.data.from_pandas(val)},
         num_workers=cfg.num_workers, storage_path=storage_path, name=cfg.run_name, max_failures=cfg.max_failures,
         num_to_keep=cfg.num_to_keep, score_attribute=CHECKPOINT_SCORE, score_order="max", use_gpu=cfg.use_gpu,
-        dataset_config=DataConfig(datasets_to_split=["train"]),
     )
     result = trainer.fit()
     if result.error is not None:

@@ -495,14 +495,12 @@ def fit_ldm(config: LDMTrainConfig, data: str, out_dir: str) -> Any:
         return ray.data.from_pandas(table.loc[mask.to_numpy(), cols].reset_index(drop=True)).map_batches(
             loader, batch_format="pandas", batch_size=8)
 
-    from ray.train import DataConfig
-
     run_dir = storage.join(storage_path, cfg.run_name)
     trainer = make_trainer(
         train_loop_ldm, {"config": cfg.model_dump(mode="json"), "metrics_csv": storage.join(run_dir, "metrics.csv")},
-        {"train": dataset(role == "train"), "val": dataset(role == "val").materialize()}, num_workers=cfg.num_workers,
+        {"train": dataset(role == "train"), "val": dataset(role == "val")}, num_workers=cfg.num_workers,
         storage_path=storage_path, name=cfg.run_name, max_failures=cfg.max_failures, num_to_keep=cfg.num_to_keep,
-        use_gpu=cfg.use_gpu, dataset_config=DataConfig(datasets_to_split=["train"]),
+        use_gpu=cfg.use_gpu,
     )
     result = trainer.fit()
     if result.error is not None:

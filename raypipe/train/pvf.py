@@ -307,8 +307,6 @@ def _validate(cfg: PVFTrainConfig, model: nn.Module, setup: Any) -> dict[str, fl
 # ---------------------------------------------------------------------------------------------- driver
 def fit_pvf(config: PVFTrainConfig, data: str, out_dir: str) -> Any:
     """Train the pVF classifier on `data` (manifest or shard folder); write the run folder into `out_dir`."""
-    from ray.train import DataConfig
-
     from raypipe import storage
     from raypipe.train.common import make_trainer
     from raypipe.train.ct import split_by_patient
@@ -335,10 +333,9 @@ def fit_pvf(config: PVFTrainConfig, data: str, out_dir: str) -> Any:
     trainer = make_trainer(
         train_loop_pvf, {"config": cfg.model_dump(mode="json"), "pos_weight": pos_weight,
                          "metrics_csv": storage.join(run_dir, "metrics.csv")},
-        {"train": dataset_for(data, kind, table, train_ids, cfg), "val": dataset_for(data, kind, table, val_ids, cfg).materialize()},
+        {"train": dataset_for(data, kind, table, train_ids, cfg), "val": dataset_for(data, kind, table, val_ids, cfg)},
         num_workers=cfg.num_workers, storage_path=storage_path, name=cfg.run_name, max_failures=cfg.max_failures,
         num_to_keep=cfg.num_to_keep, score_attribute=CHECKPOINT_SCORE, score_order="max", use_gpu=cfg.use_gpu,
-        dataset_config=DataConfig(datasets_to_split=["train"]),
     )
     result = trainer.fit()
     if result.error is not None:
