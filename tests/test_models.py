@@ -204,6 +204,33 @@ def test_decode_of_rendered_heatmaps_recovers_coordinates(stride: float) -> None
     assert conf.shape == (8, 5) and float(conf.min()) > 0.7
 
 
+def test_softmax_heatmaps_decode_their_targets_and_learn_from_cross_entropy() -> None:
+    """A softmax keypoint net decodes log-Gaussian logits exactly; its loss is minimal there and skips empty maps."""
+    from raypipe.models.keypoints import heatmap_loss, heatmap_probabilities, keypoints_tiny
+
+    gen = torch.Generator().manual_seed(1)
+    coords = (torch.rand(4, 5, 2, generator=gen) * 20 + 6) * 4
+    target = render_heatmaps(coords, (32, 32), sigma=1.5, stride=4)
+    logits = torch.log(target.clamp_min(1e-12))
+    net = keypoints_tiny(heatmap_kind="softmax")
+    decoded, conf = net.decode(logits)
+    assert float((decoded - coords).abs().max()) < 0.05 * 4
+    # mass within 2 heatmap pixels: about 0.9 per axis for sigma 1.5
+    assert float(conf.min()) > 0.75 and float(conf.max()) <= 1.0 + 1e-6
+    probs = heatmap_probabilities(logits, "softmax")
+    torch.testing.assert_close(probs.flatten(2).sum(-1), torch.ones(4, 5))
+    best = heatmap_loss(logits, target, "softmax")
+    assert float(heatmap_loss(torch.zeros_like(logits), target, "softmax")) > float(best)
+    shifted = torch.roll(logits, 2, dims=-1)
+    assert float(heatmap_loss(shifted, target, "softmax")) > float(best)
+    empty = target.clone()
+    empty[:, 1:] = 0.0
+    torch.testing.assert_close(heatmap_loss(logits, empty, "softmax"),
+                               heatmap_loss(logits[:, :1], target[:, :1], "softmax"))
+    with pytest.raises(ValueError, match="heatmap_kind"):
+        keypoints_tiny(heatmap_kind="laplace")
+
+
 def test_render_heatmaps_missing_keypoint_gives_empty_map() -> None:
     coords = torch.tensor([[[10.0, 12.0], [float("nan"), float("nan")]]])
     maps = render_heatmaps(coords, (32, 32), sigma=1.5)

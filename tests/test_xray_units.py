@@ -71,6 +71,21 @@ def test_discrete_survival_is_monotone_and_in_range():
     assert np.all(at[:, 0] == 1.0)
 
 
+@pytest.mark.parametrize("head", ["logistic_hazard", "deephit"])
+def test_marginal_logits_give_the_kaplan_meier_curve(head):
+    """Discrete heads start at the training rows' Kaplan-Meier curve on the grid (lifelines on the same indices)."""
+    from lifelines import KaplanMeierFitter
+
+    from raypipe.models.survival_heads import discrete_survival, marginal_logits
+
+    rng = np.random.default_rng(3)
+    idx = rng.integers(0, 8, 300)
+    event = (rng.random(300) < 0.4).astype(float)
+    bias = marginal_logits(head, idx, event, 8)
+    km = KaplanMeierFitter().fit(idx, event).survival_function_at_times(np.arange(8)).to_numpy()
+    np.testing.assert_allclose(discrete_survival(head, bias[None])[0], km, atol=2e-3)
+
+
 def test_coxtime_baseline_equals_breslow_for_time_constant_g():
     """With g(x, t) = g(x) Cox-Time's estimator is the Breslow estimator."""
     from raypipe.metrics import breslow_baseline

@@ -77,7 +77,6 @@ class KeypointPredictor:
         """(xy (5, 2), confidence (5,)): zero-pad to a square, resize to the input size, decode heatmaps."""
         import torch
 
-        from raypipe.models.keypoints import decode_heatmaps
         from raypipe.preprocess.xray import _antialias, _sample
 
         h, w = pixels.shape
@@ -88,7 +87,7 @@ class KeypointPredictor:
         t = torch.from_numpy(x)[None, None].repeat(1, self.in_chans, 1, 1)
         with torch.inference_mode():
             heat = self.model(t)
-        coords, conf = decode_heatmaps(heat.float(), stride=self.stride)
+        coords, conf = self.model.decode(heat.float())
         uv = coords[0].numpy().astype(np.float64)
         return (uv + 0.5) * k - 0.5, conf[0].numpy().astype(np.float64)
 

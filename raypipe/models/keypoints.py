@@ -5,6 +5,11 @@
 branches are upsampled to stride 4, concatenated, mixed by a 1x1 conv and mapped to one heatmap per
 keypoint at 1/4 input resolution. Input sides must be multiples of 32 (384x384 in the paper).
 
+Two heatmap kinds: ``gaussian`` (the HRNet paper's: logits regressed onto Gaussian targets with MSE) and
+``softmax`` (a spatial softmax per keypoint trained with cross-entropy against the normalised Gaussian,
+which learns the peak location from random init in far fewer steps); :func:`heatmap_loss` and
+:meth:`KeypointHeatmapNet.decode` follow the model's kind, so a saved model decodes as it was trained.
+
 Coordinates are ``(x, y)`` = (column, row), as in the keypoints JSON. A heatmap pixel ``(i, j)``
 stands for input position ``(j * stride, i * stride)``; :func:`render_heatmaps` and
 :func:`decode_heatmaps` use the same convention so that they invert each other.
@@ -29,6 +34,8 @@ __all__ = [
     "KEYPOINT_NAMES",
     "KeypointHeatmapNet",
     "decode_heatmaps",
+    "heatmap_loss",
+    "heatmap_probabilities",
     "keypoints_hrnet_w32",
     "keypoints_tiny",
     "object_keypoint_similarity",
@@ -40,6 +47,7 @@ KEYPOINT_NAMES: tuple[str, ...] = ("L1", "L2", "L3", "L4", "L5")
 KEYPOINTS_HRNET_W32: dict[str, Any] = {"variant": "hrnet_w32"}
 KEYPOINTS_TINY: dict[str, Any] = {"variant": "hrnet_w18_small"}
 # timm HRNet parts that only the classification model has; ignored when loading its checkpoints.
+HEATMAP_KINDS = ("gaussian", "softmax")
 _HRNET_CLASSIFIER_PREFIXES = ("incre_modules.", "downsamp_modules.", "final_layer.", "classifier.")
 
 
@@ -53,8 +61,12 @@ class KeypointHeatmapNet(nn.Module):
         in_chans: int = 1,
         num_keypoints: int = len(KEYPOINT_NAMES),
         pretrained_path: str | Path | None = None,
+        heatmap_kind: str = "gaussian",
     ) -> None:
         super().__init__()
+        if heatmap_kind not in HEATMAP_KINDS:
+            raise ValueError(f"heatmap_kind must be one of {HEATMAP_KINDS}, got {heatmap_kind!r}")
+        self.heatmap_kind = heatmap_kind
         import timm  # deferred: importing timm is slow and only keypoint models need it
 
         self.backbone = timm.create_model(
@@ -91,6 +103,12 @@ class KeypointHeatmapNet(nn.Module):
         up = [feats[0]] + [F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in feats[1:]]
         return self.head(self.fuse(torch.cat(up, dim=1)))
 
+    @torch.no_grad()
+    def decode(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        """Keypoints ``(B, K, 2)`` in input pixels and confidence ``(B, K)`` from :meth:`forward`'s output."""
+        window = 0 if self.heatmap_kind == "gaussian" else 2
+        return decode_heatmaps(heatmap_probabilities(logits, self.heatmap_kind), stride=self.stride, window=window)
+
 
 def keypoints_hrnet_w32(**kwargs: Any) -> KeypointHeatmapNet:
     """Paper setting: HRNet-W32 (about 29 M parameters in the trunk), 5 heatmaps at 1/4 resolution."""
@@ -123,6 +141,30 @@ def render_heatmaps(
     return maps * valid[..., None, None]
 
 
+def heatmap_probabilities(logits: Tensor, kind: str) -> Tensor:
+    """Decodable heatmaps: the logits themselves (gaussian) or a spatial softmax per keypoint (softmax)."""
+    if kind == "gaussian":
+        return logits
+    b, k, h, w = logits.shape
+    return logits.float().reshape(b, k, h * w).softmax(-1).reshape(b, k, h, w)
+
+
+def heatmap_loss(logits: Tensor, target: Tensor, kind: str) -> Tensor:
+    """Training loss against :func:`render_heatmaps` targets: MSE (gaussian) or spatial cross-entropy (softmax).
+
+    The cross-entropy's target is each Gaussian normalised to sum 1; keypoints without a target (all-zero
+    maps) add nothing.
+    """
+    logits, target = logits.float(), target.float()
+    if kind == "gaussian":
+        return F.mse_loss(logits, target)
+    mass = target.flatten(2).sum(-1)
+    q = target.flatten(2) / mass.clamp_min(1e-12)[..., None]
+    ce = -(q * logits.flatten(2).log_softmax(-1)).sum(-1)
+    valid = (mass > 0).float()
+    return (ce * valid).sum() / valid.sum().clamp_min(1.0)
+
+
 def _parabola_offset(left: Tensor, mid: Tensor, right: Tensor) -> Tensor:
     """Sub-pixel peak offset of a parabola through three log-heatmap samples (exact for a Gaussian)."""
     denom = left - 2 * mid + right
@@ -131,11 +173,15 @@ def _parabola_offset(left: Tensor, mid: Tensor, right: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def decode_heatmaps(heatmaps: Tensor, *, stride: float = 1.0, eps: float = 1e-10) -> tuple[Tensor, Tensor]:
+def decode_heatmaps(
+    heatmaps: Tensor, *, stride: float = 1.0, eps: float = 1e-10, window: int = 0
+) -> tuple[Tensor, Tensor]:
     """Keypoints from heatmaps ``(B, K, H, W)``: coords ``(B, K, 2)`` as ``(x, y)`` and confidence ``(B, K)``.
 
     The argmax is refined to sub-pixel precision by fitting a parabola to the log-heatmap along each
-    axis (exact for Gaussian peaks); confidence is the peak value. Coords are scaled by ``stride``.
+    axis (exact for Gaussian peaks). Confidence is the peak value, or with ``window`` > 0 the heatmap's
+    sum over the ``(2 window + 1)^2`` pixels around the peak (for probability maps: the chance that the
+    keypoint lies within ``window`` heatmap pixels). Coords are scaled by ``stride``.
     """
     h = heatmaps.detach().float()
     b, k, height, width = h.shape
@@ -150,6 +196,11 @@ def decode_heatmaps(heatmaps: Tensor, *, stride: float = 1.0, eps: float = 1e-10
         c = c.clamp(0, width - 1)
         return logh.reshape(b, k, -1).gather(-1, (r * width + c)[..., None]).squeeze(-1)
 
+    if window > 0:
+        size = 2 * window + 1
+        mass = F.avg_pool2d(h.reshape(b * k, 1, height, width), size, stride=1, padding=window,
+                            count_include_pad=True).reshape(b, k, -1) * size * size
+        conf = mass.gather(-1, idx[..., None]).squeeze(-1)
     mid = sample(row, col)
     dx = _parabola_offset(sample(row, col - 1), mid, sample(row, col + 1))
     dy = _parabola_offset(sample(row - 1, col), mid, sample(row + 1, col))

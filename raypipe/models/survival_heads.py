@@ -104,6 +104,28 @@ def discrete_survival(head: str, logits: np.ndarray) -> np.ndarray:
     return 1.0 - np.cumsum(pmf[:, :-1], axis=1)
 
 
+def marginal_logits(head: str, idx: np.ndarray, event: np.ndarray, num_durations: int, eps: float = 1e-4) -> np.ndarray:
+    """Output biases that reproduce the population's discrete-time curve (Kaplan-Meier on the grid).
+
+    A discrete head started at these biases predicts the training rows' marginal survival, so its first
+    steps learn covariate effects instead of the baseline: LogisticHazard gets logit(d_j / n_j) per interval
+    (n_j rows with index >= j, d_j events at j, pycox's likelihood); DeepHit gets log pmf_j - log S_K, the
+    pmf relative to pycox's padded "after the grid" class whose logit is 0.
+    """
+    idx = np.asarray(idx, dtype=np.int64)
+    ev = np.asarray(event, dtype=np.float64) > 0
+    at_risk = np.array([(idx >= j).sum() for j in range(num_durations)], dtype=np.float64)
+    deaths = np.array([(ev & (idx == j)).sum() for j in range(num_durations)], dtype=np.float64)
+    hazard = np.clip(deaths / np.maximum(at_risk, 1.0), eps, 1.0 - eps)
+    if head == "logistic_hazard":
+        return np.log(hazard / (1.0 - hazard))
+    if head != "deephit":
+        raise ValueError(f"marginal_logits is for the discrete heads, got {head!r}")
+    surv = np.cumprod(1.0 - hazard)
+    pmf = np.clip(np.concatenate([[1.0], surv[:-1]]) - surv, eps, None)
+    return np.log(pmf) - np.log(max(surv[-1], eps))
+
+
 def step_at(grid: Sequence[float], values: np.ndarray, days: Sequence[float], start: float = 1.0) -> np.ndarray:
     """Right-continuous step function through (grid, values), `start` before the first grid point."""
     g = np.asarray(grid, dtype=np.float64)

@@ -257,6 +257,9 @@ def train_loop_deepsurv(loop_config: dict) -> None:
     model = to_device_model(build(cfg, n_clinical, loop_config["in_chans"]), setup)
     opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     optimizer = opt_cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if labels.get("init_bias") is not None:  # start at the training rows' marginal curve (replaced on resume)
+        with torch.no_grad():
+            unwrap(model).net.out.bias.copy_(torch.as_tensor(labels["init_bias"], dtype=torch.float32))
     state = resume(model, optimizer)
     state.extra = {"clinical": clinical or {}}
     model = ray.train.torch.prepare_model(model, move_to_device=False)
@@ -351,9 +354,14 @@ def label_transform(cfg: DeepSurvConfig, time: np.ndarray, event: np.ndarray) ->
     if cfg.head in ("logistic_hazard", "deephit"):
         from pycox.preprocessing.label_transforms import LabTransDiscreteTime
 
+        from raypipe.models.survival_heads import marginal_logits
+
         lab = LabTransDiscreteTime(cfg.num_durations)
         lab.fit(np.asarray(time, dtype=np.float64), np.asarray(event, dtype=np.float64))
-        return {"cuts": [float(c) for c in lab.cuts]}
+        cuts = np.asarray(lab.cuts, dtype=np.float64)
+        idx = duration_index(cuts, np.asarray(time, dtype=np.float64), np.asarray(event, dtype=np.float64))
+        bias = marginal_logits(cfg.head, idx, np.asarray(event, dtype=np.float64), len(cuts))
+        return {"cuts": [float(c) for c in cuts], "init_bias": [float(b) for b in bias]}
     if cfg.head == "coxtime":
         lt = np.log(np.clip(np.asarray(time, dtype=np.float64), 1.0, None))
         return {"logt_mean": float(lt.mean()), "logt_sd": float(lt.std() or 1.0)}

@@ -29,7 +29,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from raypipe.train.common import (
@@ -48,6 +47,7 @@ from raypipe.train.common import (
     world_rank,
     world_size,
 )
+from raypipe.models.keypoints import heatmap_loss
 from raypipe.train.xray_config import KeypointTrainConfig
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ def build(cfg: KeypointTrainConfig) -> nn.Module:
 
 def model_kwargs(cfg: KeypointTrainConfig) -> dict[str, Any]:
     """Registry kwargs: the config's model_kwargs, one input channel, the local pretrained weights if any."""
-    kw: dict[str, Any] = {"in_chans": 1, **cfg.model_kwargs}
+    kw: dict[str, Any] = {"in_chans": 1, **cfg.model_kwargs, "heatmap_kind": cfg.heatmap_kind}
     if cfg.pretrained_path:
         kw["pretrained_path"] = cfg.pretrained_path
     return kw
@@ -142,11 +142,10 @@ def model_kwargs(cfg: KeypointTrainConfig) -> dict[str, Any]:
 @torch.no_grad()
 def predict_batch(model: nn.Module, b: Mapping[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
     """Keypoints (B, 5, 2) in original pixels and their mean heatmap peak (B,) for one collated batch."""
-    from raypipe.models.keypoints import decode_heatmaps
     from raypipe.preprocess.augment import to_original
 
-    heat = unwrap(model)(b["x"]).float().cpu()
-    coords, conf = decode_heatmaps(heat, stride=STRIDE)
+    net = unwrap(model)
+    coords, conf = net.decode(net(b["x"]).float().cpu())
     orig = np.stack([to_original(c.numpy(), m.numpy()) for c, m in zip(coords, b["matrix"])])
     return orig, conf.mean(dim=1).numpy()
 
@@ -193,7 +192,7 @@ def train_loop_keypoints(loop_config: dict) -> None:
         ):
             with autocast(setup):
                 heat = model(b["x"].to(setup.device))
-            loss = F.mse_loss(heat.float(), b["target"].to(setup.device))
+            loss = heatmap_loss(heat, b["target"].to(setup.device), cfg.heatmap_kind)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -230,7 +229,7 @@ def _validate(cfg: KeypointTrainConfig, model: nn.Module) -> dict[str, float]:
         batch_size=cfg.eval_batch_size, collate_fn=KeypointBatch(cfg, False, 0), device="cpu"
     ):
         heat = unwrap(model)(b["x"]).float()
-        total += float(F.mse_loss(heat, b["target"])) * len(heat)
+        total += float(heatmap_loss(heat, b["target"], cfg.heatmap_kind)) * len(heat)
         count += len(heat)
         p, s = predict_batch(model, b)
         preds.append(p)

@@ -68,6 +68,12 @@ class PVFTrainConfig(StrictModel):
     eval_batch_size: int = Field(16, ge=1)
     epochs: int = Field(30, ge=1)
     pos_weight: float | None = Field(None, gt=0, description="BCE weight of positives (None: balanced from data)")
+    augment: bool = Field(True, description="random similarity + flip + contrast per training image (no memorising)")
+    rotation_deg: float = Field(8.0, ge=0, description="augmentation: rotation drawn from U(-r, r)")
+    scale_range: tuple[float, float] = Field((0.9, 1.1), description="augmentation: isotropic scale range")
+    translate_frac: float = Field(0.05, ge=0, description="augmentation: shift up to this fraction of each side")
+    flip_prob: float = Field(0.5, ge=0, le=1, description="augmentation: left-right flip (anterior side) probability")
+    contrast_jitter: float = Field(0.1, ge=0, description="augmentation: gain 1 +- j and offset +- j (input units)")
     grad_clip: float | None = Field(None, gt=0)
     amp: bool = True
     freeze_batchnorm: bool = False
@@ -193,6 +199,35 @@ def weighted_bce(logits: torch.Tensor, y: torch.Tensor, pos_weight: torch.Tensor
 
 
 @torch.no_grad()
+def augment_batch(x: torch.Tensor, cfg: PVFTrainConfig, generator: torch.Generator) -> torch.Tensor:
+    """Random similarity (rotate, scale, shift, flip) and contrast per image; padding keeps its input value.
+
+    Works in the normalised input space on whole batches (``grid_sample``), so the classifier never sees
+    the same pixels twice and has to learn vertebral shape rather than memorise studies.
+    """
+    n = x.shape[0]
+    rows, cols = x.shape[-2:]
+    u = lambda lo, hi: lo + (hi - lo) * torch.rand(n, generator=generator)  # noqa: E731
+    angle = torch.deg2rad(u(-cfg.rotation_deg, cfg.rotation_deg))
+    scale = u(*cfg.scale_range)
+    flip = torch.where(torch.rand(n, generator=generator) < cfg.flip_prob, -1.0, 1.0)
+    shift = torch.stack([u(-cfg.translate_frac, cfg.translate_frac), u(-cfg.translate_frac, cfg.translate_frac)], 1) * 2
+    aspect = rows / cols  # normalised grid coordinates: rotate in pixel units, not in the unit square
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 1] = cos * flip, -sin * aspect
+    theta[:, 1, 0], theta[:, 1, 1] = sin * flip / aspect, cos
+    theta[:, :, 2] = shift
+    fill = -cfg.norm_mean / cfg.norm_std  # value of the zero padding after normalisation
+    grid = nn.functional.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
+    out = nn.functional.grid_sample(x - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
+    j = cfg.contrast_jitter
+    gain = u(1 - j, 1 + j).to(x.device).view(n, 1, 1, 1)
+    offset = u(-j, j).to(x.device).view(n, 1, 1, 1)
+    return out * gain + offset
+
+
+@torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, batches: Any, max_batches: int) -> int:
     """Recompute BatchNorm running statistics as plain averages over a few training batches.
 
@@ -248,7 +283,10 @@ def train_loop_pvf(loop_config: dict) -> None:
         if cfg.freeze_batchnorm:
             freeze_batchnorm(model)
         total, count, steps = 0.0, 0, 0
+        generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch * 1_009 + rank)
         for x, y, _ in _batches(ray.train.get_dataset_shard("train"), batch, cfg.seed + epoch):
+            if cfg.augment:
+                x = augment_batch(x, cfg, generator)
             x, y = x.to(setup.device), y.to(setup.device)
             if setup.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)

@@ -50,6 +50,9 @@ class KeypointTrainConfig(RayRunConfig):
     pretrained_path: str | None = Field(None, description="local ImageNet HRNet state_dict; never downloaded")
     input_size: int = Field(384, ge=32, description="square input side (multiple of 32): min-max, zero padded")
     heatmap_sigma: float = Field(2.0, gt=0, description="Gaussian target sigma in heatmap pixels (stride 4)")
+    heatmap_kind: Literal["gaussian", "softmax"] = Field(
+        "softmax", description="softmax: spatial cross-entropy (learns from random init in far fewer steps); gaussian: heatmap MSE (HRNet reference)"
+    )
     rotation_deg: float = Field(15.0, ge=0, description="augmentation: rotation drawn from U(-r, r)")
     scale_range: tuple[float, float] = Field((0.85, 1.15), description="augmentation: isotropic scale range")
     flip_prob: float = Field(0.5, ge=0, le=1, description="augmentation: horizontal flip probability")
