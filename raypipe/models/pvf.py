@@ -57,6 +57,11 @@ class PVFClassifier(nn.Module):
             num_classes=1,
             last_channel=last_channel,
         )
+        # torchvision draws the classifier from U(+-1/sqrt(num_classes)): U(+-1) for one logit, which starts
+        # every image at a confident random score (logit SD ~2) that training first has to undo
+        head = self.net.classifier[-1]
+        nn.init.normal_(head.weight, std=0.01)
+        nn.init.zeros_(head.bias)
         self.in_chans = in_chans
         self.input_mode = input_mode
         if input_mode == "adapt" and in_chans != 3:
