@@ -46,8 +46,9 @@ __all__ = [
 KEYPOINT_NAMES: tuple[str, ...] = ("L1", "L2", "L3", "L4", "L5")
 KEYPOINTS_HRNET_W32: dict[str, Any] = {"variant": "hrnet_w32"}
 KEYPOINTS_TINY: dict[str, Any] = {"variant": "hrnet_w18_small"}
-# timm HRNet parts that only the classification model has; ignored when loading its checkpoints.
+# gaussian is the constructor default so that models saved before `heatmap_kind` existed decode as trained
 HEATMAP_KINDS = ("gaussian", "softmax")
+# timm HRNet parts that only the classification model has; ignored when loading its checkpoints.
 _HRNET_CLASSIFIER_PREFIXES = ("incre_modules.", "downsamp_modules.", "final_layer.", "classifier.")
 
 

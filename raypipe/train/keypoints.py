@@ -31,6 +31,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from raypipe.models.keypoints import heatmap_loss
 from raypipe.train.common import (
     all_reduce_mean,
     autocast,
@@ -47,7 +48,6 @@ from raypipe.train.common import (
     world_rank,
     world_size,
 )
-from raypipe.models.keypoints import heatmap_loss
 from raypipe.train.xray_config import KeypointTrainConfig
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ def model_kwargs(cfg: KeypointTrainConfig) -> dict[str, Any]:
 
 @torch.no_grad()
 def predict_batch(model: nn.Module, b: Mapping[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
-    """Keypoints (B, 5, 2) in original pixels and their mean heatmap peak (B,) for one collated batch."""
+    """Keypoints (B, 5, 2) in original pixels and their mean confidence (B,) for one collated batch."""
     from raypipe.preprocess.augment import to_original
 
     net = unwrap(model)
