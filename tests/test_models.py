@@ -108,6 +108,16 @@ def test_pvf_input_modes_and_score_range() -> None:
         assert score.shape == (2,) and bool(((score >= 0) & (score <= 1)).all())
 
 
+def test_pvf_head_starts_near_an_uninformed_score() -> None:
+    """The single-logit head starts small (torchvision's U(+-1) gave every image a confident random score)."""
+    torch.manual_seed(0)
+    model = pvf_tiny().train()
+    head = model.net.classifier[-1]
+    assert float(head.weight.std()) < 0.02 and float(head.bias.abs().max()) == 0.0
+    logits = model(torch.randn(8, 1, 128, 64))
+    assert float(logits.abs().max()) < 0.5
+
+
 def test_pvf_b4_matches_torchvision_structure() -> None:
     ours = build_model("pvf_efficientnet_b4", in_chans=3).net.state_dict()
     ref = torchvision.models.efficientnet_b4(weights=None, num_classes=1).state_dict()
