@@ -61,3 +61,14 @@ def test_augment_batch_is_identity_without_randomness_and_mirrors_with_flip() ->
     b = augment_batch(x, PVFTrainConfig(), torch.Generator().manual_seed(3))
     torch.testing.assert_close(a, b)
     assert not torch.allclose(a, x)
+
+
+def test_augmentation_scale_range_must_be_ordered_and_positive() -> None:
+    """A reversed or non-positive scale range is a config error naming the field, not a silent flip of sizes."""
+    from pydantic import ValidationError
+
+    from raypipe.train.pvf import PVFTrainConfig
+
+    for bad in ((1.1, 0.9), (0.0, 1.0)):
+        with pytest.raises(ValidationError, match="scale_range"):
+            PVFTrainConfig(scale_range=bad)

@@ -17,8 +17,6 @@ import pandas as pd
 import pytest
 import yaml
 
-N_PATIENTS = 500  # conftest.xray_cohort: 100 test patients (about 20 events), patches at 64 x 64
-
 
 @pytest.fixture(scope="module")
 def cohort(xray_cohort, ray_session) -> tuple[Path, Path]:
@@ -106,7 +104,7 @@ def test_cv_two_folds_out_of_fold_covers_every_patient_once(cohort, tmp_path):
     from raypipe.predictions import read_predictions
     from raypipe.tune.search import cv_cli
 
-    _, shards = cohort
+    manifest, shards = cohort
     cfg = _cfg(variant="clinical", clinical_model=2, epochs=2, patience=2).model_dump(mode="json")
     cfg["cv"] = {"external": False, "max_concurrent_trials": 1, "gradcam_studies": 0, "n_boot": 20}
     path = tmp_path / "cv.yaml"
@@ -116,7 +114,8 @@ def test_cv_two_folds_out_of_fold_covers_every_patient_once(cohort, tmp_path):
     oof = preds[preds["split"] == "val"]
     all_patients = set(pd.concat([pd.read_parquet(f, columns=["patient_id"]) for f in shards.glob("part-*.parquet")])
                        ["patient_id"].astype(str))
-    assert len(all_patients) == N_PATIENTS and set(oof["patient_id"]) == all_patients
+    assert all_patients == set(pd.read_csv(manifest, dtype=str)["patient_id"])
+    assert set(oof["patient_id"]) == all_patients
     assert not oof.duplicated(["model", "patient_id"]).any() and set(oof["fold"]) == {0, 1}
     for k in (0, 1):
         assert (tmp_path / "cv" / "folds" / f"fold_{k:02d}" / "model.pt").is_file()

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from raypipe.config import StrictModel
@@ -97,6 +97,12 @@ class PVFTrainConfig(StrictModel):
     torch_threads: int | None = Field(None, ge=1)
     seed: int = 0
     n_boot: int = Field(1000, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "PVFTrainConfig":
+        if self.scale_range[0] <= 0 or self.scale_range[0] > self.scale_range[1]:
+            raise ValueError(f"scale_range must be 0 < low <= high, got {self.scale_range}")
+        return self
 
     @property
     def name(self) -> str:
