@@ -7,10 +7,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 from raypipe.io.errors import RaypipeInputError
 
@@ -21,6 +21,16 @@ class StrictModel(BaseModel):
     """Base for every raypipe config: unknown keys are typos, so they are errors."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+def _ordered_positive(v: tuple[float, float]) -> tuple[float, float]:
+    if v[0] <= 0 or v[0] > v[1]:
+        raise ValueError(f"must be 0 < low <= high, got {v}")
+    return v
+
+
+# An augmentation scale range (low, high): a reversed or non-positive range is a config error, not a silent flip.
+ScaleRange = Annotated[tuple[float, float], AfterValidator(_ordered_positive)]
 
 
 class ConfigError(RaypipeInputError):

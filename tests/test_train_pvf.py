@@ -68,7 +68,9 @@ def test_augmentation_scale_range_must_be_ordered_and_positive() -> None:
     from pydantic import ValidationError
 
     from raypipe.train.pvf import PVFTrainConfig
+    from raypipe.train.xray_config import KeypointTrainConfig
 
-    for bad in ((1.1, 0.9), (0.0, 1.0)):
-        with pytest.raises(ValidationError, match="scale_range"):
-            PVFTrainConfig(scale_range=bad)
+    for config in (PVFTrainConfig, KeypointTrainConfig):  # both use raypipe.config.ScaleRange
+        for bad in ((1.1, 0.9), (0.0, 1.0)):
+            with pytest.raises(ValidationError, match="scale_range"):
+                config(scale_range=bad)

@@ -20,10 +20,10 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import nn
 
-from raypipe.config import StrictModel
+from raypipe.config import ScaleRange, StrictModel
 from raypipe.train.common import (
     TrainState,
     all_reduce_mean,
@@ -70,7 +70,7 @@ class PVFTrainConfig(StrictModel):
     pos_weight: float | None = Field(None, gt=0, description="BCE weight of positives (None: balanced from data)")
     augment: bool = Field(True, description="random similarity + flip + contrast per training image (no memorising)")
     rotation_deg: float = Field(8.0, ge=0, description="augmentation: rotation drawn from U(-r, r)")
-    scale_range: tuple[float, float] = Field((0.9, 1.1), description="augmentation: isotropic scale range")
+    scale_range: ScaleRange = Field((0.9, 1.1), description="augmentation: isotropic scale range")
     translate_frac: float = Field(0.05, ge=0, description="augmentation: shift up to this fraction of each side")
     flip_prob: float = Field(0.5, ge=0, le=1, description="augmentation: left-right flip (anterior side) probability")
     contrast_jitter: float = Field(0.1, ge=0, description="augmentation: gain 1 +- j and offset +- j (input units)")
@@ -97,12 +97,6 @@ class PVFTrainConfig(StrictModel):
     torch_threads: int | None = Field(None, ge=1)
     seed: int = 0
     n_boot: int = Field(1000, ge=0)
-
-    @model_validator(mode="after")
-    def _check(self) -> "PVFTrainConfig":
-        if self.scale_range[0] <= 0 or self.scale_range[0] > self.scale_range[1]:
-            raise ValueError(f"scale_range must be 0 < low <= high, got {self.scale_range}")
-        return self
 
     @property
     def name(self) -> str:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from raypipe.config import StrictModel
+from raypipe.config import ScaleRange, StrictModel
 
 # Paper 001: model 1 = age + sex, model 2 = + BMI, model 3 = + glucocorticoids + secondary osteoporosis.
 CLINICAL_MODELS: dict[int, tuple[str, ...]] = {
@@ -54,7 +54,7 @@ class KeypointTrainConfig(RayRunConfig):
         "softmax", description="softmax: spatial cross-entropy (learns from random init in far fewer steps); gaussian: heatmap MSE (HRNet reference)"
     )
     rotation_deg: float = Field(15.0, ge=0, description="augmentation: rotation drawn from U(-r, r)")
-    scale_range: tuple[float, float] = Field((0.85, 1.15), description="augmentation: isotropic scale range")
+    scale_range: ScaleRange = Field((0.85, 1.15), description="augmentation: isotropic scale range")
     flip_prob: float = Field(0.5, ge=0, le=1, description="augmentation: horizontal flip probability")
     translate_frac: float = Field(0.05, ge=0, description="augmentation: shift up to this fraction of the side")
     lr: float = Field(1e-3, gt=0, description="Adam initial learning rate (paper 1e-3)")
@@ -76,8 +76,6 @@ class KeypointTrainConfig(RayRunConfig):
             raise ValueError(f"input_size must be a multiple of 32 (HRNet), got {self.input_size}")
         if self.lr_min > self.lr:
             raise ValueError("lr_min must not exceed lr")
-        if self.scale_range[0] <= 0 or self.scale_range[0] > self.scale_range[1]:
-            raise ValueError(f"scale_range must be 0 < low <= high, got {self.scale_range}")
         return self
 
     @property
