@@ -17,7 +17,7 @@ import torch
 
 from raypipe.models.registry import build_model, flops_per_sample
 from raypipe.train.common import autocast, seed_everything, select_device
-from raypipe.train.ct import masked_bce
+from raypipe.losses import masked_bce
 
 log = logging.getLogger("bench_train_ct")
 

@@ -68,7 +68,6 @@ def train_throughput(data: Path, work: Path, workers: int, epochs: int) -> float
     """Training samples/s of the tiny CNN-RNN with `workers` DDP workers (epochs 2..E, train + validation)."""
     import csv
 
-    from raypipe.train.common import trainer_overrides
     from raypipe.train.config import CTTrainConfig
     from raypipe.train.ct import fit_ct
 
@@ -77,8 +76,7 @@ def train_throughput(data: Path, work: Path, workers: int, epochs: int) -> float
                         max_failures=0, freeze_batchnorm=True)
     clock = work / f"clock_{workers}.txt"
     run = work / f"train_{workers}"
-    with trainer_overrides(callbacks=[EpochClock(str(clock))]):
-        fit_ct(cfg, str(data), str(run))
+    fit_ct(cfg, str(data), str(run), callbacks=[EpochClock(str(clock))])
     times = [float(t) for t in clock.read_text().split()]
     with open(run / "metrics.csv") as f:
         samples = [float(r["train_samples"]) for r in csv.DictReader(f)]

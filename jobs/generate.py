@@ -1,36 +1,14 @@
-"""`ray job submit -- python jobs/generate.py --config jobs/configs/generate.yaml --data MANIFEST --model DIR --pvf DIR --out DIR`.
+"""Ray job entrypoint for `raypipe generate-batch`: the same command line, run where the job runs.
 
-Batch Diff-X generation over a cohort (`raypipe.data.generate_pipeline`): generation.json per study,
-predictions.parquet for `raypipe evaluate`, diffx_metrics.json.
+    ray job submit --working-dir . -- python jobs/generate.py --data cohort/manifest.csv --model registry/ldm/v1 --pvf registry/pvf/v1 --out runs/diffx
+
+Every option is `raypipe generate-batch`'s (`raypipe generate-batch --help`). Relative --data/--manifest/--out resolve under
+RAYPIPE_STORAGE when it is set, so outputs never land in the job's temporary working dir; rerunning with
+the same --out resumes.
 """
-from __future__ import annotations
-
-import argparse
-import logging
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir's raypipe when not installed
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Parse the options and run `generate_cohort_cli`."""
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--config", default=None, help="GenerateJobConfig YAML (years, seeds, steps, thresholds)")
-    p.add_argument("--data", required=True, help="cohort manifest")
-    p.add_argument("--model", required=True, help="`raypipe train ldm` output or registry version folder")
-    p.add_argument("--pvf", default=None, help="`raypipe train pvf` output or registry version folder")
-    p.add_argument("--out", required=True)
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from raypipe.cluster import resolve_input, resolve_output
-
-    a.data, a.out, a.model = resolve_input(a.data), resolve_output(a.out), resolve_input(a.model)
-    a.pvf = resolve_input(a.pvf) if a.pvf else None
-    from raypipe.data.generate_pipeline import generate_cohort_cli
-
-    return generate_cohort_cli(a.data, a.model, a.out, a.pvf, a.config)
-
+from raypipe.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["generate-batch", *sys.argv[1:]]))

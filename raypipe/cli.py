@@ -1,23 +1,71 @@
-"""The `raypipe` command: one subcommand per user step; each handler imports its module lazily."""
+"""The `raypipe` command: one subcommand per user step; each handler imports its module lazily.
+
+Model names come from the task registry (`raypipe.tasks`) and nowhere else. User errors (a missing file,
+a bad config key, an empty shard folder) end with one line naming what to fix and exit code 1; `-v`
+shows the traceback as well. Relative `--data`, `--manifest` and `--out` paths resolve under
+`RAYPIPE_STORAGE` when it is set (a bucket or a shared folder, as on a cluster) and the path is not here.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 log = logging.getLogger("raypipe")
 
 
+class UsageError(Exception):
+    """A command-line mistake the user fixes by changing the command (printed as one line)."""
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def parse_overrides(items: Sequence[str] | None) -> dict[str, Any]:
+    """`--set key=value` pairs as dotted-key overrides; values are read as YAML scalars/lists (`lr=1e-4`)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--set expects key=value, got {item!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise UsageError(f"--set {key}: cannot read value {raw!r}: {exc}") from None
+    return out
+
+
+def require_path(path: str | None, what: str) -> str:
+    """A local input must exist (URIs are checked where they are read)."""
+    from raypipe import storage
+
+    if path is None:
+        raise UsageError(f"{what} is required")
+    if not storage.is_uri(path) and not os.path.exists(path):
+        raise UsageError(f"{what} not found: {path}")
+    return path
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key (dotted for nested keys, e.g. --set lr=1e-4 --set cv.folds=5); "
+                        "repeatable")
+
+
+# ---------------------------------------------------------------------------------------------- handlers
 def _cmd_synth(a: argparse.Namespace) -> int:
     if a.kind == "drr":
+        if not (a.ct and a.masks and a.out):
+            raise UsageError("synth drr needs --ct, --masks and --out")
         from raypipe.data.drr import synth_drr_cli
 
         return synth_drr_cli(a)
     if a.out is None:
-        raise SystemExit("raypipe synth: --out is required")
+        raise UsageError("--out is required")
     from raypipe.data.synth import synth_cohort
 
     manifest = synth_cohort(a.kind, a.out, patients=a.patients, seed=a.seed, workers=a.workers, overwrite=a.overwrite)
@@ -28,7 +76,7 @@ def _cmd_synth(a: argparse.Namespace) -> int:
 def _cmd_validate(a: argparse.Namespace) -> int:
     from raypipe.io.manifest import validate_manifest
 
-    rep = validate_manifest(a.manifest, check_files=not a.no_file_check)
+    rep = validate_manifest(require_path(a.manifest, "manifest"), check_files=not a.no_file_check)
     print(rep.summary())
     return 0 if rep.ok else 1
 
@@ -36,7 +84,7 @@ def _cmd_validate(a: argparse.Namespace) -> int:
 def _cmd_inspect(a: argparse.Namespace) -> int:
     from raypipe.io.inspect import format_inspection, inspect_path
 
-    info = inspect_path(a.path, masks=a.masks, mask_labels=a.mask_labels)
+    info = inspect_path(require_path(a.path, "image"), masks=a.masks, mask_labels=a.mask_labels)
     print(json.dumps(info, indent=2) if a.json else format_inspection(info))
     return 0
 
@@ -44,65 +92,74 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
 def _cmd_preprocess(a: argparse.Namespace) -> int:
     from raypipe.ray_utils import init_ray
 
-    init_ray()
+    manifest = require_path(a.manifest, "--manifest")
+    init_ray(quiet=False)
     if a.kind == "ct":
         from raypipe.data.ct_pipeline import preprocess_ct
 
-        summary = preprocess_ct(a.manifest, a.out, config_path=a.config)
+        summary = preprocess_ct(manifest, a.out, config_path=a.config)
     else:
         from raypipe.data.xray_pipeline import preprocess_xray
 
-        summary = preprocess_xray(a.manifest, a.out, config_path=a.config)
-    print(json.dumps(summary, indent=2, default=str))
+        summary = preprocess_xray(manifest, a.out, config_path=a.config)
+    print(json.dumps({k: v for k, v in summary.items() if k != "parquet_files"}, indent=2, default=str))
+    errors = int(summary.get("error", 0) or 0)
+    if errors and not a.allow_errors:
+        print(f"raypipe preprocess: {errors} stud{'y' if errors == 1 else 'ies'} failed (see qc.csv in {a.out}); "
+              "fix them or pass --allow-errors to accept the shards without them", file=sys.stderr)
+        return 1
     return 0
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> int:
     from raypipe.evaluate import evaluate, summary_lines
 
-    result = evaluate(a.predictions, a.out, reference_model=a.reference, n_boot=a.n_boot, seed=a.seed)
+    paths = [require_path(p, "prediction file") for p in a.predictions]
+    horizons = None
+    if a.horizons:
+        horizons = [float(h) for h in a.horizons.split(",") if h.strip()]
+    result = evaluate(paths, a.out, reference_model=a.reference, n_boot=a.n_boot, seed=a.seed,
+                      horizons_years=horizons)
     for line in summary_lines(result):
         print(line)
     print(f"report: {Path(a.out) / 'report.html'}")
     return 0
 
 
-TRAINERS = {  # MODEL -> (module, whether its train_cli takes the model name)
-    "cnn-rnn": ("raypipe.train.ct", True),
-    "multitask": ("raypipe.train.ct", True),
-    "keypoints": ("raypipe.train.keypoints", True),
-    "deepsurv": ("raypipe.train.deepsurv", True),
-    "pvf": ("raypipe.train.pvf", False),
-    "ldm": ("raypipe.train.ldm", False),
-}
-
-
 def _cmd_train(a: argparse.Namespace) -> int:
-    import importlib
+    from raypipe.train.run import train_task
 
-    module, takes_model = TRAINERS[a.model]
-    train_cli = importlib.import_module(module).train_cli
-    if takes_model:
-        return train_cli(a.model, a.config, a.data, a.out)
-    return train_cli(a.config, a.data, a.out)
+    out = train_task(a.model, a.config, require_path(a.data, "--data"), a.out, parse_overrides(a.overrides))
+    print(f"run written to {out}")
+    return 0
 
 
 def _cmd_cv(a: argparse.Namespace) -> int:
-    from raypipe.tune.search import cv_cli
+    from raypipe.tune.cv import cv_cli
 
-    return cv_cli(a.model, a.config, a.folds, a.data, a.out)
+    return cv_cli(a.model, a.config, a.folds, require_path(a.data, "--data"), a.out,
+                  overrides=parse_overrides(a.overrides), baselines=a.baselines)
 
 
 def _cmd_tune(a: argparse.Namespace) -> int:
     from raypipe.tune.search import tune_cli
 
-    return tune_cli(a.model, a.config, a.trials, a.data, a.out)
+    return tune_cli(a.model, require_path(a.config, "--config"), a.trials, require_path(a.data, "--data"), a.out,
+                    overrides=parse_overrides(a.overrides))
 
 
 def _cmd_generate(a: argparse.Namespace) -> int:
     from raypipe.generate import generate_cli
 
+    require_path(a.image, "--image")
     return generate_cli(a)
+
+
+def _cmd_generate_batch(a: argparse.Namespace) -> int:
+    from raypipe.data.generate_pipeline import generate_cohort_cli
+
+    return generate_cohort_cli(require_path(a.data, "--data"), require_path(a.model, "--model"), a.out,
+                               require_path(a.pvf, "--pvf") if a.pvf else None, a.config)
 
 
 def _cmd_publish(a: argparse.Namespace) -> int:
@@ -123,118 +180,161 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     return run_demo(a.out, patients=a.patients, seed=a.seed)
 
 
+# ---------------------------------------------------------------------------------------------- parser
 def add_generate_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The `raypipe generate` options (DESIGN.md); shared with jobs/generate.py."""
-    p.add_argument("--image", required=True, help="baseline radiograph (DICOM or PNG)")
-    p.add_argument("--age", type=float, required=True)
-    p.add_argument("--sex", required=True, help="F or M")
-    p.add_argument("--years", default="1,5,10", help="comma-separated years after baseline")
+    """The `raypipe generate` options (DESIGN.md)."""
+    p.add_argument("--image", required=True, help="baseline lateral radiograph (DICOM or PNG)")
+    p.add_argument("--age", type=float, required=True, help="age at baseline in years (goes into the prompt)")
+    p.add_argument("--sex", required=True, help="F or M (goes into the prompt)")
+    p.add_argument("--years", default="1,5,10", help="comma-separated years after baseline to generate")
     p.add_argument("--last-followup", type=float, default=None, help="extra time point: years to last follow-up")
-    p.add_argument("--seeds", default="10", help="count (0..n-1) or comma-separated seeds")
+    p.add_argument("--seeds", default="10", help="a count N (seeds 0..N-1) or comma-separated seeds")
     p.add_argument("--model", required=True, help="`raypipe train ldm` output or registry version folder")
-    p.add_argument("--pvf", default=None, help="`raypipe train pvf` output or registry version folder")
-    p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's)")
-    p.add_argument("--eta", type=float, default=None)
-    p.add_argument("--device", default=None)
+    p.add_argument("--pvf", default=None, help="`raypipe train pvf` output or registry version folder (adds scores)")
+    p.add_argument("--out", required=True, help="output folder: one PNG per (year, seed) + generation.json")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's sampler setting)")
+    p.add_argument("--eta", type=float, default=None, help="DDIM eta, 0 = deterministic (default: the model's)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: CUDA when present)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA")
     return p
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """All subcommands and their options (DESIGN.md's command table)."""
-    p = argparse.ArgumentParser(prog="raypipe", description=__doc__)
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True)
+    """All subcommands and their options (DESIGN.md's command table); model names from `raypipe.tasks`."""
+    from raypipe.tasks import DATA_HELP, TASKS, cv_names, train_names, tune_names
 
-    s = sub.add_parser("synth", help="synthetic cohort (DICOM + masks/keypoints + manifest.csv)")
-    s.add_argument("kind", choices=["ct", "xray", "both", "drr"])
-    s.add_argument("--out", type=str)
-    s.add_argument("--patients", type=int, default=20)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--workers", type=int, default=None)
-    s.add_argument("--overwrite", action="store_true")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = argparse.ArgumentParser(prog="raypipe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging, and tracebacks on errors")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def cmd(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=help_text, formatter_class=fmt)
+
+    s = cmd("synth", "synthetic cohort (DICOM + masks/keypoints + manifest.csv), or a DRR of a real CT")
+    s.add_argument("kind", choices=["ct", "xray", "both", "drr"], help="what to synthesise")
+    s.add_argument("--out", type=str, help="output folder (required)")
+    s.add_argument("--patients", type=int, default=20, help="patients in the cohort")
+    s.add_argument("--seed", type=int, default=0, help="random seed (same seed, same cohort)")
+    s.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
+    s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     s.add_argument("--ct", type=str, help="(drr) CT volume: NIfTI or DICOM folder")
-    s.add_argument("--masks", type=str, help="(drr) vertebra masks")
+    s.add_argument("--masks", type=str, help="(drr) vertebra masks: TotalSegmentator folder or multilabel file")
     s.add_argument("--config", type=str, default=None, help="(drr) DRR geometry config YAML")
     s.set_defaults(func=_cmd_synth)
 
-    s = sub.add_parser("validate", help="check a cohort manifest; exit 1 listing every problem")
-    s.add_argument("manifest")
+    s = cmd("validate", "check a cohort manifest; exit 1 listing every problem")
+    s.add_argument("manifest", help="manifest CSV or Parquet")
     s.add_argument("--no-file-check", action="store_true", help="skip checking that image/mask files exist")
     s.set_defaults(func=_cmd_validate)
 
-    s = sub.add_parser("inspect", help="geometry, orientation and intensity of a CT or radiograph")
-    s.add_argument("path")
-    s.add_argument("--masks", type=str, default=None)
-    s.add_argument("--mask-labels", type=str, default=None, help="verse | totalseg | label-map JSON")
-    s.add_argument("--json", action="store_true")
+    s = cmd("inspect", "geometry, orientation and intensity of a CT or radiograph")
+    s.add_argument("path", help="DICOM series folder, DICOM file, NIfTI or PNG")
+    s.add_argument("--masks", type=str, default=None,
+                   help="vertebra/muscle masks: TotalSegmentator folder or multilabel NIfTI (adds per-mask stats)")
+    s.add_argument("--mask-labels", type=str, default=None, help="multilabel convention: verse | totalseg | JSON map")
+    s.add_argument("--json", action="store_true", help="print JSON instead of text")
     s.set_defaults(func=_cmd_inspect)
 
-    s = sub.add_parser("preprocess", help="Ray Data: manifest -> Parquet shards + qc.csv")
-    s.add_argument("kind", choices=["ct", "xray"])
-    s.add_argument("--manifest", required=True)
-    s.add_argument("--out", required=True)
-    s.add_argument("--config", default=None)
+    s = cmd("preprocess", "Ray Data: manifest -> Parquet shards + qc.csv")
+    s.add_argument("kind", choices=["ct", "xray"], help="which studies of the manifest")
+    s.add_argument("--manifest", required=True, help="cohort manifest (CSV or Parquet)")
+    s.add_argument("--out", required=True, help="shards folder (local path or s3/gs URI)")
+    s.add_argument("--config", default=None, help="preprocessing config YAML (default: the papers' settings)")
+    s.add_argument("--allow-errors", action="store_true",
+                   help="exit 0 even when some studies failed (they are listed in qc.csv and left out)")
     s.set_defaults(func=_cmd_preprocess)
 
-    s = sub.add_parser("train", help="Ray Train: one model on preprocessed shards (or a manifest)")
-    s.add_argument("model", choices=sorted(TRAINERS))
-    s.add_argument("--config", default=None, help="YAML (jobs/configs/); defaults: the paper's settings")
-    s.add_argument("--data", default=None, help="preprocessed shards folder (manifest for keypoints/pvf/ldm)")
-    s.add_argument("--out", default=None)
+    tasks_help = "; ".join(f"{n}: {t.summary}" for n, t in TASKS.items())
+    s = cmd("train", "Ray Train: one model on preprocessed shards (or a manifest)")
+    s.add_argument("model", choices=train_names(), help=tasks_help)
+    s.add_argument("--config", default=None, help="YAML config (jobs/configs/); default: the paper's settings")
+    s.add_argument("--data", required=True,
+                   help="; ".join(f"{n}: {DATA_HELP[t.data]}" for n, t in TASKS.items()))
+    s.add_argument("--out", default=None, help="run folder (default: runs/<model name>); same folder resumes")
+    _add_set(s)
     s.set_defaults(func=_cmd_train)
 
-    s = sub.add_parser("cv", help="k-fold cross-validation, patient-level, one Tune trial per fold")
-    s.add_argument("model", choices=["cnn-rnn", "multitask", "deepsurv"])
-    s.add_argument("--config", default=None)
-    s.add_argument("--folds", type=int, default=None)
-    s.add_argument("--data", default=None)
-    s.add_argument("--out", default=None)
+    s = cmd("cv", "k-fold cross-validation, patient-level, one Tune trial per fold (nested model selection)")
+    s.add_argument("model", choices=cv_names(), help="task to cross-validate")
+    s.add_argument("--config", default=None, help="YAML config; an optional `cv:` section sets CV options")
+    s.add_argument("--folds", type=int, default=None, help="k (default: the config's cv.folds, else 10)")
+    s.add_argument("--data", required=True, help="folder of preprocessed shards")
+    s.add_argument("--out", default=None, help="CV folder (default: runs/cv_<model>); same folder resumes")
+    s.add_argument("--baselines", action="store_true",
+                   help="also cross-validate the clinical models (A-D, FRAX) with the same folds into OUT/clinical")
+    _add_set(s)
     s.set_defaults(func=_cmd_cv)
 
-    s = sub.add_parser("tune", help="Optuna TPE + ASHA over the search space YAML")
-    s.add_argument("model", choices=["cnn-rnn", "multitask", "deepsurv"])
-    s.add_argument("--config", default=None, help="search-space YAML (e.g. jobs/configs/xray_deepsurv_search.yaml)")
-    s.add_argument("--trials", type=int, default=8)
-    s.add_argument("--data", default=None)
-    s.add_argument("--out", default=None)
+    s = cmd("tune", "Optuna TPE + ASHA over a search-space YAML")
+    s.add_argument("model", choices=tune_names(), help="task to search")
+    s.add_argument("--config", required=True, help="search-space YAML (e.g. jobs/configs/xray_deepsurv_search.yaml)")
+    s.add_argument("--trials", type=int, default=8, help="trials to run")
+    s.add_argument("--data", required=True, help="folder of preprocessed shards")
+    s.add_argument("--out", default=None, help="search folder (default: runs/tune_<model>); same folder resumes")
+    _add_set(s)
     s.set_defaults(func=_cmd_tune)
 
-    s = add_generate_arguments(sub.add_parser("generate", help="Diff-X: future radiographs + pVF risk group"))
+    s = add_generate_arguments(cmd("generate", "Diff-X: future radiographs of one patient + pVF risk group"))
     s.set_defaults(func=_cmd_generate)
 
-    s = sub.add_parser("publish", help="copy a train/cv output folder into the model registry")
-    s.add_argument("run_dir")
-    s.add_argument("--registry", required=True)
-    s.add_argument("--name", required=True)
+    s = cmd("generate-batch", "Diff-X over a cohort manifest on Ray Data: BpVF, GpVF, risk groups, predictions")
+    s.add_argument("--data", required=True, help="cohort manifest with XR rows (age, sex, follow-up)")
+    s.add_argument("--model", required=True, help="`raypipe train ldm` output or registry version folder")
+    s.add_argument("--pvf", default=None, help="`raypipe train pvf` output or registry version folder")
+    s.add_argument("--out", required=True, help="output folder (predictions.parquet, diffx_metrics.json, images)")
+    s.add_argument("--config", default=None, help="generation YAML (jobs/configs/generate.yaml)")
+    s.set_defaults(func=_cmd_generate_batch)
+
+    s = cmd("publish", "copy a train/cv output folder into the model registry as a new version")
+    s.add_argument("run_dir", help="output folder of `raypipe train` or `raypipe cv`")
+    s.add_argument("--registry", required=True, help="registry folder")
+    s.add_argument("--name", required=True, help="model name in the registry (ct, xray, pvf, ldm for Serve)")
     s.add_argument("--notes", default="", help="free text for the model card")
     s.set_defaults(func=_cmd_publish)
 
-    s = sub.add_parser("serve", help="local Ray Serve app over the registry's latest models")
-    s.add_argument("--registry", required=True)
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--host", default="127.0.0.1")
+    s = cmd("serve", "local Ray Serve app over the registry's latest models")
+    s.add_argument("--registry", required=True, help="registry folder")
+    s.add_argument("--port", type=int, default=8000, help="HTTP port")
+    s.add_argument("--host", default="127.0.0.1", help="bind address")
     s.set_defaults(func=_cmd_serve)
 
-    s = sub.add_parser("evaluate", help="metrics.json + report.html from prediction files")
-    s.add_argument("predictions", nargs="+")
-    s.add_argument("--out", required=True)
-    s.add_argument("--reference", default=None, help="model the others are compared against")
-    s.add_argument("--n-boot", type=int, default=1000)
-    s.add_argument("--seed", type=int, default=0)
+    s = cmd("evaluate", "metrics.json + report.html from prediction files")
+    s.add_argument("predictions", nargs="+", help="prediction files (predictions.parquet of train/cv/generation)")
+    s.add_argument("--out", required=True, help="report folder")
+    s.add_argument("--reference", default=None, help="model the others are compared against (default: the first)")
+    s.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (by patient) for the 95%% CIs")
+    s.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    s.add_argument("--horizons", default=None,
+                   help="td-AUROC/calibration times in years, comma-separated (default: 1,2,3,5; 1,5,10 for Diff-X)")
     s.set_defaults(func=_cmd_evaluate)
 
-    s = sub.add_parser("demo", help="the whole pipeline on a small synthetic cohort (+ the real CT)")
-    s.add_argument("--out", default="demo_out")
-    s.add_argument("--patients", type=int, default=40)
-    s.add_argument("--seed", type=int, default=0)
+    s = cmd("demo", "the whole pipeline on a small synthetic cohort (+ the real CT)")
+    s.add_argument("--out", default="demo_out", help="output folder")
+    s.add_argument("--patients", type=int, default=40, help="patients in the synthetic cohort")
+    s.add_argument("--seed", type=int, default=0, help="random seed")
     s.set_defaults(func=_cmd_demo)
     return p
 
 
+def _resolve_storage(args: argparse.Namespace) -> None:
+    """Relative --data/--manifest/--out under RAYPIPE_STORAGE when set (see module doc)."""
+    from raypipe.cluster import resolve_input, resolve_output, storage_root
+
+    if not storage_root():
+        return
+    for name in ("data", "manifest"):
+        if getattr(args, name, None):
+            setattr(args, name, resolve_input(getattr(args, name)))
+    if getattr(args, "out", None) and args.command not in ("synth", "demo"):
+        args.out = resolve_output(args.out)
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (UsageError, FileNotFoundError, FileExistsError, KeyError, ValueError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: run one subcommand; input errors print one clear message and exit 1."""
+    """Entry point: run one subcommand; user errors print one line naming what to fix and exit 1."""
     from raypipe.io.errors import RaypipeInputError
 
     args = build_parser().parse_args(argv)
@@ -242,9 +342,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     handler: Callable[[argparse.Namespace], int] = args.func
     try:
+        _resolve_storage(args)
         return int(handler(args) or 0)
-    except RaypipeInputError as e:
-        print(f"raypipe {args.command}: error: {e}", file=sys.stderr)
+    except (RaypipeInputError, *USER_ERRORS) as e:
+        if args.verbose:
+            raise
+        text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        print(f"raypipe {args.command}: error: {' '.join(text.split())}", file=sys.stderr)
         return 1
 
 

@@ -4,11 +4,16 @@ Each task owns one config class (with the papers' values as defaults); this modu
 """
 from __future__ import annotations
 
+import dataclasses
+import datetime as _dt
 import hashlib
 import json
+import os
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Annotated, Any, TypeVar
 
+import numpy as np
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
@@ -79,11 +84,12 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[st
     """Load `cls` from a YAML file (or its defaults when `path` is None), applying dotted-key overrides."""
     data: dict[str, Any] = read_yaml(path) if path else {}
     for key, value in (overrides or {}).items():
-        _set_dotted(data, key, value)
+        set_dotted(data, key, value)
     return parse_config(cls, data, str(path) if path else "<defaults>")
 
 
-def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set `a.b.c` in a nested mapping (config overrides such as `raypipe train --set model_kwargs.dropout=0.1`)."""
     parts = key.split(".")
     cur = data
     for p in parts[:-1]:
@@ -98,7 +104,33 @@ def dump_config(cfg: BaseModel, path: str | Path) -> None:
     atomic_write_text(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
-def config_hash(cfg: BaseModel | dict[str, Any]) -> str:
-    """Short stable hash of a config, recorded with predictions and registry entries."""
-    data = cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else cfg
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
+def config_hash(obj: Any) -> str:
+    """Short stable hash (16 hex chars of SHA-256) of a config: dict, pydantic model, dataclass or plain value."""
+    payload = json.dumps(jsonable(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+
+def jsonable(obj: Any) -> Any:
+    """Canonical JSON-compatible form of `obj` (pydantic models, dataclasses, numpy, paths) for hashes and metadata."""
+    if hasattr(obj, "model_dump") and callable(obj.model_dump):
+        return jsonable(obj.model_dump(mode="json"))
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return jsonable(dataclasses.asdict(obj))
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        items = [jsonable(v) for v in obj]
+        return sorted(items, key=repr) if isinstance(obj, (set, frozenset)) else items
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if isinstance(obj, (Path, os.PathLike)):
+        return os.fspath(obj)
+    if isinstance(obj, (_dt.datetime, _dt.date)):
+        return obj.isoformat()
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    return repr(obj)

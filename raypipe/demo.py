@@ -106,26 +106,26 @@ class Demo:
         return f"report: {out / 'report.html'}"
 
     def train_xray(self) -> str:
-        from raypipe.train.deepsurv import train_cli
+        from raypipe.train.run import train_task
 
         out = self.out / "runs" / "xray_deepsurv"
-        train_cli("deepsurv", str(TINY_CONFIGS / "xray_deepsurv_tiny.yaml"), str(self.state["xray_shards"]), str(out))
+        train_task("deepsurv", str(TINY_CONFIGS / "xray_deepsurv_tiny.yaml"), str(self.state["xray_shards"]), str(out))
         self.state["xray_run"] = out
         return f"DeepSurv (image + clinical model 3, Cox partial likelihood) -> {out}{_headline(out, 'c_index')}"
 
     def train_pvf(self) -> str:
-        from raypipe.train.pvf import train_cli
+        from raypipe.train.run import train_task
 
         out = self.out / "runs" / "pvf"
-        train_cli(str(TINY_CONFIGS / "pvf_tiny.yaml"), str(self.state["manifest"]), str(out))
+        train_task("pvf", str(TINY_CONFIGS / "pvf_tiny.yaml"), str(self.state["manifest"]), str(out))
         self.state["pvf_run"] = out
         return f"prevalent-fracture classifier (EfficientNet, CLAHE) -> {out}{_headline(out, 'auroc')}"
 
     def train_ldm(self) -> str:
-        from raypipe.train.ldm import train_cli
+        from raypipe.train.run import train_task
 
         out = self.out / "runs" / "ldm"
-        train_cli(str(TINY_CONFIGS / "ldm_tiny.yaml"), str(self.state["manifest"]), str(out))
+        train_task("ldm", str(TINY_CONFIGS / "ldm_tiny.yaml"), str(self.state["manifest"]), str(out))
         self.state["ldm_run"] = out
         return f"Diff-X: VAE + structure LDM + prompt LDM -> {out}"
 

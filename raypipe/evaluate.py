@@ -1,8 +1,12 @@
 """`raypipe evaluate`: prediction files in, metrics.json (DESIGN.md schema) and a self-contained report.html out.
 
-Per model, on one evaluation split (``test`` when present, else another held-out split, else the
-validation split): binary metrics when a label column exists (AUROC with CI; accuracy, sensitivity,
-specificity, PPV, NPV at the Youden threshold of the validation split, else a given threshold or 0.5),
+Every held-out set is evaluated side by side (`evaluation_splits`): the development set's out-of-fold rows
+of a cross-validation (split ``val`` with a fold number), and each test/external split. The first set keeps
+the model names; the others are named ``NAME@split`` (CV already names its external models so).
+Per model and set: binary metrics when a label column exists (AUROC with CI; accuracy, sensitivity,
+specificity, PPV, NPV at a cut-off from the development/training side: the rows' own `threshold` column
+(CV: each fold's cut-off chosen on its training patients), else the Youden index of the validation split,
+else a given threshold or 0.5),
 survival metrics when ``time_days``/``event`` exist (Harrell and Uno C, td-AUROC, IBS from a Breslow
 baseline), and hazard ratios, Kaplan-Meier curves and a log-rank test by risk ``group``. Every model
 is compared with the reference model on their common studies: DeLong for AUROC, a paired
@@ -14,14 +18,13 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow.fs as pafs
-from scipy import stats
 from sklearn.metrics import roc_curve
 
 from raypipe import metrics as M
@@ -62,11 +65,13 @@ class ModelResult:
     n_studies: int
     n_patients: int
     metrics: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    split: str = ""
     label_column: str | None = None
     n_positive: int | None = None
     n_events: int | None = None
     threshold: float | None = None
     threshold_source: str | None = None
+    row_thresholds: bool = False  # the rows carried their own cut-offs (`threshold` column)
     roc: Curve | None = None
     td_curve: Curve | None = None
     km: list[Curve] = field(default_factory=list)
@@ -90,6 +95,7 @@ class Evaluation:
     times_days: tuple[int, ...]
     n_boot: int
     notes: list[str] = field(default_factory=list)
+    splits: list[str] = field(default_factory=list)  # every evaluated set, the first one is `split`
     ct_tables: list[Any] = field(default_factory=list)  # papers/000 Tables 3-4 (raypipe.report.ct_tables)
     xray_tables: list[Any] = field(default_factory=list)  # papers/001 Table 2 + C-index (raypipe.report.xray_tables)
 
@@ -99,21 +105,44 @@ def evaluate(
     prediction_paths: PathLike | Sequence[PathLike],
     out_dir: PathLike,
     reference_model: str | None = None,
-    times_days: Sequence[int] = (365, 730, 1095, 1825),
+    times_days: Sequence[int] | None = None,
     n_boot: int = 1000,
     seed: int = 0,
+    horizons_years: Sequence[float] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate prediction files; write metrics.json, report.html and the report's PNGs to `out_dir`; return the metrics."""
+    """Evaluate prediction files; write metrics.json, report.html and the report's PNGs to `out_dir`; return the metrics.
+
+    Time points: `horizons_years` (or `times_days`); default 1, 2, 3, 5 years, and 1, 5, 10 years for
+    Diff-X predictions (rows with a risk `group`).
+    """
     from raypipe.report import build_report
 
     df = read_predictions(prediction_paths)
+    if times_days is None:
+        times_days = default_times_days(df, horizons_years)
     result = evaluate_frame(df, reference_model=reference_model, times_days=times_days, n_boot=n_boot, seed=seed)
     out = os.fspath(out_dir)
     storage.makedirs(out)
     storage.atomic_write_json(storage.join(out, "metrics.json"), result.metrics)
     build_report(result, out)
-    logger.info("evaluated %d model(s) on split %r; wrote %s", len(result.models), result.split, out)
+    logger.info("evaluated %d model(s) on %s; wrote %s", len(result.models), ", ".join(result.splits), out)
     return result.metrics
+
+
+DAYS_PER_YEAR = 365.25
+CT_HORIZONS_YEARS = (1.0, 2.0, 3.0, 5.0)
+DIFFX_HORIZONS_YEARS = (1.0, 5.0, 10.0)
+
+
+def default_times_days(df: pd.DataFrame, horizons_years: Sequence[float] | None = None) -> tuple[int, ...]:
+    """td-AUROC / calibration times in days: the given years, else 1/5/10 years for Diff-X, else 1/2/3/5."""
+    if horizons_years is None:
+        diffx = "group" in df.columns and df["group"].notna().any()
+        horizons_years = DIFFX_HORIZONS_YEARS if diffx else CT_HORIZONS_YEARS
+    bad = [h for h in horizons_years if not (h > 0)]
+    if bad:
+        raise ValueError(f"horizons must be positive years, got {bad}")
+    return tuple(int(round(h * DAYS_PER_YEAR)) for h in horizons_years)
 
 
 def summary_lines(metrics: Mapping[str, Any]) -> list[str]:
@@ -159,34 +188,54 @@ def evaluate_frame(
     models = list(dict.fromkeys(df["model"].tolist()))
     if not models:
         raise ValueError("no predictions to evaluate")
-    reference = reference_model if reference_model is not None else models[0]
+    splits, notes = evaluation_splits(df)
+    in_primary = list(dict.fromkeys(df.loc[df["split"] == splits[0], "model"].tolist()))
+    reference = reference_model if reference_model is not None else (in_primary or models)[0]
     if reference not in models:
         raise ValueError(f"reference model {reference!r} is not in the predictions (models: {', '.join(models)})")
-    split, notes = _choose_split(df)
+    split = splits[0]
     times = tuple(int(t) for t in times_days)
 
     results: list[ModelResult] = []
-    for name in models:
-        rows = df[df["model"] == name]
-        held_out = rows[rows["split"] == split]
-        if held_out.empty:
-            notes.append(f"model {name!r} has no rows in split {split!r}: not evaluated")
+    comparisons: list[dict[str, Any]] = []
+    characteristics: list[CharacteristicsTable] = []
+    for i, part in enumerate(splits):
+        set_results: list[ModelResult] = []
+        for name in models:
+            rows = df[df["model"] == name]
+            held_out = rows[rows["split"] == part]
+            if held_out.empty:
+                if i == 0:
+                    notes.append(f"model {name!r} has no rows in split {part!r}: not evaluated there")
+                continue
+            res = _evaluate_model(name, rows, held_out, part, times, n_boot, seed, df.attrs.get("sources", {}))
+            res.name = set_model_name(name, part, first=i == 0)
+            res.split = part
+            set_results.append(res)
+        if not set_results:
             continue
-        results.append(_evaluate_model(name, rows, held_out, split, times, n_boot, seed,
-                                       df.attrs.get("sources", {})))
-    if reference not in [r.name for r in results]:
-        raise ValueError(f"reference model {reference!r} has no rows in the evaluated split {split!r}")
-    results.sort(key=lambda r: r.name != reference)
-
-    comparisons = _comparisons(df[df["split"] == split], results, reference, n_boot, seed)
+        names = [r.name for r in set_results]
+        set_ref = set_model_name(reference, part, first=i == 0)
+        if set_ref not in names:
+            if i == 0:
+                raise ValueError(f"reference model {reference!r} has no rows in the evaluated split {part!r}")
+            set_ref = names[0]
+        set_results.sort(key=lambda r: r.name != set_ref)
+        renamed = df[df["split"] == part].assign(
+            model=lambda d, part=part, first=(i == 0): d["model"].map(lambda m: set_model_name(m, part, first)))
+        comparisons += _comparisons(renamed, set_results, set_ref, n_boot, seed)
+        if i == 0:
+            characteristics = _characteristics(renamed, set_results, set_ref)
+        results += set_results
+    reference = results[0].name
     metrics_json = {"models": {r.name: r.metrics for r in results}, "comparisons": comparisons}
-    characteristics = _characteristics(df[df["split"] == split], results, reference)
+    notes.append(f"95% CIs: percentile bootstrap over patients (all studies of a drawn patient together), "
+                 f"stratified on the label/event, {n_boot} resamples; out-of-fold predictions are pooled over "
+                 "the folds before resampling.")
     tables: list[Any] = []
     if extra_tables:
-        from raypipe.report.ct_tables import ct_tables
-
         try:
-            tables = ct_tables(df, n_boot=n_boot, seed=seed)
+            tables = paper_ct_tables(df, n_boot=n_boot, seed=seed)
         except (ValueError, ArithmeticError) as exc:  # the extra tables must not break the report
             logger.warning("CT comparison tables skipped: %s", exc)
             notes.append(f"CT comparison tables skipped: {exc}")
@@ -200,27 +249,38 @@ def evaluate_frame(
             logger.warning("X-ray comparison tables skipped: %s", exc)
             notes.append(f"X-ray comparison tables skipped: {exc}")
     return Evaluation(
-        metrics=_sanitize(metrics_json), models=results, reference=reference, split=split,
+        metrics=_sanitize(metrics_json), models=results, reference=reference, split=split, splits=list(splits),
         sources=dict(df.attrs.get("sources", {})), characteristics=characteristics, times_days=times,
         n_boot=n_boot, notes=notes, ct_tables=tables, xray_tables=xray,
     )
 
 
 # ---------------------------------------------------------------------------------------------- per model
-def _choose_split(df: pd.DataFrame) -> tuple[str, list[str]]:
-    """The split to evaluate: test, else another held-out split, else validation, else train (with a note)."""
+def evaluation_splits(df: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """The held-out sets to evaluate, primary first: out-of-fold development rows, then test/external splits.
+
+    Validation rows count as a held-out set only when they are out of fold (a fold number >= 0) or when
+    nothing else is held out; training rows only as a last resort (with a note: optimistic).
+    """
     splits = list(dict.fromkeys(df["split"].tolist()))
-    if "test" in splits:
-        return "test", []
-    held_out = [s for s in splits if s not in TRAIN_SPLITS and s not in VALIDATION_SPLITS]
-    if held_out:
-        if len(held_out) > 1:
-            return held_out[0], [f"several held-out splits ({', '.join(held_out)}): evaluated {held_out[0]!r}"]
-        return held_out[0], []
-    val = [s for s in splits if s in VALIDATION_SPLITS]
+    held_out = sorted((s for s in splits if s not in TRAIN_SPLITS and s not in VALIDATION_SPLITS),
+                      key=lambda s: (s != "test", splits.index(s)))
+    val = [s for s in splits if s in VALIDATION_SPLITS and s != "tune"]
+    oof = [s for s in val if (pd.to_numeric(df.loc[df["split"] == s, "fold"], errors="coerce") >= 0).any()]
+    chosen = [*oof[:1], *held_out]
+    if chosen:
+        return chosen, []
     if val:
-        return val[0], []
-    return splits[0], [f"no held-out split: metrics are on the {splits[0]!r} rows and are optimistic"]
+        return val[:1], []
+    return splits[:1], [f"no held-out split: metrics are on the {splits[0]!r} rows and are optimistic"]
+
+
+def set_model_name(model: str, split: str, first: bool) -> str:
+    """A model's name in one evaluated set: as is in the first set (or when it names its set), else NAME@split."""
+    model = str(model)
+    if first or model.endswith(f"@{split}"):
+        return model
+    return f"{model}@{split}"
 
 
 def _evaluate_model(name: str, rows: pd.DataFrame, held_out: pd.DataFrame, split: str, times: tuple[int, ...],
@@ -264,7 +324,19 @@ def _binary_part(res: ModelResult, held_out: pd.DataFrame, val: pd.DataFrame, n_
     fpr, tpr, _ = roc_curve(y, s)
     res.roc = Curve(res.name, fpr, tpr, res.metrics["auroc"]["value"])
 
+    row_thr = pd.to_numeric(rows["threshold"], errors="coerce").to_numpy(float) if "threshold" in rows.columns else None
     val_rows = val[val[col].notna()] if col in val.columns else val.iloc[0:0]
+    if row_thr is not None and np.isfinite(row_thr).all():
+        # cut-offs chosen on the development/training side (CV: each fold's own training patients); the
+        # metrics compare score - cut-off with 0, row by row
+        res.threshold = float(np.median(row_thr)) if len(np.unique(row_thr)) > 1 else float(row_thr[0])
+        res.threshold_source = ("per-fold Youden cut-off chosen on each fold's training patients"
+                                if len(np.unique(row_thr)) > 1 else "cut-off chosen on the development set")
+        res.row_thresholds = True
+        ci = M.binary_metrics_ci(y, s - row_thr, 0.0, n_boot=n_boot, seed=seed, groups=groups)
+        for key in THRESHOLD_METRICS:
+            res.metrics[key] = getattr(ci, key).to_dict()
+        return
     if len(val_rows) and val_rows[col].nunique() == 2:
         thr = M.youden_threshold(val_rows[col].to_numpy(dtype=int), val_rows["score"].to_numpy(dtype=float))
         source = "Youden index on the validation split"
@@ -453,7 +525,8 @@ def _comparisons(rows: pd.DataFrame, results: list[ModelResult], reference: str,
     for res in results:
         if res.name == reference:
             continue
-        other = rows[rows["model"] == res.name][[*key, "score"]]
+        cols = [*key, "score", *(["threshold"] if "threshold" in rows.columns else [])]
+        other = rows[rows["model"] == res.name][cols]
         both = ref_rows.merge(other, on=key, suffixes=("", "_b"))
         if len(both) < 10:
             logger.warning("models %r and %r share %d studies: not compared", reference, res.name, len(both))
@@ -471,7 +544,12 @@ def _comparisons(rows: pd.DataFrame, results: list[ModelResult], reference: str,
             if len(np.unique(y)) == 2:
                 p = M.delong_test(y, a[sel], b[sel]).p_value
                 out.append(_comparison(reference, res.name, "auroc", p))
-                if ref.threshold is not None and res.threshold is not None:
+                if ref.row_thresholds and res.row_thresholds:  # per-row cut-offs: compare score - cut-off with 0
+                    ta, tb = both["threshold"].to_numpy(float), both["threshold_b"].to_numpy(float)
+                    pvals = _paired_threshold_p(y, a[sel] - ta[sel], b[sel] - tb[sel], 0.0, 0.0, groups[sel],
+                                                n_boot, seed)
+                    out.extend(_comparison(reference, res.name, k, pvals[k]) for k in THRESHOLD_METRICS)
+                elif ref.threshold is not None and res.threshold is not None:
                     pvals = _paired_threshold_p(y, a[sel], b[sel], ref.threshold, res.threshold, groups[sel],
                                                 n_boot, seed)
                     out.extend(_comparison(reference, res.name, k, pvals[k]) for k in THRESHOLD_METRICS)
@@ -479,7 +557,7 @@ def _comparisons(rows: pd.DataFrame, results: list[ModelResult], reference: str,
             t = both["time_days"].to_numpy(float)
             e = both["event"].to_numpy(int)
             if e.sum() > 0:
-                p = _paired_bootstrap_p(lambda i: _harrell(t[i], e[i], a[i]) - _harrell(t[i], e[i], b[i]),
+                p = M.paired_bootstrap_p(lambda i: M.c_index(t[i], e[i], a[i]).value - M.c_index(t[i], e[i], b[i]).value,
                                         e, groups, n_boot, seed)
                 out.append(_comparison(reference, res.name, "c_index", p))
     return out
@@ -488,30 +566,6 @@ def _comparisons(rows: pd.DataFrame, results: list[ModelResult], reference: str,
 def _comparison(a: str, b: str, metric: str, p: float | None) -> dict[str, Any]:
     """One metrics.json comparison entry."""
     return {"a": a, "b": b, "metric": metric, "p_value": _num(p)}
-
-
-def _harrell(t: np.ndarray, e: np.ndarray, s: np.ndarray) -> float:
-    """Harrell's C point estimate from raypipe.metrics (no CI)."""
-    return float(M.c_index(t, e, s).value)
-
-
-def _paired_bootstrap_p(diff: Callable[[np.ndarray], float], strata: np.ndarray, groups: np.ndarray,
-                        n_boot: int, seed: int) -> float | None:
-    """Two-sided p-value of a paired difference: observed difference over its bootstrap SE, normal reference."""
-    index = np.arange(len(strata))
-    reps = M.bootstrap_replicates(diff, (index,), strata, n_boot, seed, groups)
-    return _z_p(float(diff(index)), reps[:, 0])
-
-
-def _z_p(observed: float, reps: np.ndarray) -> float | None:
-    """Normal-approximation p-value of `observed` with the SD of bootstrap replicates as its SE."""
-    reps = reps[np.isfinite(reps)]
-    if not math.isfinite(observed) or reps.size < 2:
-        return None
-    se = float(reps.std(ddof=1))
-    if se == 0:
-        return 1.0 if observed == 0 else 0.0
-    return float(2 * stats.norm.sf(abs(observed) / se))
 
 
 def _paired_threshold_p(y: np.ndarray, a: np.ndarray, b: np.ndarray, thr_a: float, thr_b: float, groups: np.ndarray,
@@ -524,7 +578,7 @@ def _paired_threshold_p(y: np.ndarray, a: np.ndarray, b: np.ndarray, thr_a: floa
     index = np.arange(len(y))
     observed = diffs(index)
     mat = M.bootstrap_replicates(diffs, (index,), y, n_boot, seed, groups)
-    return {k: _z_p(float(observed[i]), mat[:, i]) for i, k in enumerate(THRESHOLD_METRICS)}
+    return {k: M.normal_p_value(float(observed[i]), mat[:, i]) for i, k in enumerate(THRESHOLD_METRICS)}
 
 
 # ---------------------------------------------------------------------------------------------- characteristics
@@ -572,3 +626,46 @@ def _sanitize(obj: Any) -> Any:
     if isinstance(obj, (float, np.floating)):
         return _num(obj)
     return obj
+
+
+# ---------------------------------------------------------------------------------------------- paper tables
+def evaluate_sets(df: pd.DataFrame, models: Sequence[str] | None = None, reference: str | None = None,
+                  n_boot: int = 1000, seed: int = 0, survival: bool = True) -> dict[str, Evaluation]:
+    """`evaluate_frame` of the development (out-of-fold) and external sets, separately (papers/000 tables)."""
+    from raypipe.report.ct_tables import development_rows, external_rows
+
+    frame = df.drop(columns=[c for c in ("source_file",) if c in df.columns])
+    if not survival:
+        frame = frame.drop(columns=[c for c in ("time_days", "event", "group") if c in frame.columns])
+    frame.attrs = {}
+    dev = development_rows(frame)
+    ext = external_rows(frame)
+    if models is not None:
+        dev, ext = dev[dev["model"].isin(models)], ext[ext["model"].isin(models)]
+    names = list(dict.fromkeys(dev["model"].tolist()))
+    if reference is not None and reference in names:
+        names.remove(reference)
+        names.insert(0, reference)
+    # thresholds travel with the rows (`threshold`: chosen on each fold's training side by raypipe cv)
+    out: dict[str, Evaluation] = {}
+    if len(dev):
+        ordered = pd.concat([dev[dev["model"] == n] for n in names], ignore_index=True).assign(split="oof")
+        out["development"] = evaluate_frame(ordered, reference_model=names[0], n_boot=n_boot, seed=seed,
+                                            extra_tables=False)
+    if len(ext):
+        ext_names = [n for n in names if n in set(ext["model"])] + [n for n in dict.fromkeys(ext["model"]) if n not in names]
+        ordered = pd.concat([ext[ext["model"] == n] for n in ext_names], ignore_index=True).assign(split="external")
+        out["external"] = evaluate_frame(ordered, reference_model=ext_names[0], n_boot=n_boot, seed=seed,
+                                         extra_tables=False)
+    return out
+
+
+def paper_ct_tables(df: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> list[Any]:
+    """papers/000 Tables 3-4 (image vs clinical models, development and external) when those models are present."""
+    from raypipe.report.ct_tables import layout_ct_tables, table_models
+
+    models, reference = table_models(df)
+    if reference is None:
+        return []
+    sets = evaluate_sets(df, models=models, reference=reference, n_boot=n_boot, seed=seed, survival=False)
+    return layout_ct_tables(sets, models, reference, n_boot)

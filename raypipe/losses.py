@@ -3,15 +3,18 @@
 `cox_ph_loss` is the negative Cox partial log-likelihood of a batch divided by its number of
 events. Unlike pycox's version it handles tied event times (Breslow or Efron) exactly, and it
 works in log space throughout (log-cumsum-exp over risk sets), so large log-risks do not overflow.
-`cox_ph_loss_distributed` gives every DDP worker the loss of the global batch.
+`cox_ph_loss_distributed` gives every DDP worker the loss of the global batch. `masked_bce` and
+`horizon_labels` serve the classification heads, where a label may be unknown (censored before the horizon).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 Ties = Literal["efron", "breslow"]
@@ -123,3 +126,19 @@ def cox_ph_loss_distributed(log_risk: Tensor, time: Tensor, event: Tensor, ties:
     t_all = torch.cat([p[:c] for p, c in zip(t_parts, counts, strict=True)])
     e_all = torch.cat([p[:c] for p, c in zip(e_parts, counts, strict=True)])
     return cox_ph_loss(r_all, t_all, e_all, ties)
+
+
+def horizon_labels(time: Tensor, event: Tensor, horizons_days: Sequence[float]) -> Tensor:
+    """(B, H) labels: 1 event by h, 0 followed past h, NaN when censored before h (unknown)."""
+    t, e = time[:, None], event[:, None]
+    h = torch.as_tensor(list(horizons_days), dtype=time.dtype, device=time.device)[None]
+    y = torch.full(t.shape[:1] + h.shape[1:], float("nan"), dtype=time.dtype, device=time.device)
+    y = torch.where((e > 0.5) & (t <= h), torch.ones_like(y), y)
+    return torch.where(t > h, torch.zeros_like(y), y)
+
+
+def masked_bce(logits: Tensor, target: Tensor) -> Tensor:
+    """Mean BCE-with-logits over known (finite) targets; zero with a graph when none (DDP sees every parameter)."""
+    known = torch.isfinite(target)
+    per = F.binary_cross_entropy_with_logits(logits.float(), torch.nan_to_num(target, nan=0.0), reduction="none")
+    return (per * known).sum() / known.sum().clamp(min=1)

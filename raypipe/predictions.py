@@ -17,16 +17,13 @@ under the key ``raypipe.predictions`` and, for CSV files, in a sidecar ``<file>.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
-import hashlib
 import io
 import json
 import logging
 import os
 import re
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
@@ -36,6 +33,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raypipe import storage
+from raypipe.config import jsonable
 
 logger = logging.getLogger(__name__)
 
@@ -67,36 +65,6 @@ def label_columns(columns: Sequence[str]) -> list[str]:
     return sorted(found, key=lambda c: (c != "label", c != "fracture_5y"))
 
 
-def config_hash(obj: Any) -> str:
-    """Short stable hash (16 hex chars of SHA-256) of a config: dict, pydantic model, dataclass or plain value."""
-    payload = json.dumps(_jsonable(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
-
-
-def _jsonable(obj: Any) -> Any:
-    """Canonical JSON-compatible form of `obj` for hashing and metadata."""
-    if hasattr(obj, "model_dump") and callable(obj.model_dump):
-        return _jsonable(obj.model_dump(mode="json"))
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return _jsonable(dataclasses.asdict(obj))
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        items = [_jsonable(v) for v in obj]
-        return sorted(items, key=repr) if isinstance(obj, (set, frozenset)) else items
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating,)):
-        return float(obj)
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, (Path, os.PathLike)):
-        return os.fspath(obj)
-    if isinstance(obj, (_dt.datetime, _dt.date)):
-        return obj.isoformat()
-    if obj is None or isinstance(obj, (str, int, float, bool)):
-        return obj
-    return repr(obj)
 
 
 # ---------------------------------------------------------------------------------------------- storage
@@ -254,7 +222,7 @@ def write_predictions(df: pd.DataFrame, path: PathLike, metadata: Mapping[str, A
     table_df = validate_predictions(df, source=target)
     meta = {"schema_version": SCHEMA_VERSION,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    meta.update(_jsonable(dict(metadata or {})))
+    meta.update(jsonable(dict(metadata or {})))
     meta_json = json.dumps(meta, sort_keys=True)
 
     if fmt == "parquet":

@@ -35,8 +35,12 @@ def local_num_cpus() -> int:
     return max(MIN_LOCAL_CPUS, cores * LOGICAL_CPUS_PER_CORE)
 
 
-def init_ray(num_cpus: int | None = None, quiet: bool = True, **kwargs) -> None:
-    """Connect to RAY_ADDRESS if set (a cluster), else start a local Ray sized to the machine; idempotent."""
+def init_ray(num_cpus: int | None = None, quiet: bool = False, **kwargs) -> None:
+    """Connect to RAY_ADDRESS if set (a cluster), else start a local Ray sized to the machine; idempotent.
+
+    Worker logs (per-epoch lines, Tune's trial table) reach this driver's output unless `quiet`, so
+    `ray job logs --follow` shows them.
+    """
     import ray
 
     if ray.is_initialized():
@@ -64,15 +68,16 @@ def configure_data() -> None:
     The datasource-v2 Parquet reader starts a pool of FooterReader actors (new worker processes) for every
     execution, i.e. every epoch of every split; the classic reader lists footers in ordinary tasks.
     """
-    try:
-        from ray.data import DataContext
+    from ray.data import DataContext
 
-        ctx = DataContext.get_current()
-        ctx.enable_progress_bars = True
-        ctx.print_on_execution_start = False
-        ctx.use_datasource_v2 = False
-    except Exception:  # pragma: no cover - older/newer Ray without these fields
-        pass
+    ctx = DataContext.get_current()
+    for name, value in (("enable_progress_bars", True), ("print_on_execution_start", False),
+                        ("use_datasource_v2", False)):
+        if not hasattr(ctx, name):
+            log.warning("Ray Data has no setting %r in this Ray version: raypipe's default (%r) is not applied "
+                        "(see raypipe.ray_utils.configure_data)", name, value)
+            continue
+        setattr(ctx, name, value)
 
 
 def worker_resources(num_workers: int, use_gpu: bool | None = None) -> WorkerResources:

@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -26,6 +26,10 @@ REQUIRED_RUN_FILES = ("model.pt", "config.yaml", "model_meta.json")
 OPTIONAL_RUN_FILES = ("metrics.json", "preprocess.yaml", "metrics.csv")
 _VERSION_RE = re.compile(r"^v(\d+)$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+if TYPE_CHECKING:
+    from raypipe.artifact import RunArtifact
 
 
 class RegistryError(RaypipeInputError):
@@ -53,11 +57,19 @@ class ModelVersion:
         except Exception as e:  # noqa: BLE001
             raise RegistryError(f"cannot load weights: {e}", path=str(self.path / "model.pt")) from e
 
+    @property
+    def artifact(self) -> "RunArtifact":
+        """The typed run artifact (model_meta.json) of this version."""
+        from raypipe.artifact import artifact_from_dict
+
+        return artifact_from_dict(self.meta, str(self.path / "model_meta.json"))
+
     def build(self):
         """Rebuild the nn.Module from its builder name and kwargs and load the weights (eval mode)."""
         from raypipe.models.registry import build_model
 
-        model = build_model(self.meta["builder"], **self.meta.get("kwargs", {}))
+        art = self.artifact
+        model = build_model(art.builder, **art.inference_kwargs())
         model.load_state_dict(self.load_state_dict())
         return model.eval()
 
@@ -97,9 +109,12 @@ def publish(run_dir: str | Path, registry: str | Path, name: str, card_notes: st
     missing = [f for f in REQUIRED_RUN_FILES if not (run / f).is_file()]
     if missing:
         raise RegistryError(f"not a raypipe run folder: missing {', '.join(missing)}", path=str(run))
-    meta = json.loads((run / "model_meta.json").read_text())
-    if "builder" not in meta:
-        raise RegistryError("model_meta.json has no 'builder'", path=str(run / "model_meta.json"), field="builder")
+    from raypipe.artifact import ArtifactError, read_artifact
+
+    try:
+        meta = read_artifact(str(run)).as_dict()
+    except ArtifactError as exc:
+        raise RegistryError(exc.reason, path=exc.path, field=exc.field) from exc
     base = Path(registry) / name
     base.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".publish-", dir=base))

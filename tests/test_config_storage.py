@@ -26,7 +26,7 @@ def test_defaults_and_overrides(tmp_path: Path) -> None:
     p.write_text("optim:\n  lr: 0.001\n")
     cfg = load_config(_Cfg, p, overrides={"optim.batch_size": 4})
     assert cfg.optim.lr == 0.001 and cfg.optim.batch_size == 4
-    assert config_hash(cfg) == config_hash(cfg.model_dump()) and len(config_hash(cfg)) == 12
+    assert config_hash(cfg) == config_hash(cfg.model_dump()) and len(config_hash(cfg)) == 16
 
 
 @pytest.mark.parametrize(

@@ -5,11 +5,11 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 import pandas as pd
 import pytest
 
 from raypipe.data.ct_pipeline import QC_DIR, load_ct_shards, preprocess_ct
-from raypipe.data.sampling import CTSliceDataset, SliceSampler
 from raypipe.preprocess.config import CTPreprocessConfig
 
 N_SYNTH = 3
@@ -99,26 +99,20 @@ def test_rerun_skips_complete_shards(run, manifest: Path):
     assert not [p for p in os.listdir(out) if p.startswith(".")]  # no temp files left behind
 
 
-def test_ray_dataset_with_training_sampler(run, ray_local):
+def test_training_batches_from_ray_dataset(run, ray_local):
+    """The trainers' collate (`SliceBatch`) on real shards through Ray Data: 14 slices, seeded per study and epoch."""
+    from raypipe.data.collate import SliceBatch
+
     out, _ = run
     ds = load_ct_shards(out, backend="ray")
     assert ds.count() == N_SYNTH + 1
-    rows = ds.map(SliceSampler(n_slices=14, train=True, seed=0)).take_all()
-    for r in rows:
-        assert np.asarray(r["bone"]).shape == (14, 96, 96)
-        assert np.asarray(r["bone_muscle"]).shape == (14, 96, 144)
-        idx = np.asarray(r["slice_index"])
-        assert (np.diff(idx) > 0).all() and idx.max() < r["n_slices"]
-
-
-def test_torch_style_dataset_is_seeded(run):
-    out, _ = run
-    df = load_ct_shards(out, backend="pandas")
-    train = CTSliceDataset(df, image="bone_muscle", n_slices=14, train=True, seed=1)
-    item = train[0]
-    assert item["image"].shape == (14, 1, 96, 144) and item["image"].dtype == np.float32
-    np.testing.assert_array_equal(item["slice_index"], CTSliceDataset(df, train=True, seed=1)[0]["slice_index"])
-    evals = CTSliceDataset(df, image="bone", train=False)
-    n = int(df.loc[0, "n_slices"])
-    np.testing.assert_array_equal(evals[0]["slice_index"], np.floor(n / 28 + np.arange(14) * n / 14).astype(int))
-    assert set(item) >= {"time_days", "event", "study_id"}
+    train = SliceBatch("bone_muscle", 14, True, seed=0, epoch=1, clinical=None, targets=["fracture_5y"])
+    batch = next(iter(ds.iter_batches(batch_size=4, batch_format="numpy")))
+    b1, b2 = train(batch), train(batch)
+    assert b1["x"].shape == (4, 14, 1, 96, 144) and b1["x"].dtype == torch.float32
+    assert torch.equal(b1["x"], b2["x"])  # same seed, epoch and study: same slices
+    other = SliceBatch("bone_muscle", 14, True, seed=0, epoch=2, clinical=None, targets=[])(batch)
+    centred = SliceBatch("bone", 14, False, seed=0, epoch=0, clinical=None, targets=[])(batch)
+    assert centred["x"].shape == (4, 14, 1, 96, 96)
+    n = int(np.asarray(batch["bone"][0]).shape[0]) if np.asarray(batch["bone"][0]).dtype != object else len(batch["bone"][0])
+    assert n >= 14 and other["x"].shape == b1["x"].shape

@@ -70,12 +70,11 @@ def cv_run(ray_session, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("cv_ct")
     truth = write_cv_shards(root / "shards", N_DEV, N_EXT)
-    base = cvmod.get_cv_model("cnn-rnn")
 
     def flaky_fit(task):  # a closure: cloudpickle ships it to the trial by value
         import os
 
-        from raypipe.tune.cv import fit_ct_fold
+        from raypipe.train.ct import fit_ct_fold
 
         flag = os.path.join(task.out_dir, "failed_once")
         if task.fold == 1 and not os.path.exists(flag):
@@ -83,13 +82,12 @@ def cv_run(ray_session, tmp_path_factory):
             raise RuntimeError("simulated interruption of fold 1")
         return fit_ct_fold(task)
 
-    cvmod.register_cv_model("cnn-rnn-flaky", cvmod.CVModel(base.config_class, flaky_fit, base.gradcam))
     settings = CVConfig(folds=2, max_failures=0, gradcam_studies=2, n_boot=50, max_concurrent_trials=1)
     out = root / "out"
     with pytest.raises(RuntimeError, match=r"fold\(s\) \[1\] failed"):
-        cvmod.run_cv("cnn-rnn-flaky", _tiny_config(), str(root / "shards"), str(out), settings)
+        cvmod.run_cv("cnn-rnn", _tiny_config(), str(root / "shards"), str(out), settings, fold_fit=flaky_fit)
     first = {k: (out / "folds" / f"fold_{k:02d}" / "attempts.log").read_text().split() for k in (0, 1)}
-    result = cvmod.run_cv("cnn-rnn-flaky", _tiny_config(), str(root / "shards"), str(out), settings)
+    result = cvmod.run_cv("cnn-rnn", _tiny_config(), str(root / "shards"), str(out), settings, fold_fit=flaky_fit)
     return {"result": result, "truth": truth, "out": out, "first_attempts": first}
 
 
@@ -192,7 +190,7 @@ def test_folds_are_patient_level_stratified_and_seeded() -> None:
 
 
 def test_fit_ct_fold_hook_maps_patients_to_roles() -> None:
-    from raypipe.train.ct import roles_from_fold
+    from raypipe.data.splits import roles_from_fold
 
     meta = pd.DataFrame({"patient_id": ["a", "a", "b", "c", "d"], "study_id": list("12345")})
     role = roles_from_fold(meta, {"train": ["a"], "val": ["b"], "external": ["c"]})
@@ -221,7 +219,7 @@ def test_report_shows_papers_ct_tables(tmp_path) -> None:
     from raypipe import metrics as M
     from raypipe.evaluate import evaluate
     from raypipe.predictions import write_predictions
-    from raypipe.report.ct_tables import ct_tables
+    from raypipe.evaluate import paper_ct_tables
 
     rng = np.random.default_rng(0)
     strengths = {"cnn_rnn_bone_muscle": 1.6, "cnn_rnn_bone": 1.1, "clinical_A": 0.5, "clinical_D": 0.7,
@@ -231,7 +229,7 @@ def test_report_shows_papers_ct_tables(tmp_path) -> None:
     frame = pd.concat([ext, dev], ignore_index=True)
     write_predictions(frame, tmp_path / "predictions.parquet")
 
-    tables = ct_tables(frame, n_boot=50)
+    tables = paper_ct_tables(frame, n_boot=50)
     assert [t.caption.rsplit(" (papers", 1)[0] for t in tables] == ["Image models: bone only vs bone + muscle",
                                                           "Image (bone + muscle) vs clinical models"]
     rows4 = list(tables[1].rows)

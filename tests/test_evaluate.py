@@ -17,10 +17,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from raypipe.config import config_hash
 from raypipe.evaluate import evaluate, evaluate_frame, summary_lines
 from raypipe.predictions import (
     PredictionSchemaError,
-    config_hash,
     read_prediction_metadata,
     read_predictions,
     write_predictions,

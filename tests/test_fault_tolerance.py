@@ -73,7 +73,7 @@ def test_worker_node_removed_mid_training_resumes_on_remaining_node(two_nodes, t
     """Remove the node hosting rank 1 after epoch 1's checkpoint: the run retries on the head, resumes, finishes."""
     import torch
 
-    from raypipe.train.common import PLACEMENT_DIR, read_checkpoint, read_placement, trainer_overrides
+    from raypipe.train.common import PLACEMENT_DIR, read_checkpoint, read_placement
     from raypipe.train.ct import fit_ct
 
     cluster, worker = two_nodes
@@ -95,9 +95,9 @@ def test_worker_node_removed_mid_training_resumes_on_remaining_node(two_nodes, t
 
     watcher = threading.Thread(target=remove_after_first_checkpoint, daemon=True)
     watcher.start()
-    cfg = _tiny_cfg(num_workers=2, batch_size=16, epochs=4, patience=4, max_failures=3, n_boot=10)
-    with trainer_overrides(placement_strategy="SPREAD", resources_per_worker={"CPU": 0.5}):
-        fit_ct(cfg, str(tmp_path / "shards"), str(run))
+    cfg = _tiny_cfg(num_workers=2, batch_size=16, epochs=4, patience=4, max_failures=3, n_boot=10,
+                    placement_strategy="SPREAD", resources_per_worker={"CPU": 0.5})
+    fit_ct(cfg, str(tmp_path / "shards"), str(run))
     watcher.join(timeout=5)
     assert "rank" in removed, "rank 1 never ran on the worker node (SPREAD placed both ranks on the head)"
     assert removed["epochs_seen"] < 4, "the node was removed only after training had finished"
@@ -172,7 +172,7 @@ def test_killed_tune_driver_resumes_without_rerunning_finished_trials(tmp_path):
             "asha": {"grace_period": 1}, "max_concurrent_trials": 1}
     (tmp_path / "search.yaml").write_text(yaml.safe_dump(spec))
     out = tmp_path / "out"
-    args = ["jobs/tune_ct.py", "--config", str(tmp_path / "search.yaml"), "--data", str(tmp_path / "shards"),
+    args = ["jobs/tune.py", "cnn-rnn", "--config", str(tmp_path / "search.yaml"), "--data", str(tmp_path / "shards"),
             "--out", str(out), "--trials", "3"]
     ray_tmp = f"/tmp/rk_{secrets.token_hex(4)}"
     first = _driver(args, tmp_path / "first.log", ray_tmp)

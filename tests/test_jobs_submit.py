@@ -118,18 +118,19 @@ def test_submit_without_token_is_refused(cluster, tmp_path):
 def test_train_and_cv_jobs_write_to_storage(cluster):
     """Tiny CT training and 2-fold CV as submitted jobs: SUCCEEDED, logs readable, outputs under RAYPIPE_STORAGE."""
     address, env, storage, shards = cluster
-    train_id, _ = _submit(address, env, storage, "jobs/train_ct.py", "--config", "jobs/configs/ct_tiny.yaml",
+    train_id, _ = _submit(address, env, storage, "jobs/train.py", "cnn-rnn", "--config", "jobs/configs/ct_tiny.yaml",
                           "--data", str(shards), "--out", "ct_tiny")
     status, logs = _wait(address, env, train_id)
     assert status == "SUCCEEDED", logs[-4000:]
-    assert "done:" in logs and str(storage / "ct_tiny") in logs
+    assert "run written to" in logs and str(storage / "ct_tiny") in logs
+    assert re.search(r"epoch \d+/\d+: .*train_loss", logs), logs[-4000:]  # per-epoch lines reach `ray job logs`
     run = storage / "ct_tiny"
     for name in ("predictions.parquet", "metrics.json", "metrics.csv", "model.pt", "config.yaml"):
         assert (run / name).is_file(), name
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["models"], metrics
 
-    cv_id, _ = _submit(address, env, storage, "jobs/cv_ct.py", "--config", "jobs/configs/ct_tiny.yaml",
+    cv_id, _ = _submit(address, env, storage, "jobs/cv.py", "cnn-rnn", "--config", "jobs/configs/ct_tiny.yaml",
                        "--data", str(shards), "--out", "cv_tiny", "--folds", "2")
     status, logs = _wait(address, env, cv_id)
     assert status == "SUCCEEDED", logs[-4000:]

@@ -62,16 +62,15 @@ def _curve(path: Path) -> list[dict[str, str]]:
 
 def test_ddp_across_two_nodes_matches_one_node(two_nodes, tmp_path):
     """STRICT_SPREAD puts rank 0 and rank 1 on different nodes; the loss curve equals 1 worker's (same global batch)."""
-    from raypipe.train.common import PLACEMENT_DIR, read_placement, trainer_overrides
+    from raypipe.train.common import PLACEMENT_DIR, read_placement
     from raypipe.train.ct import fit_ct
 
     write_planted_shards(tmp_path / "shards", 40, seed=2, val_every=5)  # 8 val, 32 train studies
     curves = {}
     for n in (1, 2):
-        cfg = _tiny_cfg(num_workers=n, batch_size=64, epochs=2, patience=2, freeze_batchnorm=True, n_boot=10)
-        with trainer_overrides(placement_strategy="STRICT_SPREAD" if n == 2 else "PACK",
-                               resources_per_worker={"CPU": 1.0}):
-            fit_ct(cfg, str(tmp_path / "shards"), str(tmp_path / f"run{n}"))
+        cfg = _tiny_cfg(num_workers=n, batch_size=64, epochs=2, patience=2, freeze_batchnorm=True, n_boot=10,
+                        placement_strategy="STRICT_SPREAD" if n == 2 else "PACK", resources_per_worker={"CPU": 1.0})
+        fit_ct(cfg, str(tmp_path / "shards"), str(tmp_path / f"run{n}"))
         curves[n] = _curve(tmp_path / f"run{n}" / "metrics.csv")
     placed = read_placement(str(tmp_path / "run2" / "ray_results" / "train" / PLACEMENT_DIR))
     nodes = {p["rank"]: p["node_id"] for p in placed}

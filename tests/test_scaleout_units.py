@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 
 from raypipe.cluster import resolve_input, resolve_output, trial_resources
-from raypipe.train.common import TrainerOverrides, _OVERRIDES, trainer_overrides
 
 
 def test_outputs_resolve_under_storage_root(monkeypatch, tmp_path):
@@ -33,10 +32,16 @@ def test_trial_resources_leave_whole_cpus_for_data():
     assert trial_resources({"CPU": 4.0}, 1, 5, max_concurrent=1, nodes=1).max_concurrent == 1
 
 
-def test_trainer_overrides_nest_and_reset():
-    """Nested overrides add callbacks, merge resources (inner wins) and are gone after the block."""
-    with trainer_overrides(callbacks=["a"], resources_per_worker={"CPU": 1.0, "x": 1.0}):
-        with trainer_overrides(callbacks=["b"], resources_per_worker={"CPU": 0.5}, placement_strategy="SPREAD"):
-            inner = _OVERRIDES.get()
-    assert inner.callbacks == ("a", "b") and inner.resources_per_worker == {"CPU": 0.5, "x": 1.0}
-    assert inner.placement_strategy == "SPREAD" and _OVERRIDES.get() == TrainerOverrides()
+
+def test_run_config_carries_placement_and_worker_resources():
+    """Placement and per-worker resources are run-config fields every task shares (no side channel)."""
+    import pytest
+
+    from raypipe.config import ConfigError, load_config
+    from raypipe.tasks import TASKS
+
+    for task in TASKS.values():
+        cfg = task.config_class()(placement_strategy="SPREAD", resources_per_worker={"CPU": 0.5, "x": 1.0})
+        assert cfg.placement_strategy == "SPREAD" and cfg.resources_per_worker == {"CPU": 0.5, "x": 1.0}
+    with pytest.raises(ConfigError, match="placement_strategy"):
+        load_config(TASKS["cnn-rnn"].config_class(), overrides={"placement_strategy": "ANYWHERE"})

@@ -102,7 +102,7 @@ def test_pycox_heads_train_and_give_survival(cohort, tmp_path, head):
 def test_cv_two_folds_out_of_fold_covers_every_patient_once(cohort, tmp_path):
     """`raypipe cv deepsurv --folds 2`: one Tune trial per fold; OOF predictions hold every patient once."""
     from raypipe.predictions import read_predictions
-    from raypipe.tune.search import cv_cli
+    from raypipe.tune.cv import cv_cli
 
     manifest, shards = cohort
     cfg = _cfg(variant="clinical", clinical_model=2, epochs=2, patience=2).model_dump(mode="json")

@@ -21,10 +21,11 @@ DAYS_PER_YEAR = 365.25
 
 
 def encode_clinical(frame: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
-    """Numeric clinical matrix with the trainers' encoding (sex F=1/M=0, booleans 0/1, NaN kept)."""
-    from raypipe.train.ct import clinical_matrix
+    """Numeric clinical matrix with the trainers' encoding (`raypipe.clinical`: sex F=1/M=0, booleans 0/1, NaN kept)."""
+    from raypipe.clinical import clinical_matrix
 
-    x = clinical_matrix({c: frame[c].to_numpy() for c in columns}, list(columns))
+    rows = frame["study_id"].astype(str).tolist() if "study_id" in frame.columns else None
+    x = clinical_matrix({c: frame[c].to_numpy() for c in columns}, list(columns), row_ids=rows)
     return pd.DataFrame(x, columns=list(columns), index=frame.index)
 
 

@@ -30,10 +30,12 @@ INDEX_FILE = "index.json"
 def load_run_model(run_dir: str) -> tuple[nn.Module, dict[str, Any]]:
     """The best model of a `fit_ct` run folder (model.pt + model_meta.json), in eval mode on CPU."""
     from raypipe import storage
+    from raypipe.artifact import read_artifact
     from raypipe.models.registry import build_model
 
-    meta = json.loads(storage.read_bytes(storage.join(run_dir, "model_meta.json")).decode("utf-8"))
-    model = build_model(meta["builder"], **meta["kwargs"])
+    art = read_artifact(run_dir)
+    meta = art.as_dict()
+    model = build_model(art.builder, **art.inference_kwargs())
     state = torch.load(io.BytesIO(storage.read_bytes(storage.join(run_dir, "model.pt"))), map_location="cpu",
                        weights_only=True)
     model.load_state_dict(state)
@@ -108,7 +110,8 @@ def write_run_gradcam(run_dir: str, data_dir: str, study_ids: Sequence[str], out
     several runs (CV folds) can write into one folder.
     """
     from raypipe import storage
-    from raypipe.train.ct import SliceBatch
+    from raypipe.clinical import ClinicalEncoder
+    from raypipe.data.collate import SliceBatch
 
     if not study_ids:
         return []
@@ -118,8 +121,7 @@ def write_run_gradcam(run_dir: str, data_dir: str, study_ids: Sequence[str], out
     rows = read_studies(data_dir, study_ids, columns)
     rows["study_id"] = rows["study_id"].astype(str)
     rows = rows.set_index("study_id", drop=False).reindex([str(s) for s in study_ids]).dropna(subset=[meta["input"]])
-    collate = SliceBatch(meta["input"], int(meta["n_slices"]), False, 0, 0,
-                         clinical if clinical.get("columns") else None, [])
+    collate = SliceBatch(meta["input"], int(meta["n_slices"]), False, 0, 0, ClinicalEncoder.from_dict(clinical), [])
     target = "log_risk" if meta.get("score_kind") == "log_risk" else None
     storage.makedirs(out_dir)
     index_path = storage.join(out_dir, INDEX_FILE)
@@ -168,7 +170,10 @@ def pick_studies(predictions: pd.DataFrame, n: int, split: str = "val") -> pd.Da
 
 
 def write_train_gallery(run_dir: str, data_dir: str, n: int = 4) -> list[str]:
-    """Grad-CAM grids of `n` validation studies of a `fit_ct` run, into RUN_DIR/gradcam (for the report)."""
+    """Grad-CAM grids of `n` validation studies of a `fit_ct` run, into RUN_DIR/gradcam (for the report).
+
+    The `after_train` step of the CT tasks (`raypipe.tasks`); a figure never fails a finished run.
+    """
     from raypipe import storage
     from raypipe.predictions import read_predictions
 

@@ -24,6 +24,15 @@ def auroc(y: ArrayLike, score: ArrayLike) -> float:
     return float(roc_auc_score(labels, as_1d(score, "score", labels.size)))
 
 
+def auroc_or_nan(y: ArrayLike, score: ArrayLike) -> float:
+    """AUROC over the rows with a known label and a finite score; NaN when a class is missing (epoch monitors)."""
+    y, score = np.asarray(y, dtype=np.float64), np.asarray(score, dtype=np.float64)
+    keep = np.isfinite(y) & np.isfinite(score)
+    if keep.sum() < 2 or len(np.unique(y[keep])) < 2:
+        return float("nan")
+    return auroc(y[keep].astype(int), score[keep])
+
+
 def _auroc_design(
     labels: NDArray[np.bool_], score: NDArray[np.float64], unit: NDArray[np.int64], n_units: int
 ) -> tuple[sparse.csr_matrix, sparse.csr_matrix]:

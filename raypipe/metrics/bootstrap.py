@@ -157,3 +157,25 @@ def bootstrap_ci(
     """Percentile CI of a scalar `statistic(*arrays)`: full-sample value, resampled by `bootstrap_replicates`."""
     value = float(statistic(*(np.asarray(a) for a in arrays)))
     return percentile_ci(value, bootstrap_replicates(statistic, arrays, strata, n_boot, seed, groups)[:, 0], level)
+
+
+def normal_p_value(observed: float, replicates: ArrayLike) -> float | None:
+    """Two-sided p-value of `observed` with the SD of its bootstrap replicates as SE (normal reference)."""
+    from scipy import stats
+
+    reps = np.asarray(replicates, dtype=np.float64)
+    reps = reps[np.isfinite(reps)]
+    if not math.isfinite(observed) or reps.size < 2:
+        return None
+    se = float(reps.std(ddof=1))
+    if se == 0:
+        return 1.0 if observed == 0 else 0.0
+    return float(2 * stats.norm.sf(abs(observed) / se))
+
+
+def paired_bootstrap_p(diff: Callable[[NDArray[np.int64]], float], strata: ArrayLike, groups: ArrayLike | None,
+                       n_boot: int = 1000, seed: int = 0) -> float | None:
+    """p-value of a paired difference `diff(index)` of two models on the same rows, resampled by patient."""
+    index = np.arange(len(np.asarray(strata)))
+    reps = bootstrap_replicates(diff, (index,), strata, n_boot, seed, groups)
+    return normal_p_value(float(diff(index)), reps[:, 0])

@@ -64,6 +64,15 @@ def c_index(time: ArrayLike, event: ArrayLike, score: ArrayLike) -> Concordance:
     return Concordance(float(c), int(conc), int(disc), int(tr), int(tt))
 
 
+def c_index_or_nan(time: ArrayLike, event: ArrayLike, score: ArrayLike) -> float:
+    """Harrell's C over rows with a positive time and finite values; NaN without events (epoch monitors)."""
+    t, e, s = (np.asarray(a, dtype=np.float64) for a in (time, event, score))
+    keep = np.isfinite(t) & np.isfinite(e) & np.isfinite(s) & (t > 0)
+    if keep.sum() < 2 or e[keep].sum() == 0:
+        return float("nan")
+    return c_index(t[keep], e[keep].astype(bool), s[keep]).value
+
+
 def concordance_ci(
     time: ArrayLike,
     event: ArrayLike,

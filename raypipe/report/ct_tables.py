@@ -2,11 +2,12 @@
 
 Prediction files of `raypipe cv` and `raypipe.tune.baselines` carry each model twice: out-of-fold rows
 (the development set; model `NAME`, split `val`, fold k) and the external set (model `NAME@external`,
-split `external`). `evaluate_sets` evaluates both sets separately with `raypipe.evaluate.evaluate_frame`
+split `external`). `raypipe.evaluate.evaluate_sets` evaluates both sets separately with `evaluate_frame`
 (AUROC with bootstrap CI, DeLong p-values, accuracy/sensitivity/specificity with CIs and paired
 bootstrap p-values), thresholds at the Youden index of each model's out-of-fold predictions (applied
 unchanged to the external set). `ct_tables` lays the results out as the paper does when the report's
-predictions hold those model names; `render_ct_tables` turns them into HTML for the report.
+predictions hold those model names (`raypipe.evaluate.paper_ct_tables` computes, `layout_ct_tables` lays
+out); `render_ct_tables` turns them into HTML for the report.
 """
 from __future__ import annotations
 
@@ -33,7 +34,6 @@ DISPLAY = {BONE: "Image: bone only", BONE_MUSCLE: "Image: bone + muscle", "clini
            "frax_mof": "FRAX (MOF)", "frax_hip": "FRAX (hip)"}
 METRICS = ("auroc", "accuracy", "sensitivity", "specificity")
 METRIC_NAMES = {"auroc": "AUROC", "accuracy": "Accuracy", "sensitivity": "Sensitivity", "specificity": "Specificity"}
-_SURVIVAL_COLUMNS = ("time_days", "event", "group")
 
 
 @dataclass(frozen=True)
@@ -59,40 +59,6 @@ def external_rows(df: pd.DataFrame) -> pd.DataFrame:
     return ext
 
 
-def evaluate_sets(df: pd.DataFrame, models: Sequence[str] | None = None, reference: str | None = None,
-                  n_boot: int = 1000, seed: int = 0, survival: bool = True) -> dict[str, Evaluation]:
-    """`evaluate_frame` of the development (out-of-fold) and external sets; thresholds from the OOF rows."""
-    from raypipe.evaluate import evaluate_frame
-
-    frame = df.drop(columns=[c for c in ("source_file",) if c in df.columns])
-    if not survival:
-        frame = frame.drop(columns=[c for c in _SURVIVAL_COLUMNS if c in frame.columns])
-    frame.attrs = {}
-    dev = development_rows(frame)
-    ext = external_rows(frame)
-    if models is not None:
-        dev, ext = dev[dev["model"].isin(models)], ext[ext["model"].isin(models)]
-    names = list(dict.fromkeys(dev["model"].tolist()))
-    if reference is not None and reference in names:
-        names.remove(reference)
-        names.insert(0, reference)
-    # Youden thresholds come from `val` rows of the same model, so the OOF rows go in twice: once as the
-    # evaluated split ("oof"), once as the validation split that fixes each model's threshold.
-    thresholds = dev.assign(split="val")
-    out: dict[str, Evaluation] = {}
-    if len(dev):
-        ordered = pd.concat([dev[dev["model"] == n] for n in names], ignore_index=True).assign(split="oof")
-        out["development"] = evaluate_frame(pd.concat([ordered, thresholds], ignore_index=True),
-                                            reference_model=names[0], n_boot=n_boot, seed=seed, extra_tables=False)
-    if len(ext):
-        ext_names = [n for n in names if n in set(ext["model"])] + [n for n in dict.fromkeys(ext["model"]) if n not in names]
-        ordered = pd.concat([ext[ext["model"] == n] for n in ext_names], ignore_index=True).assign(split="external")
-        usable = thresholds[thresholds["model"].isin(ext_names)]
-        out["external"] = evaluate_frame(pd.concat([ordered, usable], ignore_index=True), reference_model=ext_names[0],
-                                         n_boot=n_boot, seed=seed, extra_tables=False)
-    return out
-
-
 def _cell(ev: Evaluation, model: str, metric: str) -> str:
     """`value (low-high)` of one model's metric in one set, or an en dash."""
     from raypipe.report.html import fmt_ci
@@ -112,18 +78,24 @@ def _p(ev: Evaluation, model: str, metric: str) -> str:
     return "\u2013"
 
 
-def ct_tables(df: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> list[CTTable]:
-    """Tables 3 and 4 of papers/000 from predictions holding the CT model names; empty when they are absent."""
+def table_models(df: pd.DataFrame) -> tuple[list[str], str | None]:
+    """The papers/000 table models present in predictions, and the reference (bone + muscle, else bone)."""
     present = set(development_rows(df)["model"]) | set(external_rows(df)["model"])
     reference = BONE_MUSCLE if BONE_MUSCLE in present else (BONE if BONE in present else None)
     if reference is None or len(present & set(TABLE_MODELS)) < 2:
-        return []
-    models = [m for m in TABLE_MODELS if m in present]
-    sets = evaluate_sets(df, models=models, reference=reference, n_boot=n_boot, seed=seed, survival=False)
+        return [], None
+    return [m for m in TABLE_MODELS if m in present], reference
+
+
+def layout_ct_tables(sets: dict[str, Evaluation], models: Sequence[str], reference: str,
+                     n_boot: int) -> list[CTTable]:
+    """Tables 3 and 4 of papers/000 laid out from the evaluated development/external sets."""
+    present = set(models)
     note = ("Development set: out-of-fold predictions of the k-fold cross-validation; external set: mean of the "
             "fold models' scores. 95% CIs: patient-level stratified bootstrap "
             f"({n_boot} resamples). P values against the reference: DeLong test for AUROC, paired bootstrap for "
-            "threshold metrics. Thresholds: Youden index of each model's out-of-fold predictions.")
+            "threshold metrics. Thresholds: chosen on the training side (each fold's Youden cut-off on its "
+            "training patients; for the external set, the Youden cut-off of the out-of-fold predictions).")
     tables: list[CTTable] = []
     if BONE in present and BONE_MUSCLE in present:
         header = ["Metric (95% CI)"]

@@ -86,7 +86,7 @@ def _c_cell(rows: pd.DataFrame, n_boot: int, seed: int) -> tuple[str, dict[str, 
 
 def _p_vs(a: pd.DataFrame, b: pd.DataFrame, n_boot: int, seed: int) -> str:
     """Paired bootstrap p-value of the difference in Harrell's C on the studies both models scored."""
-    from raypipe.evaluate import _harrell, _paired_bootstrap_p
+    from raypipe import metrics as M
     from raypipe.report.html import fmt_p
 
     both = a.merge(b[["study_id", "score"]], on="study_id", suffixes=("", "_b"))
@@ -94,7 +94,7 @@ def _p_vs(a: pd.DataFrame, b: pd.DataFrame, n_boot: int, seed: int) -> str:
         return "\u2013"
     t, e = both["time_days"].to_numpy(float), both["event"].to_numpy(int)
     sa, sb = both["score"].to_numpy(float), both["score_b"].to_numpy(float)
-    p = _paired_bootstrap_p(lambda i: _harrell(t[i], e[i], sa[i]) - _harrell(t[i], e[i], sb[i]), e,
+    p = M.paired_bootstrap_p(lambda i: M.c_index(t[i], e[i], sa[i]).value - M.c_index(t[i], e[i], sb[i]).value, e,
                             both["patient_id"].astype(str).to_numpy(), n_boot, seed)
     return fmt_p(p)
 

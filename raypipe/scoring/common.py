@@ -15,30 +15,25 @@ from typing import Any
 
 import numpy as np
 
-from raypipe.io.errors import RaypipeInputError
-from raypipe.registry import ModelVersion, RegistryError, load_version
+from raypipe.clinical import ClinicalEncoder, ClinicalValueError
+from raypipe.registry import ModelVersion, load_version
 
 log = logging.getLogger(__name__)
 
 DAYS_PER_YEAR = 365.25
-# Keyword arguments that point at files on the training machine; the registry's state_dict replaces them.
-_TRAINING_ONLY_KWARGS = ("pretrained_path",)
 
 
-class ClinicalInputError(RaypipeInputError):
-    """A clinical JSON that cannot be used: not an object, or a value that is not a number/sex/boolean."""
+
+
+# The one clinical encoder (training and serving share it); the old names stay importable for callers.
+ClinicalStandardiser = ClinicalEncoder
+ClinicalInputError = ClinicalValueError
 
 
 def builder_of(version: ModelVersion) -> tuple[str, dict[str, Any]]:
-    """(builder name, kwargs) from model_meta.json, without the kwargs that only matter in training."""
-    meta = version.meta
-    builder = meta.get("builder")
-    if not builder:
-        raise RegistryError("model_meta.json names no builder", path=str(version.path), field="builder")
-    kwargs = dict(meta.get("kwargs") or {})
-    for key in _TRAINING_ONLY_KWARGS:
-        kwargs.pop(key, None)
-    return str(builder), kwargs
+    """(builder name, kwargs) from the version's run artifact, without the kwargs that only matter in training."""
+    art = version.artifact
+    return art.builder, art.inference_kwargs()
 
 
 def build_module(version: ModelVersion, threads: int | None = None) -> Any:
@@ -65,57 +60,6 @@ def model_info(version: ModelVersion) -> dict[str, Any]:
     builder, _ = builder_of(version)
     return {"name": version.name, "version": version.version, "builder": builder,
             "task": version.meta.get("task"), "metrics": version.metrics}
-
-
-@dataclass(frozen=True)
-class ClinicalStandardiser:
-    """Training-split means/SDs of the clinical columns, applied to one patient's clinical dict."""
-
-    columns: tuple[str, ...] = ()
-    mean: tuple[float, ...] = ()
-    sd: tuple[float, ...] = ()
-
-    @classmethod
-    def from_meta(cls, meta: Mapping[str, Any]) -> "ClinicalStandardiser":
-        """From model_meta.json's `clinical` block ({"columns", "mean", "sd"}); empty when the model has none."""
-        c = meta.get("clinical") or {}
-        cols = tuple(c.get("columns") or ())
-        mean = tuple(float(v) for v in (c.get("mean") or [0.0] * len(cols)))
-        sd = tuple(float(v) if float(v) > 0 else 1.0 for v in (c.get("sd") or [1.0] * len(cols)))
-        if not (len(cols) == len(mean) == len(sd)):
-            raise RegistryError("model_meta.json clinical block has columns, mean and sd of different lengths")
-        return cls(cols, mean, sd)
-
-    def vector(self, clinical: Mapping[str, Any] | None) -> tuple[np.ndarray | None, list[str]]:
-        """(standardised float32 vector or None when the model takes no clinical input, missing column names).
-
-        Missing values become 0 after standardisation (the training mean), as in training.
-        """
-        if not self.columns:
-            return None, []
-        clinical = clinical or {}
-        if not isinstance(clinical, Mapping):
-            raise ClinicalInputError("clinical must be a JSON object", field="clinical")
-        raw = np.array([_clinical_value(name, clinical.get(name)) for name in self.columns], dtype=np.float64)
-        missing = [n for n, v in zip(self.columns, raw) if not math.isfinite(v)]
-        z = (raw - np.asarray(self.mean)) / np.asarray(self.sd)
-        return np.nan_to_num(z, nan=0.0).astype(np.float32), missing
-
-
-def _clinical_value(name: str, value: Any) -> float:
-    """One clinical value as a float: sex F=1/M=0, booleans 0/1, numbers; None -> NaN; anything else is an error."""
-    if value is None:
-        return math.nan
-    if name == "sex":
-        s = str(value).strip().upper()[:1]
-        if s in ("F", "M"):
-            return 1.0 if s == "F" else 0.0
-        raise ClinicalInputError(f"sex must be 'F' or 'M', got {value!r}", field=f"clinical.{name}")
-    if isinstance(value, bool):
-        return float(value)
-    if isinstance(value, (int, float)) and math.isfinite(float(value)):
-        return float(value)
-    raise ClinicalInputError(f"{name} must be a finite number, got {value!r}", field=f"clinical.{name}")
 
 
 def parse_clinical(data: Any) -> dict[str, Any]:

@@ -17,7 +17,6 @@ A training loop (one per task, e.g. `raypipe.train.ct`) runs inside each Ray Tra
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import csv
 import functools
 import io
@@ -61,12 +60,13 @@ def select_device(amp: bool = True, device: torch.device | None = None) -> Devic
 
 def _ray_device() -> torch.device | None:
     """Ray Train's device for this worker, or None outside a Train worker."""
-    try:
-        import ray.train.torch
+    import torch.distributed as dist
 
-        return ray.train.torch.get_device()
-    except Exception:
-        return None
+    if not (dist.is_available() and dist.is_initialized()):
+        return None  # not inside a Ray Train worker
+    import ray.train.torch
+
+    return ray.train.torch.get_device()
 
 
 def autocast(setup: DeviceSetup) -> contextlib.AbstractContextManager:
@@ -112,23 +112,17 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 # ---------------------------------------------------------------------------------------------- distributed
 def world_rank() -> int:
-    """This worker's rank (0 outside Ray Train)."""
-    try:
-        import ray.train
+    """This worker's rank in the torch process group (0 when no group is initialised, e.g. on the driver)."""
+    import torch.distributed as dist
 
-        return ray.train.get_context().get_world_rank()
-    except Exception:
-        return 0
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def world_size() -> int:
-    """Number of workers (1 outside Ray Train)."""
-    try:
-        import ray.train
+    """Number of ranks in the torch process group (1 when no group is initialised)."""
+    import torch.distributed as dist
 
-        return ray.train.get_context().get_world_size()
-    except Exception:
-        return 1
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def per_worker_batch(global_batch: int, n_workers: int) -> int:
@@ -139,26 +133,41 @@ def per_worker_batch(global_batch: int, n_workers: int) -> int:
     return max(1, global_batch // n_workers)
 
 
-def gather_arrays(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Concatenate each named array over all workers (identity with one process)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return {k: np.asarray(v) for k, v in arrays.items()}
-    parts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, {k: np.asarray(v) for k, v in arrays.items()})
-    return {k: np.concatenate([p[k] for p in parts]) for k in arrays}
+def collective_device(device: torch.device | None = None) -> torch.device:
+    """Where collectives run: the worker's training device (NCCL reduces only CUDA tensors; gloo CPU ones)."""
+    return device if device is not None else select_device(False).device
 
 
-def all_reduce_mean(value: float, weight: float = 1.0) -> float:
-    """Weighted mean of a scalar over all workers (identity with one process)."""
+def check_collective_tensor(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Refuse a collective on a tensor that is not on the training device (it would fail on NCCL)."""
+    if t.device.type != torch.device(device).type:
+        raise ValueError(f"collective on a {t.device.type} tensor while training on {torch.device(device).type}: "
+                         "move it to the training device first (NCCL cannot reduce CPU tensors)")
+    return t
+
+
+def all_reduce_mean(value: float, weight: float = 1.0, device: torch.device | None = None) -> float:
+    """Weighted mean of a scalar over all workers (identity with one process); reduced on the training device."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return value
-    t = torch.tensor([value * weight, weight], dtype=torch.float64)
+    dev = collective_device(device)
+    t = check_collective_tensor(torch.tensor([value * weight, weight], dtype=torch.float64, device=dev), dev)
     dist.all_reduce(t)
+    t = t.cpu()
     return float(t[0] / t[1]) if t[1] > 0 else float("nan")
+
+
+def broadcast_from_rank0(obj: Any, device: torch.device | None = None) -> Any:
+    """Rank 0's object on every rank (e.g. validation metrics, so early stopping agrees); identity alone."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0, device=collective_device(device))
+    return holder[0]
 
 
 # ---------------------------------------------------------------------------------------------- state
@@ -294,37 +303,6 @@ WORKER_RESOURCES_ENV = "RAYPIPE_WORKER_RESOURCES"  # JSON mapping merged over th
 PLACEMENT_STRATEGY_ENV = "RAYPIPE_PLACEMENT_STRATEGY"  # PACK (default) | SPREAD | STRICT_PACK | STRICT_SPREAD
 
 
-@dataclass(frozen=True)
-class TrainerOverrides:
-    """Cluster-level settings a caller (a Tune trial, a test, a benchmark) imposes on every trainer it builds."""
-
-    callbacks: tuple[Any, ...] = ()
-    resources_per_worker: Mapping[str, float] | None = None
-    placement_strategy: str | None = None
-
-
-_OVERRIDES: contextvars.ContextVar[TrainerOverrides] = contextvars.ContextVar(
-    "raypipe_trainer_overrides", default=TrainerOverrides())
-
-
-@contextlib.contextmanager
-def trainer_overrides(callbacks: Sequence[Any] = (), resources_per_worker: Mapping[str, float] | None = None,
-                      placement_strategy: str | None = None) -> Iterator[TrainerOverrides]:
-    """Within the block, `make_trainer` adds these callbacks/resources/strategy (so fit functions need no new args).
-
-    Nested blocks add up: callbacks are appended, resources merged (inner wins), the inner strategy wins.
-    """
-    outer = _OVERRIDES.get()
-    resources = {**(outer.resources_per_worker or {}), **(resources_per_worker or {})}
-    value = TrainerOverrides((*outer.callbacks, *callbacks), resources or None,
-                             placement_strategy or outer.placement_strategy)
-    token = _OVERRIDES.set(value)
-    try:
-        yield value
-    finally:
-        _OVERRIDES.reset(token)
-
-
 def record_placement(directory: str) -> dict[str, Any]:
     """Write this worker's rank and Ray node id into `directory` (which node ran which rank, per attempt)."""
     import ray
@@ -369,51 +347,48 @@ def make_trainer(
     train_loop: Callable[[dict], None],
     config: Mapping[str, Any],
     datasets: Mapping[str, Any],
-    num_workers: int,
+    run: Any,
     storage_path: str,
-    name: str,
-    max_failures: int = 1,
-    num_to_keep: int | None = 2,
+    callbacks: Sequence[Any] = (),
     score_attribute: str | None = None,
     score_order: str = "max",
-    use_gpu: bool | None = None,
     split_datasets: Sequence[str] = ("train",),
 ) -> Any:
-    """A TorchTrainer with fractional worker CPUs, failure retries and best-plus-latest checkpoint retention.
+    """A TorchTrainer sized and placed by the run config (`raypipe.train.config.RayRunConfig`).
 
-    Rerunning with the same `storage_path` and `name` resumes from that run's latest checkpoint
-    (Ray Train V2 restores its checkpoint manager from storage). Datasets named in `split_datasets` are
-    streamed and split over the workers; the others (validation) are read whole by rank 0 every epoch,
-    so they are materialised once here instead of being re-read and re-filtered each epoch.
+    `run` gives workers, GPUs, failure retries, checkpoints kept, the run name, placement strategy and
+    extra per-worker resources; `callbacks` (e.g. Tune's report callback) is the one way callers add
+    Ray Train callbacks. Rerunning with the same `storage_path` and run name resumes from that run's
+    latest checkpoint. Datasets named in `split_datasets` are streamed and split over the workers; the
+    others (validation) are materialised once here instead of being re-read every epoch.
     """
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from raypipe.ray_utils import worker_resources
-
     from raypipe.storage import join
 
-    res = worker_resources(num_workers, use_gpu=use_gpu)
+    res = worker_resources(run.num_workers, use_gpu=run.use_gpu)
     resources: dict[str, float] = {"CPU": res.cpus_per_worker}
     if res.use_gpu:
         resources["GPU"] = 1
-    overrides = _OVERRIDES.get()
     resources.update(json.loads(os.environ.get(WORKER_RESOURCES_ENV) or "{}"))
-    resources.update(overrides.resources_per_worker or {})
-    strategy = overrides.placement_strategy or os.environ.get(PLACEMENT_STRATEGY_ENV) or "PACK"
-    log.info("Ray Train: %d worker(s), %s each, gpu=%s, placement %s", num_workers, resources, res.use_gpu, strategy)
+    resources.update(run.resources_per_worker or {})
+    strategy = run.placement_strategy or os.environ.get(PLACEMENT_STRATEGY_ENV) or "PACK"
+    log.info("Ray Train: %d worker(s), %s each, %s, placement %s", run.num_workers, resources,
+             "GPU" if res.use_gpu else "CPU only", strategy)
     return TorchTrainer(
-        _with_placement_log(train_loop, join(storage_path, name, PLACEMENT_DIR)),
+        _with_placement_log(train_loop, join(storage_path, run.run_name, PLACEMENT_DIR)),
         train_loop_config=dict(config),
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=res.use_gpu, resources_per_worker=resources,
-                                     placement_strategy=strategy),
+        scaling_config=ScalingConfig(num_workers=run.num_workers, use_gpu=res.use_gpu,
+                                     resources_per_worker=resources, placement_strategy=strategy),
         run_config=RunConfig(
             storage_path=storage_path,
-            name=name,
-            callbacks=list(overrides.callbacks) or None,
-            failure_config=FailureConfig(max_failures=max_failures),
+            name=run.run_name,
+            callbacks=list(callbacks) or None,
+            failure_config=FailureConfig(max_failures=run.max_failures),
             checkpoint_config=CheckpointConfig(
-                num_to_keep=num_to_keep,
+                num_to_keep=run.num_to_keep,
                 checkpoint_score_attribute=score_attribute,
                 checkpoint_score_order=score_order,
             ),

@@ -22,7 +22,29 @@ PAPER_CLINICAL_COLUMNS: tuple[str, ...] = (
 )
 
 
-class CTTrainConfig(StrictModel):
+class RayRunConfig(StrictModel):
+    """How a task runs on Ray, shared by every task's config: workers, GPUs, failures, storage, checkpoints."""
+
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks)")
+    use_gpu: bool | None = Field(None, description="None: use GPUs when the cluster has them")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="extra/overriding Ray resources per worker (e.g. a node-type label)")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] | None = Field(
+        None, description="placement of the workers; default PACK (or $RAYPIPE_PLACEMENT_STRATEGY)")
+    max_failures: int = Field(1, ge=-1, description="worker-failure retries, resuming from the latest checkpoint")
+    num_to_keep: int = Field(2, ge=1, description="checkpoints kept: the best by `monitor`, plus the latest")
+    run_name: str = Field("train", description="Ray Train run name under the storage path (same name resumes)")
+    storage_path: str | None = Field(None, description="Ray Train storage; default OUT/ray_results")
+    torch_threads: int | None = Field(None, ge=1, description="intra-op threads per worker; None: Ray's default")
+    amp: bool = Field(True, description="bf16 autocast + channels_last on CUDA; ignored (fp32) on CPU")
+    stop_after_epoch: int | None = Field(
+        None, ge=1, description="end this run after that epoch (as if interrupted); a rerun resumes from it"
+    )
+    seed: int = 0
+    n_boot: int = Field(1000, ge=0, description="bootstrap resamples for the CIs in metrics.json")
+
+
+class CTTrainConfig(RayRunConfig):
     """One CNN-RNN training run on CT shards; defaults reproduce papers/000 (bone+muscle input)."""
 
     # model (kwargs go to raypipe.models.registry.build_model(model, **model_kwargs))
@@ -47,7 +69,6 @@ class CTTrainConfig(StrictModel):
     eval_batch_size: int = Field(32, ge=1, description="per-worker batch for validation and scoring")
     epochs: int = Field(50, ge=1)
     grad_clip: float | None = Field(None, gt=0, description="max gradient norm; None disables")
-    amp: bool = Field(True, description="bf16 autocast + channels_last on CUDA; ignored (fp32) on CPU")
     shuffle_buffer: int = Field(256, ge=0, description="per-worker local shuffle buffer (rows); 0 disables")
 
     # labels, validation and early stopping
@@ -58,20 +79,9 @@ class CTTrainConfig(StrictModel):
     monitor_mode: Literal["max", "min"] = "max"
     patience: int = Field(10, ge=1, description="epochs without improvement before stopping")
     min_delta: float = Field(0.0, ge=0)
-    stop_after_epoch: int | None = Field(
-        None, ge=1, description="end this run after that epoch (as if interrupted); a rerun resumes from it"
-    )
 
-    # Ray
+    # Ray (the rest: RayRunConfig)
     num_workers: int = Field(2, ge=1, description="Ray Train workers (DDP ranks)")
-    use_gpu: bool | None = Field(None, description="None: use GPUs when the cluster has them")
-    max_failures: int = Field(1, ge=-1, description="worker-failure retries, resuming from the latest checkpoint")
-    num_to_keep: int = Field(2, ge=1, description="checkpoints kept: the best by `monitor`, plus the latest")
-    run_name: str = Field("train", description="Ray Train run name under the storage path (same name resumes)")
-    storage_path: str | None = Field(None, description="Ray Train storage; default OUT/ray_results")
-    torch_threads: int | None = Field(None, ge=1, description="intra-op threads per worker; None: Ray's default")
-    seed: int = 0
-    n_boot: int = Field(1000, ge=0, description="bootstrap resamples for the CIs in metrics.json")
 
     @model_validator(mode="after")
     def _check(self) -> "CTTrainConfig":
@@ -85,8 +95,13 @@ class CTTrainConfig(StrictModel):
 
     @property
     def name(self) -> str:
-        """Model name written to predictions and metrics."""
-        return self.display_name or f"{self.model}-{self.input}"
+        """The model's one name in train, cv, predictions and the report: `cnn_rnn_<input>` unless display_name."""
+        return self.display_name or f"{self.family}_{self.input}"
+
+    @property
+    def family(self) -> str:
+        """Model family in names (tiny and full-size variants share it)."""
+        return "cnn_rnn"
 
 
 class MultitaskConfig(CTTrainConfig):
@@ -101,6 +116,11 @@ class MultitaskConfig(CTTrainConfig):
     horizon_weight: float = Field(1.0, ge=0, description="weight of the horizon BCE (labels known only)")
     horizons_years: list[float] = Field(default_factory=lambda: [2.0, 3.0, 5.0])
     monitor: str = Field("val_c_index", description="early stopping on Harrell's C of the Cox head")
+
+    @property
+    def family(self) -> str:
+        """Model family in names (tiny and full-size variants share it)."""
+        return "multitask"
 
     @model_validator(mode="after")
     def _check_weights(self) -> "MultitaskConfig":

@@ -19,13 +19,10 @@ within each worker's batch).
 """
 from __future__ import annotations
 
-import io
-import json
 import logging
 import os
 import warnings
 from collections.abc import Mapping, Sequence
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -34,30 +31,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raypipe.train.common import (
-    DeviceSetup,
-    all_reduce_mean,
-    autocast,
-    best_checkpoint,
-    freeze_batchnorm,
-    per_worker_batch,
-    read_checkpoint,
-    report_epoch,
-    resume,
-    score_for_ranking,
-    seed_everything,
-    select_device,
-    to_device_model,
-    unwrap,
-    world_rank,
-    world_size,
-)
+from raypipe.clinical import ClinicalEncoder
+from raypipe.data.collate import clinical_tensor, float_column, stack_cells
+from raypipe.metrics import c_index_or_nan
+from raypipe.train.common import DeviceSetup, autocast, select_device, unwrap
+from raypipe.train.fold import FoldTask
+from raypipe.train.loop import CHECKPOINT_SCORE, WorkerTask, run_worker_loop
 from raypipe.train.xray_config import DeepSurvConfig
 
 log = logging.getLogger(__name__)
 
 DAYS_PER_YEAR = 365.25
-CHECKPOINT_SCORE = "checkpoint_score"
 BASELINE_FILE = "baseline_hazard.json"
 _IMAGE_COLUMNS = ("image", "keypoints")
 
@@ -66,32 +50,26 @@ _IMAGE_COLUMNS = ("image", "keypoints")
 class XrayBatch:
     """collate_fn for `iter_torch_batches`: shard rows -> x (B, C, H, W), clinical, time_days, event, idx."""
 
-    def __init__(self, image_size: int | None, uses_image: bool, clinical: Mapping[str, list[float]] | None,
+    def __init__(self, image_size: int | None, uses_image: bool, clinical: ClinicalEncoder | None,
                  cuts: Sequence[float] | None = None) -> None:
         self.image_size, self.uses_image, self.clinical = image_size, uses_image, clinical
         self.cuts = None if cuts is None else np.asarray(cuts, dtype=np.float64)
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
         """Stack one batch; missing time/event become NaN (scoring rows need none)."""
-        from raypipe.train.ct import _stack, clinical_matrix
-
         n = len(batch["study_id"])
         out: dict[str, torch.Tensor] = {}
         if self.uses_image:
-            x = torch.from_numpy(np.ascontiguousarray(_stack(batch["image"]), dtype=np.float32))
+            x = torch.from_numpy(np.ascontiguousarray(stack_cells(batch["image"]), dtype=np.float32))
             if self.image_size and tuple(x.shape[-2:]) != (self.image_size, self.image_size):
                 x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
                                   align_corners=False, antialias=True)
             out["x"] = x
-        if self.clinical and self.clinical["columns"]:
-            raw = clinical_matrix(batch, self.clinical["columns"])
-            z = (raw - np.asarray(self.clinical["mean"])) / np.asarray(self.clinical["sd"])
-            out["clinical"] = torch.from_numpy(np.nan_to_num(z, nan=0.0).astype(np.float32))
+        clinical = clinical_tensor(batch, self.clinical)
+        if clinical is not None:
+            out["clinical"] = clinical
         for name in ("time_days", "event"):
-            col = batch.get(name)
-            vals = np.full(n, np.nan) if col is None else pd.to_numeric(
-                pd.Series(np.asarray(col, dtype=object)), errors="coerce").to_numpy(dtype=np.float64)
-            out[name] = torch.from_numpy(vals.astype(np.float32))
+            out[name] = float_column(batch, name, n)
         if self.cuts is not None and batch.get("time_days") is not None:
             out["idx"] = torch.from_numpy(duration_index(self.cuts, out["time_days"].numpy(), out["event"].numpy()))
         return out
@@ -239,84 +217,60 @@ def risk_score(cfg: DeepSurvConfig, outputs: np.ndarray, labels: Mapping[str, An
 
 
 # ---------------------------------------------------------------------------------------------- worker loop
-def train_loop_deepsurv(loop_config: dict) -> None:
-    """Ray Train worker loop: stream, step, validate on rank 0, checkpoint, early stop."""
-    import ray.train
-    import ray.train.torch
-    import torch.distributed as dist
+class DeepSurvWorkerTask(WorkerTask):
+    """Hooks of the shared worker loop for DeepSurv and the pycox heads."""
 
-    cfg = DeepSurvConfig.model_validate(loop_config["config"])
-    clinical = loop_config.get("clinical")
-    labels = loop_config["labels"]
-    n_clinical = len(clinical["columns"]) if clinical else 0
-    rank, n_workers = world_rank(), world_size()
-    if cfg.torch_threads:
-        torch.set_num_threads(cfg.torch_threads)
-    seed_everything(cfg.seed)
-    setup = select_device(cfg.amp)
-    model = to_device_model(build(cfg, n_clinical, loop_config["in_chans"]), setup)
-    opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    optimizer = opt_cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if labels.get("init_bias") is not None:  # start at the training rows' marginal curve (replaced on resume)
-        with torch.no_grad():
-            unwrap(model).net.out.bias.copy_(torch.as_tensor(labels["init_bias"], dtype=torch.float32))
-    state = resume(model, optimizer)
-    state.extra = {"clinical": clinical or {}}
-    model = ray.train.torch.prepare_model(model, move_to_device=False)
-    batch = per_worker_batch(cfg.batch_size, n_workers)
-    cuts = labels.get("cuts")
-    for epoch in range(state.epoch + 1, cfg.epochs + 1):
-        if state.should_stop(cfg.patience):
-            break
-        seed_everything(cfg.seed * 100_003 + epoch * 1_009 + rank)
-        rng = np.random.default_rng([cfg.seed, epoch, rank])
-        model.train()
-        if cfg.freeze_batchnorm:
-            freeze_batchnorm(model)
-        collate = XrayBatch(cfg.image_size, cfg.uses_image, clinical, cuts)
-        total, count, steps = 0.0, 0, 0
-        for b in ray.train.get_dataset_shard("train").iter_torch_batches(
-            batch_size=batch, collate_fn=collate, device="cpu",
+    def __init__(self, cfg: DeepSurvConfig, loop_config: Mapping[str, Any]) -> None:
+        super().__init__(cfg, loop_config)
+        self.clinical = ClinicalEncoder.from_dict(loop_config.get("clinical"))
+        self.labels = loop_config["labels"]
+        self.rng = np.random.default_rng(cfg.seed)
+
+    def build_model(self) -> nn.Module:
+        return build(self.cfg, len(self.clinical.columns), self.loop_config["in_chans"])
+
+    def init_model(self, model: nn.Module) -> None:
+        if self.labels.get("init_bias") is not None:  # start at the training rows' marginal curve
+            with torch.no_grad():
+                unwrap(model).net.out.bias.copy_(torch.as_tensor(self.labels["init_bias"], dtype=torch.float32))
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"clinical": self.clinical.to_dict()}
+
+    def begin_epoch(self, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int) -> dict[str, float]:
+        self.rng = np.random.default_rng([self.cfg.seed, epoch, self.rank])
+        return {}
+
+    def train_batches(self, epoch: int, batch_size: int) -> Any:
+        import ray.train
+
+        cfg = self.cfg
+        collate = XrayBatch(cfg.image_size, cfg.uses_image, self.clinical, self.labels.get("cuts"))
+        return ray.train.get_dataset_shard("train").iter_torch_batches(
+            batch_size=batch_size, collate_fn=collate, device="cpu",
             local_shuffle_buffer_size=cfg.shuffle_buffer or None, local_shuffle_seed=cfg.seed + epoch,
-        ):
-            if n_workers == 1 and int(b["time_days"].shape[0]) <= 1:
-                continue  # a 0/1-row tail: no risk set, and BatchNorm cannot train on it (DDP ranks must all step)
-            loss = head_loss(cfg, model, b, setup, labels, distributed=True, rng=rng)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            n = int(b["time_days"].shape[0])
-            total, count, steps = total + float(loss.detach()) * n, count + n, steps + 1
-        train_loss = all_reduce_mean(total / max(count, 1), float(count))
+        )
 
-        metrics = _validate(cfg, model, setup, clinical, labels) if rank == 0 else None
-        if dist.is_available() and dist.is_initialized() and n_workers > 1:
-            holder = [metrics]
-            dist.broadcast_object_list(holder, src=0)
-            metrics = holder[0]
-        state.epoch = epoch
-        row = {"epoch": epoch, "train_loss": train_loss, "steps": steps, **metrics}
-        improved = state.update(metrics.get(cfg.monitor, float("nan")), cfg.monitor_mode, cfg.min_delta)
-        row.update(best_epoch=state.best_epoch, improved=int(improved))
-        state.history.append(row)
-        if rank == 0:
-            log.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)))
-        score = score_for_ranking(metrics.get(cfg.monitor), cfg.monitor_mode)
-        report_epoch({**row, CHECKPOINT_SCORE: score if cfg.monitor_mode == "max" else -score},
-                     model, optimizer, state, loop_config.get("metrics_csv"))
-        if cfg.stop_after_epoch is not None and epoch >= cfg.stop_after_epoch:
-            break
+    def train_step(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, int] | None:
+        n = int(batch["time_days"].shape[0])
+        if self.world == 1 and n <= 1:
+            return None  # a 0/1-row tail: no risk set, and BatchNorm cannot train on it (DDP ranks must all step)
+        return head_loss(self.cfg, model, batch, self.setup, self.labels, distributed=True, rng=self.rng), n
+
+    def validate(self, model: nn.Module) -> dict[str, float]:
+        return _validate(self.cfg, model, self.setup, self.clinical, self.labels)
+
+
+def train_loop_deepsurv(loop_config: dict) -> None:
+    """Ray Train worker loop of DeepSurv (the shared skeleton, `raypipe.train.loop`)."""
+    run_worker_loop(DeepSurvWorkerTask(DeepSurvConfig.model_validate(loop_config["config"]), loop_config))
 
 
 @torch.no_grad()
-def _validate(cfg: DeepSurvConfig, model: nn.Module, setup: DeviceSetup, clinical: Mapping[str, Any] | None,
+def _validate(cfg: DeepSurvConfig, model: nn.Module, setup: DeviceSetup, clinical: ClinicalEncoder | None,
               labels: Mapping[str, Any]) -> dict[str, float]:
     """Loss (per batch) and Harrell's C over the whole validation set, on rank 0."""
     import ray.train
-
-    from raypipe.train.ct import _harrell
 
     model.eval()
     collate = XrayBatch(cfg.image_size, cfg.uses_image, clinical, labels.get("cuts"))
@@ -336,17 +290,16 @@ def _validate(cfg: DeepSurvConfig, model: nn.Module, setup: DeviceSetup, clinica
     if not outs:
         return {"val_loss": float("nan"), "val_c_index": float("nan")}
     score = risk_score(cfg, np.concatenate(outs), labels)
-    c = _harrell(np.concatenate(times).astype(float), np.concatenate(events).astype(float), score)
+    c = c_index_or_nan(np.concatenate(times).astype(float), np.concatenate(events).astype(float), score)
     return {"val_loss": total / count if count else float("nan"), "val_c_index": c}
 
 
 # ---------------------------------------------------------------------------------------------- driver
 def split_roles(meta: pd.DataFrame, cfg: DeepSurvConfig) -> pd.Series:
     """Train/val(/test) role per study by patient: the paper's 5:1 split, stratified on the event."""
-    from raypipe.train.ct import split_by_patient
+    from raypipe.data.splits import split_by_patient
 
-    spec = SimpleNamespace(label="event", seed=cfg.seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
-    return split_by_patient(meta, spec)
+    return split_by_patient(meta, "event", cfg.seed, cfg.val_fraction, cfg.test_fraction)
 
 
 def label_transform(cfg: DeepSurvConfig, time: np.ndarray, event: np.ndarray) -> dict[str, Any]:
@@ -387,8 +340,8 @@ def fit_deepsurv(config: DeepSurvConfig, data_dir: str, out_dir: str, roles: pd.
     """
     from raypipe import storage
     from raypipe.data.xray_pipeline import load_xray_shards
+    from raypipe.data.subsets import small_columns, subset_studies
     from raypipe.train.common import make_trainer
-    from raypipe.train.ct import _read_meta, _subset, clinical_standardisation
 
     cfg = config
     out = str(out_dir) if storage.is_uri(out_dir) else os.path.abspath(out_dir)
@@ -401,7 +354,7 @@ def fit_deepsurv(config: DeepSurvConfig, data_dir: str, out_dir: str, roles: pd.
         missing.append("image")
     if missing:
         raise ValueError(f"X-ray shards in {data_dir} lack column(s) {missing} (have: {names})")
-    meta = _read_meta(shards, [c for c in names if c not in _IMAGE_COLUMNS])
+    meta = small_columns(shards, [c for c in names if c not in _IMAGE_COLUMNS])
     meta["study_id"] = meta["study_id"].astype(str)
     if roles is None:
         role = split_roles(meta, cfg)
@@ -414,22 +367,24 @@ def fit_deepsurv(config: DeepSurvConfig, data_dir: str, out_dir: str, roles: pd.
         raise ValueError(f"need training and {monitor_split!r} studies, got {len(train_ids)} and {len(val_ids)}")
     log.info("%s: %d train, %d val, %s other studies", cfg.name, len(train_ids), len(val_ids),
              dict(role[~role.isin(["train", "val"])].value_counts()))
-    clinical = clinical_standardisation(meta.loc[train_mask], cfg.clinical) if cfg.clinical else None
     tr = meta.loc[train_mask]
+    clinical = ClinicalEncoder()
+    if cfg.clinical:
+        clinical = ClinicalEncoder.fit({c: tr[c].to_numpy() for c in cfg.clinical}, cfg.clinical,
+                                       row_ids=tr["study_id"].tolist())
     labels = label_transform(cfg, tr["time_days"].to_numpy(float), tr["event"].to_numpy(float))
     in_chans = _image_channels(shards) if cfg.uses_image else 0
     columns = ["patient_id", "study_id", "time_days", "event", *cfg.clinical, *(["image"] if cfg.uses_image else [])]
     ds = shards.select_columns(list(dict.fromkeys(columns)))
 
     run_dir = storage.join(storage_path, cfg.run_name)
-    loop_config = {"config": cfg.model_dump(mode="json"), "clinical": clinical, "labels": labels,
+    loop_config = {"config": cfg.model_dump(mode="json"), "clinical": clinical.to_dict(), "labels": labels,
                    "in_chans": in_chans, "metrics_csv": storage.join(run_dir, "metrics.csv")}
     trainer = make_trainer(
-        train_loop_deepsurv, loop_config, {"train": _subset(ds, train_ids), "val": _subset(ds, val_ids)},
-        num_workers=cfg.num_workers, storage_path=storage_path, name=cfg.run_name, max_failures=cfg.max_failures,
-        num_to_keep=cfg.num_to_keep, score_attribute=CHECKPOINT_SCORE, score_order="max", use_gpu=cfg.use_gpu,
+        train_loop_deepsurv, loop_config,
+        {"train": subset_studies(ds, train_ids), "val": subset_studies(ds, val_ids)},
+        run=cfg, storage_path=storage_path, callbacks=callbacks, score_attribute=CHECKPOINT_SCORE,
     )
-    trainer.run_config.callbacks = [*(trainer.run_config.callbacks or []), *callbacks]
     result = trainer.fit()
     if result.error is not None:
         raise result.error
@@ -438,62 +393,49 @@ def fit_deepsurv(config: DeepSurvConfig, data_dir: str, out_dir: str, roles: pd.
 
 
 def write_outputs(cfg: DeepSurvConfig, result: Any, ds: Any, meta: pd.DataFrame, role: pd.Series,
-                  clinical: Mapping[str, Any] | None, labels: Mapping[str, Any], in_chans: int, out: str,
+                  clinical: ClinicalEncoder, labels: Mapping[str, Any], in_chans: int, out: str,
                   fold: int = -1, data_dir: str | None = None) -> dict[str, Any]:
-    """Best checkpoint -> model.pt, model_meta.json, baseline_hazard.json, predictions, metrics; returns metrics."""
+    """Best checkpoint -> the run files + baseline_hazard.json, every non-training row scored; returns metrics."""
     from raypipe import storage
-    from raypipe.config import config_hash, dump_config
-    from raypipe.evaluate import evaluate_frame
-    from raypipe.predictions import validate_predictions, write_predictions
-    from raypipe.train.common import metrics_csv_text
-    from raypipe.train.ct import _subset
+    from raypipe.artifact import RunArtifact
+    from raypipe.config import config_hash
+    from raypipe.data.subsets import subset_studies
+    from raypipe.train.outputs import best_and_latest, selection_fields, write_run_files, write_scored
 
-    best = best_checkpoint(result, CHECKPOINT_SCORE, "max")
-    if best is None:
-        raise RuntimeError("training reported no checkpoint")
-    payload = read_checkpoint(best)
-    latest = read_checkpoint(result.checkpoint) if result.checkpoint is not None else payload
-    n_clinical = len(clinical["columns"]) if clinical else 0
+    payload, latest = best_and_latest(result)
+    n_clinical = len(clinical.columns)
     model = build(cfg, n_clinical, in_chans)
     model.load_state_dict(payload["model"])
     model.eval()
 
     scored_mask = (role != "unused").to_numpy()
-    outputs = score_dataset(cfg, model, _subset(ds, meta.loc[scored_mask, "study_id"].tolist()), clinical, labels)
+    outputs = score_dataset(cfg, model, subset_studies(ds, meta.loc[scored_mask, "study_id"].tolist()), clinical,
+                            labels)
     rows = meta.loc[scored_mask].assign(split=role[scored_mask].to_numpy()).merge(outputs, on="study_id")
     train_rows = rows[rows["split"] == "train"]
     baseline = fit_baseline(cfg, model, train_rows, ds, clinical, labels)
     frame = prediction_frame(cfg, rows[rows["split"] != "train"], baseline, labels, fold, model)
 
-    dump_config(cfg, storage.join(out, "config.yaml"))
     shard_config = storage.join(data_dir, "config.yaml") if data_dir else None
+    preprocess: dict[str, Any] = {"image_size": cfg.image_size, "in_chans": in_chans}
     if shard_config and storage.exists(shard_config):  # the radiograph preprocessing, for publish and scoring
         storage.atomic_write_bytes(storage.join(out, "preprocess.yaml"), storage.read_bytes(shard_config))
-    storage.atomic_write_text(storage.join(out, "metrics.csv"), metrics_csv_text(latest["state"]["history"]))
-    buf = io.BytesIO()
-    torch.save(payload["model"], buf)
-    storage.atomic_write_bytes(storage.join(out, "model.pt"), buf.getvalue())
+        preprocess["shards_config"] = "preprocess.yaml"
     storage.atomic_write_json(storage.join(out, BASELINE_FILE), baseline)
-    state = payload["state"]
-    meta_json = {
-        "builder": builder_name(cfg), "kwargs": head_kwargs(cfg, n_clinical, in_chans), "task": "xray_survival",
-        "head": cfg.head, "display_name": cfg.name, "variant": cfg.variant, "clinical_model": cfg.clinical_model,
-        "clinical": clinical or {"columns": [], "mean": [], "sd": []}, "in_chans": in_chans,
-        "image_size": cfg.image_size, "labels": dict(labels), "baseline_file": BASELINE_FILE,
-        "score_kind": "log_risk" if cfg.head == "cox" else "probability",
-        "survival_years": list(cfg.survival_years), "horizon_years": cfg.horizon_years,
-        "best_epoch": state["best_epoch"], "monitor": cfg.monitor, "best_value": state["best_value"],
-        "epochs_run": latest["state"]["epoch"], "config_hash": config_hash(cfg),
-    }
-    if baseline["kind"] == "breslow":  # what raypipe.scoring.xray reads to give S(t) and the 5-year risk
-        meta_json["baseline_hazard"] = baseline
-    storage.atomic_write_json(storage.join(out, "model_meta.json"), meta_json)
-    valid = validate_predictions(frame)
-    metrics = evaluate_frame(valid, reference_model=cfg.name, n_boot=cfg.n_boot, seed=cfg.seed).metrics
-    write_predictions(frame, storage.join(out, "predictions.parquet"),
-                      {"model": cfg.name, "config_hash": config_hash(cfg), "best_epoch": state["best_epoch"]})
-    storage.atomic_write_json(storage.join(out, "metrics.json"), metrics)
-    log.info("wrote %s (best epoch %d, %s %s)", out, state["best_epoch"], cfg.monitor, state["best_value"])
+    selection = selection_fields(cfg, payload, latest)
+    artifact = RunArtifact(
+        builder=builder_name(cfg), kwargs=head_kwargs(cfg, n_clinical, in_chans), task="xray_survival",
+        train_task="deepsurv", display_name=cfg.name, clinical=clinical.to_dict(), preprocess=preprocess,
+        labels=["time_days", "event"], score_kind="log_risk" if cfg.head == "cox" else "probability",
+        config_hash=config_hash(cfg), **selection,
+        head=cfg.head, variant=cfg.variant, clinical_model=cfg.clinical_model, in_chans=in_chans,
+        image_size=cfg.image_size, labels_transform=dict(labels), baseline_file=BASELINE_FILE,
+        survival_years=list(cfg.survival_years), horizon_years=cfg.horizon_years,
+        **({"baseline_hazard": baseline} if baseline["kind"] == "breslow" else {}),
+    )
+    write_run_files(out, cfg, payload["model"], latest["state"]["history"], artifact)
+    metrics = write_scored(out, frame, cfg, selection["best_epoch"])
+    log.info("wrote %s (best epoch %s, %s %s)", out, selection["best_epoch"], cfg.monitor, selection["best_value"])
     return metrics
 
 
@@ -508,7 +450,7 @@ def head_kwargs(cfg: DeepSurvConfig, n_clinical: int, in_chans: int) -> dict[str
 
 
 @torch.no_grad()
-def score_dataset(cfg: DeepSurvConfig, model: nn.Module, ds: Any, clinical: Mapping[str, Any] | None,
+def score_dataset(cfg: DeepSurvConfig, model: nn.Module, ds: Any, clinical: ClinicalEncoder | None,
                   labels: Mapping[str, Any]) -> pd.DataFrame:
     """Network outputs for every row of `ds` on the driver, keyed by study_id (column `out`, arrays)."""
     setup = select_device(False, torch.device("cpu"))
@@ -608,66 +550,21 @@ def prediction_frame(cfg: DeepSurvConfig, rows: pd.DataFrame, baseline: Mapping[
 
 
 # ---------------------------------------------------------------------------------------------- CV
-TUNE_SPLIT = "tune"  # inner early-stopping patients of a CV fold (evaluate reads it as a validation split)
+def fit_deepsurv_fold(task: FoldTask) -> dict[str, float]:
+    """Fold-fit (`raypipe.tune.cv`): DeepSurv on the fold's training patients, split 5:1 by patient into
+    train and `tune` (early stopping, checkpoint); the held-out fold is scored once as split `val`."""
+    from raypipe.data.splits import TUNE_ROLE, nested_fold_roles
+    from raypipe.data.subsets import shard_meta
+    from raypipe.train.fold import fold_config, fold_summary
+
+    cfg = fold_config(task.config, task.fold)
+    meta = shard_meta(task.data_dir)
+    role = nested_fold_roles(meta, task.patients, "event", cfg.seed + 7919 * (task.fold + 1), cfg.val_fraction)
+    roles = pd.Series(role.replace("", "unused").to_numpy(), index=meta["study_id"].astype(str).to_numpy())
+    fit_deepsurv(cfg, task.data_dir, task.out_dir, roles=roles, fold=task.fold, callbacks=task.callbacks,
+                 monitor_split=TUNE_ROLE)
+    return fold_summary(task.out_dir)
 
 
-def fold_roles(meta: pd.DataFrame, patients: Mapping[str, Sequence[str]], cfg: DeepSurvConfig, fold: int) -> pd.Series:
-    """Role per study_id for one CV fold: the fold's `val` / `external` patients scored, its `train`
-    patients split 5:1 by patient (stratified on the event) into train and `tune` for early stopping."""
-    pid = meta["patient_id"].astype(str)
-    role_of = {p: r for r, ids in patients.items() for p in ids}
-    inner = meta[pid.isin(set(patients.get("train", []))).to_numpy()]
-    spec = SimpleNamespace(label="event", seed=cfg.seed + 7919 * (fold + 1), val_fraction=cfg.val_fraction,
-                           test_fraction=0.0)
-    from raypipe.train.ct import split_by_patient
-
-    inner_role = split_by_patient(inner.drop(columns=["split"], errors="ignore"), spec)
-    role_of.update({p: (TUNE_SPLIT if r == "val" else "train") for p, r in zip(inner["patient_id"].astype(str), inner_role)})
-    return pd.Series(pid.map(role_of).fillna("unused").to_numpy(), index=meta["study_id"].astype(str).to_numpy())
-
-
-def fit_deepsurv_fold(task: Any) -> dict[str, float]:
-    """`raypipe.tune.cv` fold-fit: DeepSurv on the fold's training patients; OOF rows as split `val`."""
-    from raypipe import storage
-    from raypipe.tune.cv import read_shard_meta
-
-    cfg: DeepSurvConfig = task.config
-    update: dict[str, Any] = {"run_name": "train"}
-    if cfg.storage_path:
-        update["storage_path"] = storage.join(cfg.storage_path, f"fold_{task.fold:02d}")
-    fold_cfg = DeepSurvConfig.model_validate({**cfg.model_dump(), **update})
-    roles = fold_roles(read_shard_meta(task.data_dir), task.patients, fold_cfg, task.fold)
-    callbacks = []
-    from ray.tune.trainable.trainable_fn_utils import _in_tune_session
-
-    if _in_tune_session():
-        from ray.tune.integration.ray_train import TuneReportCallback
-
-        callbacks.append(TuneReportCallback())
-    fit_deepsurv(fold_cfg, task.data_dir, task.out_dir, roles=roles, fold=task.fold, callbacks=callbacks,
-                 monitor_split=TUNE_SPLIT)
-    meta = json.loads(storage.read_bytes(storage.join(task.out_dir, "model_meta.json")).decode())
-    out = {"best_epoch": float(meta["best_epoch"]), "epochs_run": float(meta["epochs_run"])}
-    if meta.get("best_value") is not None:
-        out[meta["monitor"]] = float(meta["best_value"])
-    return out
-
-
-# ---------------------------------------------------------------------------------------------- entry point
-def train_cli(model: str, config_path: str | None, data: str | None, out: str | None) -> int:
-    """`raypipe train deepsurv --config C --data DIR --out DIR`: load, train, write; exit code."""
-    from raypipe.config import load_config
-    from raypipe.ray_utils import init_ray
-
-    if not data:
-        raise SystemExit(f"raypipe train {model}: --data (a folder of X-ray shards) is required")
-    cfg = load_config(DeepSurvConfig, config_path)
-    out = out or os.path.join("runs", cfg.name)
-    init_ray()
-    fit_deepsurv(cfg, data, out)
-    log.info("run written to %s", out)
-    return 0
-
-
-__all__ = ["DeepSurvConfig", "XrayBatch", "fit_deepsurv", "head_loss", "prediction_frame", "train_cli",
+__all__ = ["DeepSurvConfig", "XrayBatch", "fit_deepsurv", "head_loss", "prediction_frame",
            "train_loop_deepsurv", "write_outputs"]

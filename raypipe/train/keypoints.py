@@ -23,7 +23,6 @@ import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -32,27 +31,13 @@ import torch
 from torch import nn
 
 from raypipe.models.keypoints import heatmap_loss
-from raypipe.train.common import (
-    all_reduce_mean,
-    autocast,
-    best_checkpoint,
-    per_worker_batch,
-    read_checkpoint,
-    report_epoch,
-    resume,
-    score_for_ranking,
-    seed_everything,
-    select_device,
-    to_device_model,
-    unwrap,
-    world_rank,
-    world_size,
-)
+from raypipe.data.collate import study_rng
+from raypipe.train.common import autocast, unwrap
+from raypipe.train.loop import CHECKPOINT_SCORE, WorkerTask, run_worker_loop
 from raypipe.train.xray_config import KeypointTrainConfig
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_SCORE = "checkpoint_score"
 STRIDE = 4
 _CACHE: dict[tuple[str, int], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
 
@@ -87,7 +72,6 @@ class KeypointBatch:
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
         """Load, augment (training only) and render one batch."""
-        from raypipe.data.sampling import study_rng
         from raypipe.models.keypoints import render_heatmaps
         from raypipe.preprocess.augment import augment, random_affine
 
@@ -160,61 +144,46 @@ def keypoint_metrics(pred: np.ndarray, gt: np.ndarray, scores: np.ndarray, sigma
 
 
 # ---------------------------------------------------------------------------------------------- worker loop
-def train_loop_keypoints(loop_config: dict) -> None:
-    """Ray Train worker loop: heatmap MSE, decaying Adam, OKS-AP on rank 0, checkpoints, early stopping."""
-    import ray.train
-    import ray.train.torch
-    import torch.distributed as dist
+class KeypointWorkerTask(WorkerTask):
+    """Hooks of the shared worker loop for the keypoint model: heatmap loss, decaying Adam, OKS-AP."""
 
-    cfg = KeypointTrainConfig.model_validate(loop_config["config"])
-    rank, n_workers = world_rank(), world_size()
-    if cfg.torch_threads:
-        torch.set_num_threads(cfg.torch_threads)
-    seed_everything(cfg.seed)
-    setup = select_device(cfg.amp)
-    model = to_device_model(build(cfg), setup)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    state = resume(model, optimizer)
-    model = ray.train.torch.prepare_model(model, move_to_device=False)
-    batch = per_worker_batch(cfg.batch_size, n_workers)
-    for epoch in range(state.epoch + 1, cfg.epochs + 1):
-        if state.should_stop(cfg.patience):
-            break
-        lr = learning_rate(cfg, epoch)
+    def build_model(self) -> nn.Module:
+        return build(self.cfg)
+
+    def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.Adam(model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+
+    def begin_epoch(self, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int) -> dict[str, float]:
+        lr = learning_rate(self.cfg, epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        seed_everything(cfg.seed * 100_003 + epoch * 1_009 + rank)
-        model.train()
-        total, count, steps = 0.0, 0, 0
-        for b in ray.train.get_dataset_shard("train").iter_torch_batches(
-            batch_size=batch, collate_fn=KeypointBatch(cfg, True, epoch), device="cpu",
+        return {"lr": lr}
+
+    def train_batches(self, epoch: int, batch_size: int) -> Any:
+        import ray.train
+
+        cfg = self.cfg
+        batches = ray.train.get_dataset_shard("train").iter_torch_batches(
+            batch_size=batch_size, collate_fn=KeypointBatch(cfg, True, epoch), device="cpu",
             local_shuffle_buffer_size=64, local_shuffle_seed=cfg.seed + epoch,
-        ):
-            with autocast(setup):
-                heat = model(b["x"].to(setup.device))
-            loss = heatmap_loss(heat, b["target"].to(setup.device), cfg.heatmap_kind)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            n = int(b["x"].shape[0])
-            total, count, steps = total + float(loss.detach()) * n, count + n, steps + 1
-            if cfg.steps_per_epoch and steps >= cfg.steps_per_epoch:
+        )
+        for i, b in enumerate(batches):
+            if cfg.steps_per_epoch and i >= cfg.steps_per_epoch:
                 break
-        train_loss = all_reduce_mean(total / max(count, 1), float(count))
-        metrics = _validate(cfg, model) if rank == 0 else None
-        if dist.is_available() and dist.is_initialized() and n_workers > 1:
-            holder = [metrics]
-            dist.broadcast_object_list(holder, src=0)
-            metrics = holder[0]
-        state.epoch = epoch
-        row = {"epoch": epoch, "lr": lr, "train_loss": train_loss, "steps": steps, **metrics}
-        improved = state.update(metrics.get(cfg.monitor, float("nan")), "max")
-        row.update(best_epoch=state.best_epoch, improved=int(improved))
-        state.history.append(row)
-        if rank == 0:
-            log.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)))
-        report_epoch({**row, CHECKPOINT_SCORE: score_for_ranking(metrics.get(cfg.monitor), "max")},
-                     model, optimizer, state, loop_config.get("metrics_csv"))
+            yield b
+
+    def train_step(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        with autocast(self.setup):
+            heat = model(batch["x"].to(self.setup.device))
+        return heatmap_loss(heat, batch["target"].to(self.setup.device), self.cfg.heatmap_kind), int(batch["x"].shape[0])
+
+    def validate(self, model: nn.Module) -> dict[str, float]:
+        return _validate(self.cfg, model)
+
+
+def train_loop_keypoints(loop_config: dict) -> None:
+    """Ray Train worker loop of the keypoint model (the shared skeleton, `raypipe.train.loop`)."""
+    run_worker_loop(KeypointWorkerTask(KeypointTrainConfig.model_validate(loop_config["config"]), loop_config))
 
 
 @torch.no_grad()
@@ -243,9 +212,11 @@ def _validate(cfg: KeypointTrainConfig, model: nn.Module) -> dict[str, float]:
 
 # ---------------------------------------------------------------------------------------------- driver
 def keypoint_rows(manifest: str) -> pd.DataFrame:
-    """XR rows of a manifest that have keypoints, with absolute paths."""
+    """XR rows of a manifest (a file, or a folder holding manifest.csv) that have keypoints, with absolute paths."""
     from raypipe.data.xray_pipeline import read_xray_manifest
 
+    if not str(manifest).endswith((".csv", ".parquet")):
+        manifest = os.path.join(manifest, "manifest.csv")
     table = read_xray_manifest(manifest)
     if "keypoints_path" not in table.columns:
         raise ValueError(f"manifest {manifest} has no keypoints_path column")
@@ -256,20 +227,19 @@ def keypoint_rows(manifest: str) -> pd.DataFrame:
     return rows.reset_index(drop=True)
 
 
-def fit_keypoints(config: KeypointTrainConfig, manifest: str, out_dir: str) -> Any:
+def fit_keypoints(config: KeypointTrainConfig, manifest: str, out_dir: str, callbacks: Sequence[Any] = ()) -> Any:
     """Train the keypoint model on a manifest's radiographs; write the run folder. Returns the Ray Result."""
     import ray
     from raypipe import storage
+    from raypipe.data.splits import split_by_patient
     from raypipe.train.common import make_trainer
-    from raypipe.train.ct import split_by_patient
 
     cfg = config
     out = str(out_dir) if storage.is_uri(out_dir) else os.path.abspath(out_dir)
     storage.makedirs(out)
     storage_path = cfg.storage_path or storage.join(out, "ray_results")
     rows = keypoint_rows(manifest)
-    role = split_by_patient(rows, SimpleNamespace(label="event", seed=cfg.seed, val_fraction=cfg.val_fraction,
-                                                  test_fraction=0.0))
+    role = split_by_patient(rows, "event", cfg.seed, cfg.val_fraction)
     cols = ["patient_id", "study_id", "image_path", "keypoints_path"]
     train = rows.loc[(role == "train").to_numpy(), cols]
     val = rows.loc[(role == "val").to_numpy(), cols]
@@ -278,8 +248,7 @@ def fit_keypoints(config: KeypointTrainConfig, manifest: str, out_dir: str) -> A
     trainer = make_trainer(
         train_loop_keypoints, {"config": cfg.model_dump(mode="json"), "metrics_csv": storage.join(run_dir, "metrics.csv")},
         {"train": ray.data.from_pandas(train), "val": ray.data.from_pandas(val)},
-        num_workers=cfg.num_workers, storage_path=storage_path, name=cfg.run_name, max_failures=cfg.max_failures,
-        num_to_keep=cfg.num_to_keep, score_attribute=CHECKPOINT_SCORE, score_order="max", use_gpu=cfg.use_gpu,
+        run=cfg, storage_path=storage_path, callbacks=callbacks, score_attribute=CHECKPOINT_SCORE,
     )
     result = trainer.fit()
     if result.error is not None:
@@ -291,13 +260,13 @@ def fit_keypoints(config: KeypointTrainConfig, manifest: str, out_dir: str) -> A
 def _write_outputs(cfg: KeypointTrainConfig, result: Any, rows: pd.DataFrame, out: str) -> None:
     """Best checkpoint -> model.pt, model_meta.json, keypoint_predictions.parquet, metrics.json/csv, config.yaml."""
     from raypipe import storage
-    from raypipe.config import config_hash, dump_config
+    from raypipe.artifact import RunArtifact
+    from raypipe.config import config_hash
     from raypipe.metrics import bootstrap_ci
     from raypipe.models.keypoints import KEYPOINT_NAMES
-    from raypipe.train.common import metrics_csv_text
+    from raypipe.train.outputs import best_and_latest, selection_fields, write_run_files
 
-    payload = read_checkpoint(best_checkpoint(result, CHECKPOINT_SCORE, "max"))
-    latest = read_checkpoint(result.checkpoint) if result.checkpoint is not None else payload
+    payload, latest = best_and_latest(result)
     model = build(cfg)
     model.load_state_dict(payload["model"])
     model.eval()
@@ -330,18 +299,13 @@ def _write_outputs(cfg: KeypointTrainConfig, result: Any, rows: pd.DataFrame, ou
                                     seed=cfg.seed).to_dict()
     metrics = {"models": {cfg.name: entries}, "comparisons": [], "split": held}
 
-    dump_config(cfg, storage.join(out, "config.yaml"))
-    storage.atomic_write_text(storage.join(out, "metrics.csv"), metrics_csv_text(latest["state"]["history"]))
-    buf = io.BytesIO()
-    torch.save(payload["model"], buf)
-    storage.atomic_write_bytes(storage.join(out, "model.pt"), buf.getvalue())
-    storage.atomic_write_json(storage.join(out, "model_meta.json"), {
-        "builder": cfg.model, "kwargs": model_kwargs(cfg), "task": "xray_keypoints", "display_name": cfg.name,
-        "input_size": cfg.input_size, "stride": STRIDE, "keypoints": list(KEYPOINT_NAMES), "oks_sigma": cfg.oks_sigma,
-        "best_epoch": payload["state"]["best_epoch"], "monitor": cfg.monitor,
-        "best_value": payload["state"]["best_value"], "epochs_run": latest["state"]["epoch"],
-        "config_hash": config_hash(cfg),
-    })
+    artifact = RunArtifact(
+        builder=cfg.model, kwargs=model_kwargs(cfg), task="xray_keypoints", train_task="keypoints",
+        display_name=cfg.name, preprocess={"input_size": cfg.input_size, "intensity": "min-max, zero padded square"},
+        labels=list(KEYPOINT_NAMES), config_hash=config_hash(cfg), **selection_fields(cfg, payload, latest),
+        input_size=cfg.input_size, stride=STRIDE, keypoints=list(KEYPOINT_NAMES), oks_sigma=cfg.oks_sigma,
+    )
+    write_run_files(out, cfg, payload["model"], latest["state"]["history"], artifact)
     buf = io.BytesIO()
     frame.to_parquet(buf, index=False)
     storage.atomic_write_bytes(storage.join(out, "keypoint_predictions.parquet"), buf.getvalue())
@@ -350,18 +314,4 @@ def _write_outputs(cfg: KeypointTrainConfig, result: Any, rows: pd.DataFrame, ou
              entries["mean_error_px"]["value"])
 
 
-def train_cli(model: str, config_path: str | None, data: str | None, out: str | None) -> int:
-    """`raypipe train keypoints --config C --data MANIFEST --out DIR`: load, train, write; exit code."""
-    from raypipe.config import load_config
-    from raypipe.ray_utils import init_ray
-
-    if not data:
-        raise SystemExit(f"raypipe train {model}: --data (a manifest with keypoints_path) is required")
-    cfg = load_config(KeypointTrainConfig, config_path)
-    manifest = data if str(data).endswith((".csv", ".parquet")) else os.path.join(data, "manifest.csv")
-    init_ray()
-    fit_keypoints(cfg, manifest, out or os.path.join("runs", cfg.name))
-    return 0
-
-
-__all__: Sequence[str] = ("KeypointBatch", "fit_keypoints", "spine_area", "train_cli", "train_loop_keypoints")
+__all__: Sequence[str] = ("KeypointBatch", "fit_keypoints", "spine_area", "train_loop_keypoints")

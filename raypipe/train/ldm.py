@@ -33,10 +33,10 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from raypipe.config import StrictModel
 from raypipe.train.common import (
     TrainState,
     all_reduce_mean,
+    broadcast_from_rank0,
     autocast,
     per_worker_batch,
     read_checkpoint,
@@ -48,13 +48,14 @@ from raypipe.train.common import (
     world_rank,
     world_size,
 )
+from raypipe.train.config import RayRunConfig
 
 log = logging.getLogger(__name__)
 
 Stage = Literal["vae", "unet"]
 
 
-class LDMTrainConfig(StrictModel):
+class LDMTrainConfig(RayRunConfig):
     """One Diff-X training run; defaults follow the thesis (SD v1 structure at 512 x 512)."""
 
     model: str = Field("diffx", description="registry name: diffx (SD v1 sizes) or diffx_tiny")
@@ -74,7 +75,6 @@ class LDMTrainConfig(StrictModel):
     grad_clip: float | None = Field(1.0, gt=0)
     ema_decay: float = Field(0.9999, gt=0, le=1, description="EMA of the LDM weights (warm-up as diffusers')")
     use_ema: bool = True
-    amp: bool = Field(True, description="bf16 autocast on CUDA; fp32 on CPU")
     latent_scale_batches: int = Field(8, ge=1, description="batches used to measure the latent SD")
 
     label: str = Field("prevalent_fracture", description="stratifies the patient-level validation split")
@@ -85,16 +85,6 @@ class LDMTrainConfig(StrictModel):
         default_factory=lambda: {"steps": 50, "eta": 0.5, "guidance_scale": 1.0, "injection_layer": 5},
         description="raypipe.generate.SamplerSettings saved with the model",
     )
-
-    num_workers: int = Field(1, ge=1)
-    use_gpu: bool | None = None
-    max_failures: int = Field(1, ge=-1)
-    num_to_keep: int = Field(2, ge=1)
-    run_name: str = "train"
-    storage_path: str | None = None
-    torch_threads: int | None = Field(None, ge=1)
-    stop_after_epoch: int | None = Field(None, ge=1, description="end the run after that epoch; a rerun resumes")
-    seed: int = 0
 
     @property
     def name(self) -> str:
@@ -375,7 +365,6 @@ def train_loop_ldm(loop_config: dict) -> None:
     """Ray Train worker loop: VAE epochs, then LDM epochs; checkpoint + report every epoch."""
     import ray.train
     import ray.train.torch
-    import torch.distributed as dist
 
     from raypipe.models.ldm.schedule import ddpm_scheduler
     from raypipe.train.common import load_checkpoint
@@ -425,13 +414,9 @@ def train_loop_ldm(loop_config: dict) -> None:
         seed_everything(cfg.seed * 100_003 + epoch * 1_009 + rank)
         stats = train_epoch(objective, optimizer, _shard_batches("train", batch, cfg.seed + epoch), stage, setup,
                             cfg.grad_clip, ema, cfg.max_steps_per_epoch)
-        train_loss = all_reduce_mean(stats.get("loss", float("nan")), stats["steps"])
-        val = validation_loss(model, _shard_batches("val", batch, 0), stage, scheduler, setup, cfg.seed) \
-            if rank == 0 else None
-        if dist.is_available() and dist.is_initialized() and n_workers > 1:
-            holder = [val]
-            dist.broadcast_object_list(holder, src=0)
-            val = holder[0]
+        train_loss = all_reduce_mean(stats.get("loss", float("nan")), stats["steps"], setup.device)
+        val = broadcast_from_rank0(validation_loss(model, _shard_batches("val", batch, 0), stage, scheduler, setup,
+                                                   cfg.seed) if rank == 0 else None, setup.device)
         state.epoch = epoch
         row = {"epoch": epoch, "stage": 0.0 if stage == "vae" else 1.0, "train_loss": train_loss,
                f"val_{stage}_loss": val, "steps": stats["steps"],
@@ -470,20 +455,20 @@ def read_training_manifest(data: str) -> pd.DataFrame:
     return xr
 
 
-def fit_ldm(config: LDMTrainConfig, data: str, out_dir: str) -> Any:
+def fit_ldm(config: LDMTrainConfig, data: str, out_dir: str, callbacks: Sequence[Any] = ()) -> Any:
     """Train Diff-X on the radiographs of manifest `data`; write the model folder into `out_dir`."""
     import ray.data
 
     from raypipe import storage
+    from raypipe.data.splits import split_by_patient
     from raypipe.train.common import make_trainer
-    from raypipe.train.ct import split_by_patient
 
     cfg = config
-    out = os.path.abspath(out_dir)
+    out = str(out_dir) if storage.is_uri(out_dir) else os.path.abspath(out_dir)
     storage.makedirs(out)
     storage_path = cfg.storage_path or storage.join(out, "ray_results")
     table = read_training_manifest(data)
-    role = split_by_patient(table, cfg)  # duck-typed: label, seed, val_fraction, test_fraction
+    role = split_by_patient(table, cfg.label, cfg.seed, cfg.val_fraction, cfg.test_fraction)
     if not (role == "train").any() or not (role == "val").any():
         raise ValueError("need training and validation patients")
     cols = [c for c in ("patient_id", "study_id", "image_path", "age", "sex", "bmi", "prevalent_fracture",
@@ -498,9 +483,8 @@ def fit_ldm(config: LDMTrainConfig, data: str, out_dir: str) -> Any:
     run_dir = storage.join(storage_path, cfg.run_name)
     trainer = make_trainer(
         train_loop_ldm, {"config": cfg.model_dump(mode="json"), "metrics_csv": storage.join(run_dir, "metrics.csv")},
-        {"train": dataset(role == "train"), "val": dataset(role == "val")}, num_workers=cfg.num_workers,
-        storage_path=storage_path, name=cfg.run_name, max_failures=cfg.max_failures, num_to_keep=cfg.num_to_keep,
-        use_gpu=cfg.use_gpu,
+        {"train": dataset(role == "train"), "val": dataset(role == "val")}, run=cfg, storage_path=storage_path,
+        callbacks=callbacks,
     )
     result = trainer.fit()
     if result.error is not None:
@@ -511,11 +495,10 @@ def fit_ldm(config: LDMTrainConfig, data: str, out_dir: str) -> Any:
 
 def write_model_dir(cfg: LDMTrainConfig, payload: Mapping[str, Any], out: str) -> None:
     """model.pt (EMA LDM weights when kept), model_meta.json, config.yaml, metrics.csv, metrics.json."""
-    import io
-
     from raypipe import storage
-    from raypipe.config import config_hash, dump_config
-    from raypipe.train.common import metrics_csv_text
+    from raypipe.artifact import RunArtifact
+    from raypipe.config import config_hash
+    from raypipe.train.outputs import write_run_files
 
     state = payload["state"]
     weights = dict(payload["model"])
@@ -527,20 +510,15 @@ def write_model_dir(cfg: LDMTrainConfig, payload: Mapping[str, Any], out: str) -
         for p, shadow in zip(ldm_parameters(model), ema["shadow_params"], strict=True):
             p.data.copy_(shadow)
         weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    buf = io.BytesIO()
-    torch.save(weights, buf)
-    storage.atomic_write_bytes(storage.join(out, "model.pt"), buf.getvalue())
     history = state.get("history", [])
-    meta = {
-        "builder": cfg.model, "kwargs": model_kwargs(cfg), "task": "ldm",
-        "display_name": cfg.name, "sampler": dict(cfg.sampler),
-        "latent_scale": float(weights["vae.latent_scale"]), "ema": bool(cfg.use_ema and ema),
-        "epochs_run": int(state.get("epoch", 0)), "image_size": image_size(cfg), "config_hash": config_hash(cfg),
-        "preprocess": {"ldm_size": image_size(cfg), "intensity": "min-max, padded square, [-1, 1]"},
-    }
-    storage.atomic_write_json(storage.join(out, "model_meta.json"), meta)
-    dump_config(cfg, storage.join(out, "config.yaml"))
-    storage.atomic_write_text(storage.join(out, "metrics.csv"), metrics_csv_text(history))
+    artifact = RunArtifact(
+        builder=cfg.model, kwargs=model_kwargs(cfg), task="ldm", train_task="ldm", display_name=cfg.name,
+        preprocess={"ldm_size": image_size(cfg), "intensity": "min-max, padded square, [-1, 1]"},
+        config_hash=config_hash(cfg), epochs_run=int(state.get("epoch", 0)), sampler=dict(cfg.sampler),
+        latent_scale=float(weights["vae.latent_scale"]), ema=bool(cfg.use_ema and ema), image_size=image_size(cfg),
+        clinical_prompts=cfg.clinical_prompts,
+    )
+    write_run_files(out, cfg, weights, history, artifact)
     last = {}
     for row in history:
         last.update({k: v for k, v in row.items() if k.startswith("val_")})
@@ -548,17 +526,3 @@ def write_model_dir(cfg: LDMTrainConfig, payload: Mapping[str, Any], out: str) -
                "comparisons": []}
     storage.atomic_write_json(storage.join(out, "metrics.json"), metrics)
     log.info("wrote Diff-X model folder %s", out)
-
-
-def train_cli(config_path: str | None, data: str | None, out: str | None) -> int:
-    """`raypipe train ldm --config C --data MANIFEST --out DIR`."""
-    from raypipe.config import load_config
-    from raypipe.ray_utils import init_ray
-
-    if not data:
-        raise SystemExit("raypipe train ldm: --data (a manifest of radiographs) is required")
-    cfg = load_config(LDMTrainConfig, config_path)
-    out = out or os.path.join("runs", cfg.name)
-    init_ray()
-    fit_ldm(cfg, data, out)
-    return 0

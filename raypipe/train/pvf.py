@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -23,31 +23,17 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from raypipe.config import ScaleRange, StrictModel
-from raypipe.train.common import (
-    TrainState,
-    all_reduce_mean,
-    autocast,
-    best_checkpoint,
-    freeze_batchnorm,
-    per_worker_batch,
-    read_checkpoint,
-    report_epoch,
-    resume,
-    score_for_ranking,
-    seed_everything,
-    select_device,
-    to_device_model,
-    world_rank,
-    world_size,
-)
+from raypipe.config import ScaleRange
+from raypipe.train.config import RayRunConfig
+from raypipe.losses import masked_bce
+from raypipe.metrics import auroc_or_nan
+from raypipe.train.common import autocast
+from raypipe.train.loop import CHECKPOINT_SCORE, WorkerTask, run_worker_loop
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_SCORE = "checkpoint_score"
 
-
-class PVFTrainConfig(StrictModel):
+class PVFTrainConfig(RayRunConfig):
     """One pVF classifier run; defaults follow Verte-X (EfficientNet-B4, 1024 x 512, CLAHE)."""
 
     model: str = Field("pvf_efficientnet_b4", description="registry name: pvf_efficientnet_b4 or pvf_tiny")
@@ -75,7 +61,6 @@ class PVFTrainConfig(StrictModel):
     flip_prob: float = Field(0.5, ge=0, le=1, description="augmentation: left-right flip (anterior side) probability")
     contrast_jitter: float = Field(0.1, ge=0, description="augmentation: gain 1 +- j and offset +- j (input units)")
     grad_clip: float | None = Field(None, gt=0)
-    amp: bool = True
     freeze_batchnorm: bool = False
     monitor: str = "val_auroc"
     monitor_mode: Literal["max", "min"] = "max"
@@ -86,17 +71,6 @@ class PVFTrainConfig(StrictModel):
     gradcam_images: int = Field(4, ge=0, description="held-out images with a Grad-CAM PNG")
     bn_recalibration_batches: int = Field(
         8, ge=0, description="after each epoch, recompute BatchNorm statistics over this many training batches")
-    stop_after_epoch: int | None = Field(None, ge=1)
-
-    num_workers: int = Field(1, ge=1)
-    use_gpu: bool | None = None
-    max_failures: int = Field(1, ge=-1)
-    num_to_keep: int = Field(2, ge=1)
-    run_name: str = "train"
-    storage_path: str | None = None
-    torch_threads: int | None = Field(None, ge=1)
-    seed: int = 0
-    n_boot: int = Field(1000, ge=0)
 
     @property
     def name(self) -> str:
@@ -174,11 +148,11 @@ def dataset_for(data: str, kind: str, table: pd.DataFrame, ids: list[str], cfg: 
         cols = [c for c in ("study_id", "image_path", cfg.label) if c in table.columns]
         sub = table[table["study_id"].isin(ids)][cols].reset_index(drop=True)
         return ray.data.from_pandas(sub).map_batches(fn, batch_format="pandas", batch_size=8)
+    from raypipe.data.subsets import subset_studies
     from raypipe.data.xray_pipeline import load_xray_shards
-    from raypipe.train.ct import _subset
 
     ds = load_xray_shards(data, backend="ray").select_columns(["study_id", "image", cfg.label])
-    return _subset(ds, ids).map_batches(fn, batch_format="pandas", batch_size=8)
+    return subset_studies(ds, ids).map_batches(fn, batch_format="pandas", batch_size=8)
 
 
 def _batches(ds_or_shard: Any, batch_size: int, seed: int | None = None) -> Any:
@@ -256,78 +230,58 @@ def recalibrate_batchnorm(model: nn.Module, batches: Any, max_batches: int) -> i
     return n
 
 
-def train_loop_pvf(loop_config: dict) -> None:
-    """Ray Train worker loop: BCE epochs, validation AUROC on rank 0, checkpoint, early stopping."""
-    import ray.train
-    import ray.train.torch
-    import torch.distributed as dist
+class PVFWorkerTask(WorkerTask):
+    """Hooks of the shared worker loop for the pVF classifier: weighted BCE, batch augmentation, BN recalibration."""
 
-    cfg = PVFTrainConfig.model_validate(loop_config["config"])
-    rank, n_workers = world_rank(), world_size()
-    if cfg.torch_threads:
-        torch.set_num_threads(cfg.torch_threads)
-    seed_everything(cfg.seed)
-    setup = select_device(cfg.amp)
-    model = to_device_model(build(cfg), setup)
-    opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    optimizer = opt_cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    state = resume(model, optimizer)
-    model = ray.train.torch.prepare_model(model, move_to_device=False)
-    batch = per_worker_batch(cfg.batch_size, n_workers)
-    pos_weight = torch.tensor(float(loop_config["pos_weight"]), device=setup.device)
-    for epoch in range(state.epoch + 1, cfg.epochs + 1):
-        if state.should_stop(cfg.patience):
-            break
-        seed_everything(cfg.seed * 100_003 + epoch * 1_009 + rank)
-        model.train()
-        if cfg.freeze_batchnorm:
-            freeze_batchnorm(model)
-        total, count, steps = 0.0, 0, 0
-        generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch * 1_009 + rank)
-        for x, y, _ in _batches(ray.train.get_dataset_shard("train"), batch, cfg.seed + epoch):
-            if cfg.augment:
-                x = augment_batch(x, cfg, generator)
-            x, y = x.to(setup.device), y.to(setup.device)
-            if setup.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(setup):
-                logits = model(x)
-            loss = weighted_bce(logits, y, pos_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            total, count, steps = total + float(loss.detach()) * len(y), count + len(y), steps + 1
-        train_loss = all_reduce_mean(total / max(count, 1), float(count))
-        if cfg.bn_recalibration_batches:
-            recalibrate_batchnorm(model, (x.to(setup.device) for x, _, _ in _batches(
-                ray.train.get_dataset_shard("train"), batch)), cfg.bn_recalibration_batches)
-        metrics = _validate(cfg, model, setup) if rank == 0 else None
-        if dist.is_available() and dist.is_initialized() and n_workers > 1:
-            holder = [metrics]
-            dist.broadcast_object_list(holder, src=0)
-            metrics = holder[0]
-        state.epoch = epoch
-        row = {"epoch": epoch, "train_loss": train_loss, "steps": steps, **metrics}
-        improved = state.update(metrics.get(cfg.monitor, float("nan")), cfg.monitor_mode, cfg.min_delta)
-        row.update(best_epoch=state.best_epoch, improved=int(improved))
-        state.history.append(row)
-        if rank == 0:
-            log.info("epoch %d: train %.4f, val auroc %.4f", epoch, train_loss, metrics.get("val_auroc", float("nan")))
-        score = score_for_ranking(metrics.get(cfg.monitor), cfg.monitor_mode)
-        report_epoch({**row, CHECKPOINT_SCORE: score if cfg.monitor_mode == "max" else -score}, model, optimizer,
-                     state, loop_config.get("metrics_csv"))
-        if cfg.stop_after_epoch is not None and epoch >= cfg.stop_after_epoch:
-            break
+    def __init__(self, cfg: PVFTrainConfig, loop_config: Mapping[str, Any]) -> None:
+        super().__init__(cfg, loop_config)
+        self.generator = torch.Generator()
+        self.pos_weight: torch.Tensor | None = None
+
+    def build_model(self) -> nn.Module:
+        self.pos_weight = torch.tensor(float(self.loop_config["pos_weight"]), device=self.setup.device)
+        return build(self.cfg)
+
+    def begin_epoch(self, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int) -> dict[str, float]:
+        self.generator = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch * 1_009 + self.rank)
+        return {}
+
+    def train_batches(self, epoch: int, batch_size: int) -> Any:
+        import ray.train
+
+        return _batches(ray.train.get_dataset_shard("train"), batch_size, self.cfg.seed + epoch)
+
+    def train_step(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, int]:
+        x, y, _ = batch
+        if self.cfg.augment:
+            x = augment_batch(x, self.cfg, self.generator)
+        x, y = x.to(self.setup.device), y.to(self.setup.device)
+        if self.setup.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(self.setup):
+            logits = model(x)
+        return weighted_bce(logits, y, self.pos_weight), len(y)
+
+    def end_epoch(self, model: nn.Module, epoch: int, batch_size: int) -> None:
+        import ray.train
+
+        if self.cfg.bn_recalibration_batches:
+            recalibrate_batchnorm(model, (x.to(self.setup.device) for x, _, _ in _batches(
+                ray.train.get_dataset_shard("train"), batch_size)), self.cfg.bn_recalibration_batches)
+
+    def validate(self, model: nn.Module) -> dict[str, float]:
+        return _validate(self.cfg, model, self.setup)
+
+
+def train_loop_pvf(loop_config: dict) -> None:
+    """Ray Train worker loop of the pVF classifier (the shared skeleton, `raypipe.train.loop`)."""
+    run_worker_loop(PVFWorkerTask(PVFTrainConfig.model_validate(loop_config["config"]), loop_config))
 
 
 @torch.no_grad()
 def _validate(cfg: PVFTrainConfig, model: nn.Module, setup: Any) -> dict[str, float]:
     """Validation BCE and AUROC over the whole validation set."""
     import ray.train
-
-    from raypipe.train.ct import _auroc, masked_bce
 
     model.eval()
     logits, labels, total, n = [], [], 0.0, 0
@@ -339,24 +293,24 @@ def _validate(cfg: PVFTrainConfig, model: nn.Module, setup: Any) -> dict[str, fl
         labels.append(y.numpy())
     if not logits:
         return {"val_loss": float("nan"), "val_auroc": float("nan")}
-    return {"val_loss": total / max(n, 1), "val_auroc": _auroc(np.concatenate(labels), np.concatenate(logits))}
+    return {"val_loss": total / max(n, 1), "val_auroc": auroc_or_nan(np.concatenate(labels), np.concatenate(logits))}
 
 
 # ---------------------------------------------------------------------------------------------- driver
-def fit_pvf(config: PVFTrainConfig, data: str, out_dir: str) -> Any:
+def fit_pvf(config: PVFTrainConfig, data: str, out_dir: str, callbacks: Sequence[Any] = ()) -> Any:
     """Train the pVF classifier on `data` (manifest or shard folder); write the run folder into `out_dir`."""
     from raypipe import storage
+    from raypipe.data.splits import split_by_patient
     from raypipe.train.common import make_trainer
-    from raypipe.train.ct import split_by_patient
 
     cfg = config
-    out = os.path.abspath(out_dir)
+    out = str(out_dir) if storage.is_uri(out_dir) else os.path.abspath(out_dir)
     storage.makedirs(out)
     storage_path = cfg.storage_path or storage.join(out, "ray_results")
     table, kind = read_table(data)
     if cfg.label not in table.columns:
         raise ValueError(f"{data}: no {cfg.label!r} column to train on")
-    role = split_by_patient(table, cfg)  # duck-typed config: label, seed, val_fraction, test_fraction
+    role = split_by_patient(table, cfg.label, cfg.seed, cfg.val_fraction, cfg.test_fraction)
     labelled = pd.to_numeric(table[cfg.label], errors="coerce").notna()
     train_ids = table.loc[((role == "train") & labelled).to_numpy(), "study_id"].astype(str).tolist()
     val_ids = table.loc[(role == "val").to_numpy(), "study_id"].astype(str).tolist()
@@ -372,8 +326,7 @@ def fit_pvf(config: PVFTrainConfig, data: str, out_dir: str) -> Any:
         train_loop_pvf, {"config": cfg.model_dump(mode="json"), "pos_weight": pos_weight,
                          "metrics_csv": storage.join(run_dir, "metrics.csv")},
         {"train": dataset_for(data, kind, table, train_ids, cfg), "val": dataset_for(data, kind, table, val_ids, cfg)},
-        num_workers=cfg.num_workers, storage_path=storage_path, name=cfg.run_name, max_failures=cfg.max_failures,
-        num_to_keep=cfg.num_to_keep, score_attribute=CHECKPOINT_SCORE, score_order="max", use_gpu=cfg.use_gpu,
+        run=cfg, storage_path=storage_path, callbacks=callbacks, score_attribute=CHECKPOINT_SCORE,
     )
     result = trainer.fit()
     if result.error is not None:
@@ -384,32 +337,22 @@ def fit_pvf(config: PVFTrainConfig, data: str, out_dir: str) -> Any:
 
 def _write_outputs(cfg: PVFTrainConfig, result: Any, data: str, kind: str, table: pd.DataFrame, role: pd.Series,
                    out: str) -> None:
-    """Best checkpoint -> model.pt, model_meta.json, config.yaml, metrics.csv, predictions.parquet, metrics.json, gradcam/."""
-    import io
-
+    """Best checkpoint -> the run files, held-out rows scored once, Grad-CAM PNGs in gradcam/."""
     from raypipe import storage
-    from raypipe.config import config_hash, dump_config
-    from raypipe.evaluate import evaluate_frame
-    from raypipe.predictions import CLINICAL_COLUMNS, validate_predictions, write_predictions
-    from raypipe.train.common import metrics_csv_text
+    from raypipe.artifact import RunArtifact
+    from raypipe.config import config_hash
+    from raypipe.predictions import CLINICAL_COLUMNS
+    from raypipe.train.outputs import best_and_latest, selection_fields, write_run_files, write_scored
 
-    best = best_checkpoint(result, CHECKPOINT_SCORE, "max")
-    payload = read_checkpoint(best)
-    latest = read_checkpoint(result.checkpoint) if result.checkpoint is not None else payload
+    payload, latest = best_and_latest(result)
     model = build(cfg)
     model.load_state_dict(payload["model"])
     model.eval()
-    buf = io.BytesIO()
-    torch.save(payload["model"], buf)
-    storage.atomic_write_bytes(storage.join(out, "model.pt"), buf.getvalue())
-    state = TrainState(**payload["state"])
-    meta = {"builder": cfg.model, "kwargs": model_kwargs(cfg), "task": "pvf",
-            "display_name": cfg.name, "preprocess": cfg.preprocess(),
-            "label": cfg.label, "score_kind": "probability", "best_epoch": state.best_epoch, "monitor": cfg.monitor,
-            "best_value": state.best_value, "epochs_run": latest["state"]["epoch"], "config_hash": config_hash(cfg)}
-    storage.atomic_write_json(storage.join(out, "model_meta.json"), meta)
-    dump_config(cfg, storage.join(out, "config.yaml"))
-    storage.atomic_write_text(storage.join(out, "metrics.csv"), metrics_csv_text(latest["state"]["history"]))
+    selection = selection_fields(cfg, payload, latest)
+    artifact = RunArtifact(builder=cfg.model, kwargs=model_kwargs(cfg), task="pvf", train_task="pvf",
+                           display_name=cfg.name, preprocess=cfg.preprocess(), labels=[cfg.label],
+                           score_kind="probability", config_hash=config_hash(cfg), **selection, label=cfg.label)
+    write_run_files(out, cfg, payload["model"], latest["state"]["history"], artifact)
 
     held = table[(role != "train").to_numpy()].copy()
     held["split"] = role[(role != "train").to_numpy()].to_numpy()
@@ -422,14 +365,10 @@ def _write_outputs(cfg: PVFTrainConfig, result: Any, data: str, kind: str, table
     frame = held[list(dict.fromkeys(keep))].assign(
         fold=-1, model=cfg.name, score=held["score"].to_numpy(), score_kind="probability",
         label=pd.to_numeric(held[cfg.label], errors="coerce").to_numpy())
-    valid = validate_predictions(frame)
-    metrics = evaluate_frame(valid, reference_model=cfg.name, n_boot=cfg.n_boot, seed=cfg.seed).metrics
-    write_predictions(frame, storage.join(out, "predictions.parquet"),
-                      {"model": cfg.name, "config_hash": config_hash(cfg), "best_epoch": state.best_epoch})
-    storage.atomic_write_json(storage.join(out, "metrics.json"), metrics)
+    metrics = write_scored(out, frame, cfg, selection["best_epoch"])
     auroc = metrics["models"].get(cfg.name, {}).get("auroc", {})
     log.info("pvf held-out AUROC %s (95%% CI %s-%s)", auroc.get("value"), auroc.get("ci_low"), auroc.get("ci_high"))
-    _write_gradcam(model, first, os.path.join(out, "gradcam"))
+    _write_gradcam(model, first, storage.join(out, "gradcam"))
 
 
 @torch.no_grad()
@@ -454,17 +393,3 @@ def _write_gradcam(model: nn.Module, items: list[tuple[str, torch.Tensor]], fold
     for sid, x in items:
         cam = grad_cam(model, model.gradcam_layer, x)[0].numpy()
         Image.fromarray(overlay(x[0, 0].numpy(), cam)).save(os.path.join(folder, f"{sid}.png"))
-
-
-def train_cli(config_path: str | None, data: str | None, out: str | None) -> int:
-    """`raypipe train pvf --config C --data MANIFEST|SHARDS --out DIR`."""
-    from raypipe.config import load_config
-    from raypipe.ray_utils import init_ray
-
-    if not data:
-        raise SystemExit("raypipe train pvf: --data (a manifest or a folder of X-ray shards) is required")
-    cfg = load_config(PVFTrainConfig, config_path)
-    out = out or os.path.join("runs", cfg.name)
-    init_ray()
-    fit_pvf(cfg, data, out)
-    return 0

@@ -14,7 +14,8 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from raypipe.config import ScaleRange, StrictModel
+from raypipe.config import ScaleRange
+from raypipe.train.config import RayRunConfig
 
 # Paper 001: model 1 = age + sex, model 2 = + BMI, model 3 = + glucocorticoids + secondary osteoporosis.
 CLINICAL_MODELS: dict[int, tuple[str, ...]] = {
@@ -24,21 +25,6 @@ CLINICAL_MODELS: dict[int, tuple[str, ...]] = {
 }
 # Model names of the paper's comparisons: DeepSurv with images (+ clinical model k), without images, image only.
 VARIANT_TAGS: dict[str, str] = {"image": "imgonly", "clinical": "noimg", "image_clinical": "img"}
-
-
-class RayRunConfig(StrictModel):
-    """Ray Train settings shared by the X-ray trainers (same meaning as in `CTTrainConfig`)."""
-
-    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks)")
-    use_gpu: bool | None = Field(None, description="None: use GPUs when the cluster has them")
-    max_failures: int = Field(1, ge=-1, description="worker-failure retries, resuming from the latest checkpoint")
-    num_to_keep: int = Field(2, ge=1, description="checkpoints kept: the best by `monitor`, plus the latest")
-    run_name: str = Field("train", description="Ray Train run name under the storage path (same name resumes)")
-    storage_path: str | None = Field(None, description="Ray Train storage; default OUT/ray_results")
-    torch_threads: int | None = Field(None, ge=1, description="intra-op threads per worker; None: Ray's default")
-    amp: bool = Field(True, description="bf16 autocast + channels_last on CUDA; ignored (fp32) on CPU")
-    seed: int = 0
-    n_boot: int = Field(1000, ge=0, description="bootstrap resamples for the CIs in metrics.json")
 
 
 class KeypointTrainConfig(RayRunConfig):
@@ -124,7 +110,6 @@ class DeepSurvConfig(RayRunConfig):
     min_delta: float = Field(0.0, ge=0)
     horizon_years: float = Field(5.0, gt=0, description="risk horizon of the scorer (5-year risk)")
     survival_years: list[float] = Field(default_factory=lambda: [float(y) for y in range(1, 11)])
-    stop_after_epoch: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> "DeepSurvConfig":

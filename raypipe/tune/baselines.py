@@ -7,6 +7,8 @@ and writes OUT/predictions.parquet in the prediction schema: out-of-fold rows `c
 (split `val`, fold k) and the external set scored by the mean of the fold models (`clinical_A@external`,
 split `external`, fold -1); FRAX columns, when present, are scores without fitting (`frax_mof`,
 `frax_hip`: % / 100, same rows and names). OUT/metrics.json has both sets (`raypipe.tune.cv.summarise`).
+Thresholds for the threshold metrics (`threshold` column) are chosen on each fold's training patients
+(Youden on the fold model's training scores); for the external set, on the out-of-fold rows.
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ import numpy as np
 import pandas as pd
 
 from raypipe.models.clinical import CLINICAL_MODELS, FRAX_COLUMNS, ClinicalModel, frax_probability, model_name
-from raypipe.tune.cv import DEV_SPLIT, EXTERNAL_SPLIT, EXTERNAL_SUFFIX, FoldPlan, assign_folds, read_shard_meta
+from raypipe.data.subsets import shard_meta
+from raypipe.tune.cv import DEV_SPLIT, EXTERNAL_SPLIT, EXTERNAL_SUFFIX, FoldPlan, assign_folds, youden_cutoff
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +32,7 @@ def load_cohort(path: str) -> pd.DataFrame:
     from raypipe import storage
 
     if os.path.isdir(path) or (storage.is_uri(path) and not path.endswith((".csv", ".parquet"))):
-        return read_shard_meta(path)
+        return shard_meta(path)
     frame = pd.read_parquet(path) if str(path).endswith(".parquet") else pd.read_csv(path)
     if "modality" in frame.columns and frame["modality"].eq("CT").any():
         frame = frame[frame["modality"] == "CT"]
@@ -52,15 +55,27 @@ def plan_from_csv(path: str, seed: int = 0, label: str | None = None) -> FoldPla
 
 
 def fit_fold(frame: pd.DataFrame, letter: str, plan: FoldPlan, fold: int, label: str, seed: int,
-             params: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """One (model, fold): fit on the fold's training patients; scores of its validation and external rows."""
+             params: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+    """One (model, fold): fit on the fold's training patients; scores of its validation and external rows,
+    and the Youden cut-off of its scores on the training patients (a threshold never chosen on held-out rows)."""
     roles = plan.patients(fold)
     pid = frame["patient_id"].astype(str)
     train = frame[pid.isin(roles["train"])]
     model = ClinicalModel.paper(letter, seed=seed + fold, params=params).fit(train, train[label].to_numpy())
     val = frame[pid.isin(roles["val"])]
     ext = frame[pid.isin(roles.get("external", []))]
-    return model.predict_proba(val), (model.predict_proba(ext) if len(ext) else np.zeros(0))
+    cutoff = training_cutoff(train[label].to_numpy(dtype=float), model.predict_proba(train))
+    return model.predict_proba(val), (model.predict_proba(ext) if len(ext) else np.zeros(0)), cutoff
+
+
+def training_cutoff(y: np.ndarray, score: np.ndarray) -> float:
+    """Youden cut-off on training rows with a known label (NaN without both classes)."""
+    from raypipe import metrics as M
+
+    keep = np.isfinite(y) & np.isfinite(score)
+    if keep.sum() < 2 or len(np.unique(y[keep])) < 2:
+        return float("nan")
+    return float(M.youden_threshold(y[keep].astype(int), score[keep]))
 
 
 def _base_rows(frame: pd.DataFrame) -> pd.DataFrame:
@@ -95,17 +110,20 @@ def clinical_cv_predictions(frame: pd.DataFrame, plan: FoldPlan, label: str = "f
     ext_mask = pid.isin(plan.external).to_numpy()
     for letter in models:
         name = model_name(letter)
-        ext_scores = []
-        for (lt, k), (val_s, ext_s) in zip(jobs, outputs):
+        ext_scores, oof = [], []
+        for (lt, k), (val_s, ext_s, cutoff) in zip(jobs, outputs):
             if lt != letter:
                 continue
             rows = base[pid.isin(plan.patients(k)["val"]).to_numpy()]
-            parts.append(rows.assign(model=name, score=val_s, score_kind="probability", split=DEV_SPLIT, fold=k))
+            oof.append(rows.assign(model=name, score=val_s, score_kind="probability", split=DEV_SPLIT, fold=k,
+                                   threshold=cutoff))
             if ext_mask.any():
                 ext_scores.append(ext_s)
+        parts += oof
         if ext_scores:
             parts.append(base[ext_mask].assign(model=name + EXTERNAL_SUFFIX, score=np.mean(ext_scores, axis=0),
-                                               score_kind="probability", split=EXTERNAL_SPLIT, fold=-1))
+                                               score_kind="probability", split=EXTERNAL_SPLIT, fold=-1,
+                                               threshold=youden_cutoff(pd.concat(oof))))
     fold_of = pid.map(plan.fold_of)
     for col in frax:
         if col not in frame.columns:
@@ -115,12 +133,18 @@ def clinical_cv_predictions(frame: pd.DataFrame, plan: FoldPlan, label: str = "f
         if (~ok).any():
             log.info("%s: %d studies without a value are left out", col, int((~ok).sum()))
         dev = ok & fold_of.notna().to_numpy()
-        parts.append(base[dev].assign(model=col, score=score[dev], score_kind="probability", split=DEV_SPLIT,
-                                      fold=fold_of[dev].astype(int).to_numpy()))
+        y = pd.to_numeric(frame[label], errors="coerce").to_numpy(dtype=float) if label in frame.columns \
+            else np.full(len(frame), np.nan)
+        cut = {k: training_cutoff(y[dev & (fold_of != k).to_numpy()], score[dev & (fold_of != k).to_numpy()])
+               for k in range(plan.n_folds)}
+        frax_dev = base[dev].assign(model=col, score=score[dev], score_kind="probability", split=DEV_SPLIT,
+                                    fold=fold_of[dev].astype(int).to_numpy())
+        frax_dev["threshold"] = frax_dev["fold"].map(cut).astype(float)
+        parts.append(frax_dev)
         ext = ok & ext_mask
         if ext.any():
             parts.append(base[ext].assign(model=col + EXTERNAL_SUFFIX, score=score[ext], score_kind="probability",
-                                          split=EXTERNAL_SPLIT, fold=-1))
+                                          split=EXTERNAL_SPLIT, fold=-1, threshold=youden_cutoff(frax_dev)))
     out = pd.concat(parts, ignore_index=True)
     external_first = out["split"].eq(EXTERNAL_SPLIT).map({True: 0, False: 1})
     return out.assign(_o=external_first).sort_values("_o", kind="stable").drop(columns="_o").reset_index(drop=True)
@@ -153,16 +177,3 @@ def run_clinical_cv(data: str, out_dir: str, folds: int = 10, seed: int = 0, lab
     for line in summary_table(metrics):
         log.info("%s", line)
     return metrics
-
-
-def baselines_cli(data: str, out: str, folds: int = 10, seed: int = 0, folds_from: str | None = None,
-                  label: str = "fracture_5y", n_boot: int = 1000) -> int:
-    """`raypipe cv clinical --data D --out O [--folds K | --folds-from CV_OUT]`: run the baselines, print the table."""
-    from raypipe.tune.cv import summary_table
-
-    folds_csv = None
-    if folds_from:
-        folds_csv = folds_from if folds_from.endswith(".csv") else os.path.join(folds_from, "folds.csv")
-    metrics = run_clinical_cv(data, out, folds=folds, seed=seed, label=label, folds_csv=folds_csv, n_boot=n_boot)
-    print("\n".join(summary_table(metrics)))  # the command's output, not a log line
-    return 0

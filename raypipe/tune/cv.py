@@ -1,25 +1,26 @@
 """k-fold cross-validation on Ray Tune: patient-level stratified folds, one Tune trial per fold.
 
 papers/000 reports its image and clinical models over 10-fold cross-validation of the development set
-and scores an external validation set. `run_cv` does that for any model with a registered fold-fit
-function:
+and scores an external validation set. `run_cv` does that for any task of `raypipe.tasks` with a
+fold-fit function:
 
 1. `split_development_external` + `assign_folds`: external patients are those with a study in
    `split == "test"` or from another site than the development site; development patients are dealt
    into k folds stratified on the label (positive / negative / unknown), seeded, by patient.
 2. One Tune trial per fold (`tune.grid_search` over fold ids). A trial is a function (Ray Train V2:
-   never `Tuner(trainer)`) that calls the model's fit function, which builds and fits its own
-   `TorchTrainer` with the fold's train/validation patients and writes `OUT/folds/fold_KK/`.
+   never `Tuner(trainer)`) that calls the task's fold-fit (`raypipe.train.fold.FoldTask`), which builds
+   and fits its own `TorchTrainer` and writes `OUT/folds/fold_KK/`. Nested selection: the fold-fit
+   splits the fold's training patients again (train / `tune`, by patient, stratified); early stopping
+   and the checkpoint are chosen on `tune`, and the held-out fold is scored once, at the end.
 3. Out-of-fold predictions (split `val`, `fold` = k) and the external set scored by every fold model
    (mean of the fold scores; split `external`, `fold` = -1, model name + `@external`) go to
-   `OUT/predictions.parquet`; `OUT/metrics.json` (DESIGN.md schema) holds both sets, thresholds for
-   accuracy/sensitivity/specificity at the Youden index of the out-of-fold predictions.
+   `OUT/predictions.parquet`, with a `threshold` column: each fold's Youden cut-off chosen on its own
+   `tune` rows (training patients), and for the external set the Youden cut-off of the out-of-fold
+   development predictions. `OUT/metrics.json` (DESIGN.md schema) holds both sets.
 
-Fit functions: `CV_MODELS` maps a `raypipe cv MODEL` name to a `CVModel` (config class + `FoldFit`).
-A `FoldFit` takes a `FoldTask` and must write `predictions.parquet` (prediction schema; split `val` for
-the fold's validation patients, `external` for the external ones) and `model_meta.json` into
-`task.out_dir`, and return a few scalar metrics for Tune. Others register theirs with
-`register_cv_model("deepsurv", CVModel(...))` (e.g. the X-ray DeepSurv).
+A fold-fit must write `predictions.parquet` (prediction schema; split `val` for the fold's held-out
+patients, `tune` for its inner validation patients, `external` for the external ones) and
+`model_meta.json` into `task.out_dir`, and return a few scalar metrics for Tune.
 
 Resuming: the Tune experiment lives in `OUT/ray_results/cv` (`experiment_path(OUT)`). Rerunning the
 same command with the same OUT calls `Tuner.restore(OUT/ray_results/cv, trainable, resume_errored=True)`:
@@ -42,19 +43,20 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from raypipe.config import StrictModel
+from raypipe.train.fold import FoldTask
 
 log = logging.getLogger(__name__)
 
 EXTERNAL_SUFFIX = "@external"
 DEV_SPLIT = "val"
+TUNE_SPLIT = "tune"  # a fold's inner validation rows (raypipe.data.splits.TUNE_ROLE)
 EXTERNAL_SPLIT = "external"
 EXPERIMENT_NAME = "cv"
 FOLD_FILE = "fold.json"
 ATTEMPTS_FILE = "attempts.log"
-IMAGE_COLUMNS = ("bone", "bone_muscle", "slice_level", "slice_z_mm", "image", "keypoints")
 
 
 # ---------------------------------------------------------------------------------------------- settings
@@ -100,7 +102,7 @@ class FoldPlan:
 
     def digest(self) -> str:
         """Short hash of the assignment (a rerun on the same OUT must use the same folds)."""
-        from raypipe.predictions import config_hash
+        from raypipe.config import config_hash
 
         return config_hash({"k": self.n_folds, "folds": self.fold_of, "external": list(self.external)})
 
@@ -151,115 +153,7 @@ def assign_folds(meta: pd.DataFrame, n_folds: int, seed: int = 0, label: str | N
     return FoldPlan(n_folds=n_folds, seed=seed, label=label, fold_of=fold_of, external=tuple(ext))
 
 
-def read_shard_meta(data_dir: str) -> pd.DataFrame:
-    """Per-study scalar columns of preprocessed shards (ids, labels, site, split, clinical), no images."""
-    import pyarrow.parquet as pq
-
-    from raypipe import storage
-    from raypipe.data.shards import shard_files
-
-    files = shard_files(data_dir)
-    if not files:
-        raise FileNotFoundError(f"no preprocessed shards in {data_dir}")
-    frames = []
-    for f in files:
-        fs, inner = storage.filesystem(f)
-        names = [n for n in pq.read_schema(inner, filesystem=fs).names if n not in IMAGE_COLUMNS]
-        frames.append(pq.read_table(inner, filesystem=fs, columns=names).to_pandas())
-    meta = pd.concat(frames, ignore_index=True)
-    meta["patient_id"] = meta["patient_id"].astype(str)
-    meta["study_id"] = meta["study_id"].astype(str)
-    return meta
-
-
-# ---------------------------------------------------------------------------------------------- fit functions
-@dataclass(frozen=True)
-class FoldTask:
-    """What a fold-fit function gets: the model config, data, the fold's folder and its patients by role."""
-
-    fold: int
-    n_folds: int
-    config: Any
-    data_dir: str
-    out_dir: str
-    patients: Mapping[str, Sequence[str]]
-
-
 FoldFit = Callable[[FoldTask], Mapping[str, float]]
-
-
-@dataclass(frozen=True)
-class CVModel:
-    """A model `raypipe cv` can run: its config class, fold-fit function and (optional) Grad-CAM writer."""
-
-    config_class: type[BaseModel]
-    fit: FoldFit
-    gradcam: Callable[[str, str, Sequence[str], str, Mapping[str, Mapping[str, Any]], int], list[str]] | None = None
-    label: str | None = None  # stratification label when the config has none
-
-
-def fit_ct_fold(task: FoldTask) -> dict[str, float]:
-    """Fold-fit for the CT models: `fit_ct` on the fold's patients, one Ray Train run per fold folder."""
-    from raypipe import storage
-    from raypipe.train.ct import fit_ct
-
-    cfg = task.config
-    update: dict[str, Any] = {"display_name": cv_model_name(cfg), "run_name": "train"}
-    if cfg.storage_path:
-        update["storage_path"] = storage.join(cfg.storage_path, f"fold_{task.fold:02d}")
-    fold_cfg = type(cfg).model_validate({**cfg.model_dump(), **update})
-    fit_ct(fold_cfg, task.data_dir, task.out_dir, fold_patients=task.patients)
-    meta = json.loads(storage.read_bytes(storage.join(task.out_dir, "model_meta.json")).decode())
-    out = {"best_epoch": float(meta["best_epoch"]), "epochs_run": float(meta["epochs_run"])}
-    if meta.get("best_value") is not None:
-        out[meta["monitor"]] = float(meta["best_value"])
-    return out
-
-
-def cv_model_name(cfg: Any) -> str:
-    """CV model name: the config's display_name, else `cnn_rnn_<input>` / `multitask_<input>` (tiny or not)."""
-    from raypipe.train.config import MultitaskConfig
-
-    if getattr(cfg, "display_name", None):
-        return str(cfg.display_name)
-    kind = "multitask" if isinstance(cfg, MultitaskConfig) else "cnn_rnn"
-    return f"{kind}_{cfg.input}"
-
-
-def _ct_gradcam(run_dir: str, data_dir: str, study_ids: Sequence[str], out_dir: str,
-                labels: Mapping[str, Mapping[str, Any]], start: int) -> list[str]:
-    """Grad-CAM grids of one fold model (`raypipe.explain.ct_gallery`)."""
-    from raypipe.explain.ct_gallery import write_run_gradcam
-
-    return write_run_gradcam(run_dir, data_dir, study_ids, out_dir, labels=labels, start=start)
-
-
-def _ct_models() -> dict[str, CVModel]:
-    """The CT entries (imports deferred so importing this module stays cheap)."""
-    from raypipe.train.config import CTTrainConfig, MultitaskConfig
-
-    return {"cnn-rnn": CVModel(CTTrainConfig, fit_ct_fold, _ct_gradcam),
-            "multitask": CVModel(MultitaskConfig, fit_ct_fold, _ct_gradcam)}
-
-
-CV_MODELS: dict[str, CVModel] = {}
-
-
-def register_cv_model(name: str, model: CVModel) -> CVModel:
-    """Make `raypipe cv NAME` run `model` (e.g. the X-ray DeepSurv); returns it."""
-    CV_MODELS[name] = model
-    return model
-
-
-def get_cv_model(name: str) -> CVModel:
-    """The registered entry of a `raypipe cv` model name (`cnn_rnn` is read as `cnn-rnn`)."""
-    if not CV_MODELS or "cnn-rnn" not in CV_MODELS:
-        for key, value in _ct_models().items():
-            CV_MODELS.setdefault(key, value)
-    key = name if name in CV_MODELS else name.replace("_", "-")
-    if key not in CV_MODELS:
-        raise KeyError(f"no cross-validation for model {name!r}; registered: {', '.join(sorted(CV_MODELS))}")
-    return CV_MODELS[key]
 
 
 # ---------------------------------------------------------------------------------------------- Tune trials
@@ -300,7 +194,7 @@ def _finished(path: str, digest: str) -> dict[str, Any] | None:
     return info if info.get("digest") == digest else None
 
 
-def run_fold(config: dict[str, Any], spec: TrialSpec) -> dict[str, float]:
+def run_fold(config: dict[str, Any], spec: TrialSpec, callbacks: Sequence[Any] = ()) -> dict[str, float]:
     """One fold: fit (unless already finished with the same settings), write fold.json, return its metrics."""
     from raypipe import storage
 
@@ -316,7 +210,7 @@ def run_fold(config: dict[str, Any], spec: TrialSpec) -> dict[str, float]:
         return dict(done["metrics"])
     patients = spec.plan.patients(fold)
     task = FoldTask(fold=fold, n_folds=spec.plan.n_folds, config=spec.config, data_dir=spec.data_dir,
-                    out_dir=path, patients=patients)
+                    out_dir=path, patients=patients, callbacks=tuple(callbacks))
     started = time.time()
     metrics = {k: float(v) for k, v in dict(spec.fit(task)).items()}
     metrics.update(fold=float(fold), n_train_patients=float(len(patients["train"])),
@@ -327,10 +221,15 @@ def run_fold(config: dict[str, Any], spec: TrialSpec) -> dict[str, float]:
 
 
 def fold_trial(config: dict[str, Any], spec: TrialSpec) -> None:
-    """The Tune trainable (a function, as Ray Train V2 requires): run one fold and report its metrics."""
-    from ray import tune
+    """The Tune trainable (a function, as Ray Train V2 requires): run one fold and report its metrics.
 
-    tune.report(run_fold(config, spec))
+    The fold's Ray Train run reports every epoch to this trial (Tune's report callback), so the trial
+    table shows progress while a fold trains.
+    """
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    tune.report(run_fold(config, spec, callbacks=(TuneReportCallback(),)))
 
 
 def fold_trainable(spec: TrialSpec, trial_cpus: float = 0.5) -> Any:
@@ -360,12 +259,13 @@ def _max_concurrent(cfg: Any, cv: CVConfig) -> int:
 
 def build_trial_spec(model: str, config: Any, data_dir: str, out_dir: str, plan: FoldPlan) -> TrialSpec:
     """The trial spec of a CV run (also what a manual `Tuner.restore` needs)."""
-    from raypipe.predictions import config_hash
+    from raypipe.config import config_hash
 
-    entry = get_cv_model(model)
+    from raypipe.tasks import get_task
+
+    fit = get_task(model).fold_fit_function()
     digest = config_hash({"config": config.model_dump(mode="json"), "folds": plan.digest(), "data": data_dir})
-    return TrialSpec(fit=entry.fit, config=config, data_dir=data_dir, out_dir=out_dir, plan=plan,
-                     config_digest=digest)
+    return TrialSpec(fit=fit, config=config, data_dir=data_dir, out_dir=out_dir, plan=plan, config_digest=digest)
 
 
 def run_trials(spec: TrialSpec, cv: CVConfig) -> Any:
@@ -385,7 +285,7 @@ def run_trials(spec: TrialSpec, cv: CVConfig) -> Any:
             param_space={"fold": tune.grid_search(list(range(spec.plan.n_folds)))},
             tune_config=tune.TuneConfig(max_concurrent_trials=_max_concurrent(spec.config, cv), reuse_actors=False),
             run_config=tune.RunConfig(name=EXPERIMENT_NAME, storage_path=storage.join(spec.out_dir, "ray_results"),
-                                      failure_config=tune.FailureConfig(max_failures=cv.max_failures), verbose=0),
+                                      failure_config=tune.FailureConfig(max_failures=cv.max_failures), verbose=1),
         )
     grid = tuner.fit()
     failed = sorted(int(r.config["fold"]) for r in grid if r.error is not None)
@@ -408,6 +308,9 @@ def collect_predictions(out_dir: str, plan: FoldPlan) -> pd.DataFrame:
         wrong = set(val["patient_id"].astype(str)) - set(plan.patients(k)["val"])
         if wrong:
             raise RuntimeError(f"fold {k} scored {len(wrong)} patient(s) outside its validation fold")
+        tune_rows = df[df["split"] == TUNE_SPLIT]
+        val["threshold"] = val["model"].map({m: youden_cutoff(tune_rows[tune_rows["model"] == m])
+                                             for m in val["model"].unique()}).astype(float)
         oof.append(val)
         ext.append(df[df["split"] == EXTERNAL_SPLIT])
     dev = pd.concat(oof, ignore_index=True)
@@ -424,24 +327,38 @@ def collect_predictions(out_dir: str, plan: FoldPlan) -> pd.DataFrame:
         first = ext_all.drop_duplicates(["model", "study_id"]).drop(columns="score")
         merged = first.merge(mean[["model", "study_id", "mean"]], on=["model", "study_id"], validate="one_to_one")
         merged = merged.rename(columns={"mean": "score"}).assign(fold=-1, split=EXTERNAL_SPLIT)
+        merged["threshold"] = merged["model"].map({m: youden_cutoff(dev[dev["model"] == m])
+                                                   for m in merged["model"].unique()}).astype(float)
         merged["model"] = merged["model"].astype(str) + EXTERNAL_SUFFIX
         parts.append(merged)
-    parts.append(dev)  # external first: `raypipe evaluate` then takes an external model as its reference
-    return pd.concat(parts, ignore_index=True)
+    return pd.concat([dev, *parts], ignore_index=True)
+
+
+def youden_cutoff(rows: pd.DataFrame) -> float:
+    """Youden cut-off of one model's probability scores on `rows` (NaN without both classes or probabilities).
+
+    Called on a fold's `tune` rows (its training patients) for the out-of-fold set, and on the pooled
+    out-of-fold rows for the external set: a cut-off never comes from the rows it is applied to.
+    """
+    from raypipe import metrics as M
+    from raypipe.predictions import label_columns
+
+    if rows.empty or (rows["score_kind"] != "probability").any():
+        return float("nan")
+    labels = label_columns(list(rows.columns))
+    if not labels:
+        return float("nan")
+    known = rows[rows[labels[0]].notna()]
+    if known[labels[0]].nunique() != 2:
+        return float("nan")
+    return float(M.youden_threshold(known[labels[0]].to_numpy(dtype=int), known["score"].to_numpy(dtype=float)))
 
 
 def summarise(predictions: pd.DataFrame, n_boot: int, seed: int) -> dict[str, Any]:
     """metrics.json of a CV: every model on its out-of-fold rows and (as NAME@external) on the external set."""
-    from raypipe.report.ct_tables import evaluate_sets
+    from raypipe.evaluate import evaluate_frame
 
-    sets = evaluate_sets(predictions, n_boot=n_boot, seed=seed)
-    models: dict[str, Any] = {}
-    comparisons: list[dict[str, Any]] = []
-    for set_name, ev in sets.items():
-        suffix = EXTERNAL_SUFFIX if set_name == "external" else ""
-        models.update({f"{name}{suffix}": m for name, m in ev.metrics["models"].items()})
-        comparisons += [{**c, "a": c["a"] + suffix, "b": c["b"] + suffix} for c in ev.metrics["comparisons"]]
-    return {"models": models, "comparisons": comparisons}
+    return evaluate_frame(predictions, n_boot=n_boot, seed=seed, extra_tables=False).metrics
 
 
 TABLE_METRICS = ("auroc", "accuracy", "sensitivity", "specificity", "c_index")
@@ -478,12 +395,15 @@ def _fold_table(out_dir: str, n_folds: int) -> str:
 def _gradcam(model: str, data_dir: str, out_dir: str, predictions: pd.DataFrame, n: int) -> list[str]:
     """Grad-CAM grids for the `n` top-scored out-of-fold studies (positives first), each by its fold's model."""
     from raypipe import storage
-    from raypipe.explain.ct_gallery import default_gradcam_dir
     from raypipe.predictions import label_columns
+    from raypipe.tasks import get_task, resolve
 
-    entry = get_cv_model(model)
+    entry = get_task(model)
     if entry.gradcam is None or n <= 0:
         return []
+    from raypipe.explain.ct_gallery import default_gradcam_dir
+
+    writer = resolve(entry.gradcam)
     dev = predictions[(predictions["split"] == DEV_SPLIT)]
     if dev.empty:
         return []
@@ -500,7 +420,7 @@ def _gradcam(model: str, data_dir: str, out_dir: str, predictions: pd.DataFrame,
         facts = {str(r.study_id): {"fold": int(fold), "score": float(r.score),
                                    **({"label": float(getattr(r, labels[0]))} if labels else {})}
                  for r in rows.itertuples()}
-        written += entry.gradcam(fold_dir(out_dir, int(fold)), data_dir, list(facts), out, facts, len(written))
+        written += writer(fold_dir(out_dir, int(fold)), data_dir, list(facts), out, labels=facts, start=len(written))
     return written
 
 
@@ -515,29 +435,35 @@ class CVResult:
     gradcam: list[str] = field(default_factory=list)
 
 
-def run_cv(model: str, config: Any, data_dir: str, out_dir: str, cv: CVConfig | None = None) -> CVResult:
-    """k-fold CV of `model` (a `CV_MODELS` name) on the shards in `data_dir`; writes OUT (see module doc)."""
+def run_cv(model: str, config: Any, data_dir: str, out_dir: str, cv: CVConfig | None = None,
+           fold_fit: FoldFit | None = None) -> CVResult:
+    """k-fold CV of task `model` (`raypipe.tasks`) on the shards in `data_dir`; writes OUT (see module doc).
+
+    `fold_fit` replaces the task's fold-fit function (e.g. a wrapper that records or fails on purpose).
+    """
     from raypipe import storage
-    from raypipe.config import dump_config
-    from raypipe.predictions import config_hash, write_predictions
+    from raypipe.config import config_hash, dump_config
+    from raypipe.data.subsets import shard_meta
+    from raypipe.predictions import write_predictions
     from raypipe.ray_utils import init_ray
+    from raypipe.tasks import get_task
 
     cv = cv or CVConfig()
-    entry = get_cv_model(model)
+    entry = get_task(model)
     out = str(out_dir) if storage.is_uri(out_dir) else os.path.abspath(out_dir)
     data = str(data_dir) if storage.is_uri(data_dir) else os.path.abspath(data_dir)
     storage.makedirs(out)
     init_ray()
     seed = cv.seed if cv.seed is not None else int(getattr(config, "seed", 0))
-    label = cv.label or getattr(config, "label", None) or entry.label or "event"
-    meta = read_shard_meta(data)
+    label = cv.label or getattr(config, "label", None) or entry.stratify or "event"
+    meta = shard_meta(data)
     plan = assign_folds(meta, cv.folds, seed, label, cv.development_site, cv.external)
     plan_file = storage.join(out, "folds.csv")
     if storage.exists(plan_file):
         old = pd.read_csv(io_bytes(storage.read_bytes(plan_file)), dtype={"patient_id": str})
         if not old.equals(plan.frame()):
             raise ValueError(f"{out} holds a CV with other folds (data, seed or k changed): use a new --out")
-    spec = build_trial_spec(model, config, data, out, plan)
+    spec = build_trial_spec(model, config, data, out, plan, fold_fit)
     state_file = storage.join(out, "cv.json")
     if storage.exists(state_file):
         before = json.loads(storage.read_bytes(state_file).decode()).get("digest")
@@ -555,11 +481,9 @@ def run_cv(model: str, config: Any, data_dir: str, out_dir: str, cv: CVConfig | 
     predictions = collect_predictions(out, plan)
     n_boot = cv.n_boot if cv.n_boot is not None else int(getattr(config, "n_boot", 1000))
     metrics = summarise(predictions, n_boot=n_boot, seed=seed)
-    meta_out: dict[str, Any] = {"model": cv_model_name(config) if hasattr(config, "input") else model,
-                                "config_hash": config_hash(config), "cv_folds": cv.folds, "cv_seed": seed}
-    threshold = _oof_threshold(predictions)
-    if threshold is not None:
-        meta_out["threshold"] = threshold
+    meta_out: dict[str, Any] = {"model": config.name, "config_hash": config_hash(config), "cv_folds": cv.folds,
+                                "cv_seed": seed, "threshold_source": "per-fold Youden cut-off on the fold's "
+                                "inner validation (training) patients; external: Youden on the out-of-fold rows"}
     write_predictions(predictions, storage.join(out, "predictions.parquet"), meta_out)
     storage.atomic_write_json(storage.join(out, "metrics.json"), metrics)
     storage.atomic_write_text(storage.join(out, "metrics.csv"), _fold_table(out, cv.folds))
@@ -573,23 +497,6 @@ def run_cv(model: str, config: Any, data_dir: str, out_dir: str, cv: CVConfig | 
     return CVResult(out_dir=out, predictions=predictions, metrics=metrics, plan=plan, gradcam=gradcam)
 
 
-def _oof_threshold(predictions: pd.DataFrame) -> float | None:
-    """Youden threshold of the out-of-fold predictions when the file holds one probability model."""
-    from raypipe import metrics as M
-    from raypipe.predictions import label_columns
-
-    dev = predictions[predictions["split"] == DEV_SPLIT]
-    if dev["model"].nunique() != 1 or (dev["score_kind"] != "probability").any():
-        return None
-    labels = label_columns(list(dev.columns))
-    if not labels:
-        return None
-    rows = dev[dev[labels[0]].notna()]
-    if rows[labels[0]].nunique() != 2:
-        return None
-    return float(M.youden_threshold(rows[labels[0]].to_numpy(dtype=int), rows["score"].to_numpy(dtype=float)))
-
-
 def io_bytes(data: bytes) -> Any:
     """A binary buffer for pandas readers."""
     import io
@@ -598,26 +505,47 @@ def io_bytes(data: bytes) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def load_cv_configs(model: str, config_path: str | None, folds: int | None = None) -> tuple[Any, CVConfig]:
-    """Model config and CVConfig from one YAML: its `cv:` section is the CV settings, the rest the model's."""
-    from raypipe.config import parse_config, read_yaml
+def load_cv_configs(model: str, config_path: str | None, folds: int | None = None,
+                    overrides: Mapping[str, Any] | None = None) -> tuple[Any, CVConfig]:
+    """Model config and CVConfig from one YAML: its `cv:` section is the CV settings, the rest the model's.
 
-    entry = get_cv_model(model)
+    `overrides` are dotted keys (`lr`, `cv.folds`) applied before validation (`raypipe cv --set`).
+    """
+    from raypipe.config import parse_config, read_yaml, set_dotted
+
+    from raypipe.tasks import get_task
+
+    entry = get_task(model)
+    if not entry.cv:
+        raise KeyError(f"task {model!r} has no cross-validation")
     data = read_yaml(config_path) if config_path else {}
+    for key, value in (overrides or {}).items():
+        set_dotted(data, key, value)
     cv_data = dict(data.pop("cv", None) or {})
     if folds is not None:
         cv_data["folds"] = folds
     source = str(config_path) if config_path else "<defaults>"
-    return parse_config(entry.config_class, data, source), parse_config(CVConfig, cv_data, f"{source} (cv)")
+    return parse_config(entry.config_class(), data, source), parse_config(CVConfig, cv_data, f"{source} (cv)")
 
 
-def cv_cli(model: str, config: str | None, folds: int | None, data: str | None, out: str | None) -> int:
-    """`raypipe cv MODEL --config C --folds K --data DIR --out DIR`: run the CV, print its summary table."""
-    if not data:
-        raise SystemExit(f"raypipe cv {model}: --data (a folder of preprocessed shards) is required")
-    model_cfg, cv = load_cv_configs(model, config, folds)
+def cv_cli(model: str, config: str | None, folds: int | None, data: str, out: str | None,
+           overrides: Mapping[str, Any] | None = None, baselines: bool = False) -> int:
+    """`raypipe cv MODEL --config C --folds K --data DIR --out DIR`: run the CV, print its summary table.
+
+    `baselines` also cross-validates the clinical models (A-D, FRAX) with the same folds into OUT/clinical.
+    """
+    from raypipe import storage
+
+    model_cfg, cv = load_cv_configs(model, config, folds, overrides)
     out = out or os.path.join("runs", f"cv_{model.replace('-', '_')}")
     result = run_cv(model, model_cfg, data, out, cv)
     print("\n".join(summary_table(result.metrics)))  # the command's output, not a log line
-    print(f"predictions: {os.path.join(result.out_dir, 'predictions.parquet')}")
+    print(f"predictions: {storage.join(result.out_dir, 'predictions.parquet')}")
+    if baselines:
+        from raypipe.tune.baselines import run_clinical_cv
+
+        clinical = run_clinical_cv(data, storage.join(result.out_dir, "clinical"),
+                                   label=getattr(model_cfg, "label", "fracture_5y"),
+                                   folds_csv=storage.join(result.out_dir, "folds.csv"), n_boot=cv.n_boot or 1000)
+        print("\n".join(summary_table(clinical)))
     return 0

@@ -26,14 +26,16 @@ and calls the model's fit function, which builds and fits its own TorchTrainer w
 (one row per trial: status complete/stopped/error, sampled values, last and best metric) and `OUT/best_config.yaml` (the base config with
 the best trial's values, ready for `raypipe train`) and `OUT/report.md` (the table as a report section).
 Rerunning with the same OUT restores the experiment (`Tuner.restore`): finished trials are not run again
-(each trial start is appended to `OUT/trials/<trial_id>/attempts.log`, its node to `trial.json`). `cv_cli` is `raypipe.tune.cv.cv_cli` with the X-ray models registered.
+(each trial start is appended to `OUT/trials/<trial_id>/attempts.log`, its node to `trial.json`).
+Searchable models are the `raypipe.tasks` entries with `tune=True`. The objective is the trial's
+validation metric (its own patient split): rows of a held-out `test` split never enter it.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,67 +86,14 @@ class SearchSpec(StrictModel):
 
 
 # ---------------------------------------------------------------------------------------------- models
-TuneFit = Callable[[BaseModel, str, str, Sequence[Any]], Any]
+def searchable(name: str) -> Any:
+    """The `raypipe.tasks` entry of a searchable task; KeyError naming the ones that are."""
+    from raypipe.tasks import get_task, tune_names
 
-
-@dataclass(frozen=True)
-class TuneModel:
-    """A model `raypipe tune` can search: its config class and fit(config, data, out, callbacks)."""
-
-    config_class: type[BaseModel]
-    fit: TuneFit
-
-
-def _fit_deepsurv(config: BaseModel, data: str, out: str, callbacks: Sequence[Any]) -> Any:
-    """DeepSurv fit with Tune's report callback."""
-    from raypipe.train.deepsurv import fit_deepsurv
-
-    return fit_deepsurv(config, data, out, callbacks=callbacks)
-
-
-def _fit_ct(config: BaseModel, data: str, out: str, callbacks: Sequence[Any]) -> Any:
-    """CT (CNN-RNN / multitask) fit with Tune's report callback added to the trainer `fit_ct` builds."""
-    from raypipe.train.common import trainer_overrides
-    from raypipe.train.ct import fit_ct
-
-    with trainer_overrides(callbacks=callbacks):
-        return fit_ct(config, data, out)
-
-
-def tune_models() -> dict[str, TuneModel]:
-    """`raypipe tune` model names (imports deferred)."""
-    from raypipe.train.config import CTTrainConfig, MultitaskConfig
-    from raypipe.train.xray_config import DeepSurvConfig
-
-    return {"deepsurv": TuneModel(DeepSurvConfig, _fit_deepsurv), "cnn-rnn": TuneModel(CTTrainConfig, _fit_ct),
-            "multitask": TuneModel(MultitaskConfig, _fit_ct)}
-
-
-def tune_model(name: str) -> TuneModel:
-    """The entry of a `raypipe tune` model name (`cnn_rnn` is read as `cnn-rnn`)."""
-    models = tune_models()
-    key = name if name in models else name.replace("_", "-")
-    if key not in models:
-        raise KeyError(f"no search for model {name!r}; known: {', '.join(sorted(models))}")
-    return models[key]
-
-
-def register_xray_cv_models() -> None:
-    """Make `raypipe cv deepsurv` known to `raypipe.tune.cv` (its registry of fold-fit functions)."""
-    from raypipe.train.deepsurv import fit_deepsurv_fold
-    from raypipe.train.xray_config import DeepSurvConfig
-    from raypipe.tune.cv import CV_MODELS, CVModel, register_cv_model
-
-    if "deepsurv" not in CV_MODELS:
-        register_cv_model("deepsurv", CVModel(DeepSurvConfig, fit_deepsurv_fold, label="event"))
-
-
-def cv_cli(model: str, config: str | None, folds: int | None, data: str | None, out: str | None) -> int:
-    """`raypipe cv MODEL ...` for every registered model, the X-ray DeepSurv included."""
-    from raypipe.tune import cv
-
-    register_xray_cv_models()
-    return cv.cv_cli(model, config, folds, data, out)
+    task = get_task(name)
+    if not task.tune:
+        raise KeyError(f"no search for model {name!r}; searchable: {', '.join(tune_names())}")
+    return task
 
 
 # ---------------------------------------------------------------------------------------------- spec
@@ -240,11 +189,12 @@ def search_trial(sample: dict[str, Any], task: SearchTask) -> None:
 
     from raypipe import storage
     from raypipe.cluster import node_id
-    from raypipe.train.common import trainer_overrides
 
-    entry = tune_model(task.model)
+    entry = searchable(task.model)
     trial_id = tune.get_context().get_trial_id()
-    cfg = trial_config(entry.config_class, task.base, sample)
+    cfg = trial_config(entry.config_class(), task.base, sample)
+    if task.worker_resources:  # the trial plan's share of the cluster, for this trial's Train workers
+        cfg = cfg.model_copy(update={"resources_per_worker": {**task.worker_resources, **cfg.resources_per_worker}})
     out = storage.join(task.out_dir, "trials", trial_id)
     storage.makedirs(out)
     attempts = storage.join(out, "attempts.log")
@@ -252,8 +202,7 @@ def search_trial(sample: dict[str, Any], task: SearchTask) -> None:
     storage.atomic_write_text(attempts, previous + f"{time.time():.3f}\n")
     storage.atomic_write_json(storage.join(out, "trial.json"), {"trial_id": trial_id, "node_id": node_id(),
                                                                 "config": decode(sample)})
-    with trainer_overrides(resources_per_worker=task.worker_resources):
-        entry.fit(cfg, task.data_dir, out, [TuneReportCallback()])
+    entry.fit_function()(cfg, task.data_dir, out, callbacks=[TuneReportCallback()])
 
 
 def run_search(model: str, spec: SearchSpec, base: Mapping[str, Any], trials: int, data_dir: str,
@@ -268,12 +217,12 @@ def run_search(model: str, spec: SearchSpec, base: Mapping[str, Any], trials: in
     from raypipe import storage
     from raypipe.cluster import trial_resources
 
-    entry = tune_model(model)
+    entry = searchable(model)
     base = dict(base)
     if spec.asha.max_t and "epochs" in base and spec.asha.max_t < int(base["epochs"]):
         log.info("search: asha.max_t=%d caps the base config's %s epochs", spec.asha.max_t, base["epochs"])
         base["epochs"] = spec.asha.max_t
-    base_cfg = entry.config_class.model_validate(base)
+    base_cfg = entry.config_class().model_validate(base)
     workers = spec.workers_per_trial or int(getattr(base_cfg, "num_workers", 1) or 1)
     plan = trial_resources(ray.cluster_resources(), workers, trials, trial_cpus=spec.trial_cpus,
                            max_concurrent=spec.max_concurrent_trials)
@@ -301,7 +250,7 @@ def run_search(model: str, spec: SearchSpec, base: Mapping[str, Any], trials: in
                                         search_alg=OptunaSearch(seed=spec.seed), scheduler=scheduler,
                                         max_concurrent_trials=plan.max_concurrent, reuse_actors=False),
             run_config=tune.RunConfig(name=EXPERIMENT_NAME, storage_path=storage.join(out_dir, "ray_results"),
-                                      failure_config=tune.FailureConfig(max_failures=spec.max_failures), verbose=0),
+                                      failure_config=tune.FailureConfig(max_failures=spec.max_failures), verbose=1),
         )
     return tuner.fit()
 
@@ -367,20 +316,27 @@ def results_markdown(table: pd.DataFrame, metric: str, mode: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def tune_cli(model: str, config: str | None, trials: int, data: str | None, out: str | None) -> int:
-    """`raypipe tune MODEL --config SPEC --trials N --data DIR --out DIR`: search, write the table and best config."""
+def tune_cli(model: str, config: str, trials: int, data: str, out: str | None,
+             overrides: Mapping[str, Any] | None = None) -> int:
+    """`raypipe tune MODEL --config SPEC --trials N --data DIR --out DIR`: search, write the table and best config.
+
+    `overrides` (`--set key=value`) change the base training config before the search.
+    """
     import yaml
 
     from raypipe import storage
+    from raypipe.config import set_dotted
     from raypipe.ray_utils import init_ray
 
     if not data or not config:
         raise SystemExit(f"raypipe tune {model}: --config (a search spec YAML) and --data are required")
     try:
-        entry = tune_model(model)
+        entry = searchable(model)
     except KeyError as exc:
         raise SystemExit(f"raypipe tune: {exc.args[0]}") from None
     spec, base = load_search_spec(config)
+    for key, value in (overrides or {}).items():
+        set_dotted(base, key, value)
     out = out or os.path.join("runs", f"tune_{model}")
     out = str(out) if storage.is_uri(out) else os.path.abspath(out)
     data = str(data) if storage.is_uri(data) else os.path.abspath(data)
@@ -394,7 +350,7 @@ def tune_cli(model: str, config: str | None, trials: int, data: str | None, out:
     if not ok:
         raise RuntimeError(f"no trial reported {spec.metric}; see {storage.join(out, 'ray_results', EXPERIMENT_NAME)}")
     best = grid.get_best_result(metric=spec.metric, mode=spec.mode, scope="all", filter_nan_and_inf=True)
-    best_cfg = trial_config(entry.config_class, base, best.config)
+    best_cfg = trial_config(entry.config_class(), base, best.config)
     storage.atomic_write_text(storage.join(out, "best_config.yaml"),
                               yaml.safe_dump(best_cfg.model_dump(mode="json", exclude={"run_name"}), sort_keys=False))
     log.info("best trial: %s", json.dumps(decode(best.config)))

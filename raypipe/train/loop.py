@@ -1,0 +1,186 @@
+"""The one worker-loop skeleton every Ray Train task runs, with per-task hooks.
+
+`run_worker_loop(task)` is what each Ray Train worker executes: set threads and seeds, build the model
+(identical initial weights on every rank), the optimiser, resume from Ray's checkpoint, wrap in DDP, then
+per epoch: re-seed, `begin_epoch`, stream the worker's shard through `train_step` (backward, clipping and
+the optimiser step happen here), average the loss over workers, `end_epoch`, validate on rank 0 and share
+the metrics with every rank (so early stopping agrees), update the early-stopping state, log one line and
+report (checkpoint + metrics) through `raypipe.train.common.report_epoch`.
+
+A task subclasses `WorkerTask` and fills in `build_model`, `train_batches`, `train_step` and `validate`
+(the way Ray's training templates factor `train_epoch` / `eval_epoch`); the other hooks have defaults.
+The config a task receives must carry the shared loop fields (`seed`, `epochs`, `patience`, `monitor`,
+`monitor_mode`, `min_delta`, `lr`, `weight_decay`, `optimizer`, `grad_clip`, `amp`, `torch_threads`,
+`freeze_batchnorm`, `stop_after_epoch`); tasks without early stopping set `monitor` to None.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from raypipe.train.common import (
+    DeviceSetup,
+    TrainState,
+    all_reduce_mean,
+    broadcast_from_rank0,
+    freeze_batchnorm,
+    per_worker_batch,
+    report_epoch,
+    resume,
+    score_for_ranking,
+    seed_everything,
+    select_device,
+    to_device_model,
+    world_rank,
+    world_size,
+)
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_SCORE = "checkpoint_score"  # finite copy of the monitored metric that Ray ranks checkpoints by
+
+
+class WorkerTask:
+    """Per-task hooks of the shared worker loop (see module doc). One instance per worker."""
+
+    #: kwargs for `ray.train.torch.prepare_model` (e.g. find_unused_parameters)
+    prepare_kwargs: Mapping[str, Any] = {}
+
+    def __init__(self, cfg: Any, loop_config: Mapping[str, Any]) -> None:
+        self.cfg = cfg
+        self.loop_config = loop_config
+        self.setup: DeviceSetup | None = None
+        self.rank, self.world = world_rank(), world_size()
+
+    # -- required hooks
+    def build_model(self) -> nn.Module:
+        """The task's model (same seed on every rank, so DDP starts from identical weights)."""
+        raise NotImplementedError
+
+    def train_batches(self, epoch: int, batch_size: int) -> Iterable[Any]:
+        """This worker's training batches for one epoch."""
+        raise NotImplementedError
+
+    def train_step(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, int] | None:
+        """Loss of one batch (graph attached) and its sample count; None skips the batch on this rank."""
+        raise NotImplementedError
+
+    def validate(self, model: nn.Module) -> dict[str, float]:
+        """Validation metrics (rank 0 only; the loop shares them with the other ranks)."""
+        raise NotImplementedError
+
+    # -- optional hooks
+    def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """Adam/AdamW over every parameter with the config's lr and weight decay."""
+        cfg = self.cfg
+        opt_cls = torch.optim.AdamW if getattr(cfg, "optimizer", "adam") == "adamw" else torch.optim.Adam
+        return opt_cls(model.parameters(), lr=cfg.lr, weight_decay=getattr(cfg, "weight_decay", 0.0))
+
+    def init_model(self, model: nn.Module) -> None:
+        """Task-specific initialisation before a resume may overwrite it (e.g. an output bias)."""
+
+    def begin_epoch(self, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int) -> dict[str, float]:
+        """Called after `model.train()`; returns extra per-epoch columns (e.g. the learning rate)."""
+        return {}
+
+    def end_epoch(self, model: nn.Module, epoch: int, batch_size: int) -> None:
+        """Called after the training pass, before validation (e.g. BatchNorm recalibration)."""
+
+    def extra_state(self) -> dict[str, Any]:
+        """Saved in every checkpoint's `TrainState.extra` (e.g. the clinical standardisation)."""
+        return {}
+
+    def epoch_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Last chance to add or rename per-epoch columns before logging and reporting."""
+        return row
+
+
+def worker_logging() -> None:
+    """INFO lines of raypipe's loggers on this worker's stdout (Ray forwards them to the driver and job logs)."""
+    import sys
+
+    logger = logging.getLogger("raypipe")
+    logger.setLevel(logging.INFO)
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+
+
+def run_worker_loop(task: WorkerTask) -> TrainState:
+    """Run the task's epochs in this Ray Train worker (see module doc); returns the final state."""
+    import ray.train.torch
+
+    worker_logging()
+    cfg = task.cfg
+    if getattr(cfg, "torch_threads", None):
+        torch.set_num_threads(cfg.torch_threads)
+    seed_everything(cfg.seed)
+    setup = select_device(getattr(cfg, "amp", True))
+    task.setup = setup
+    model = task.build_model()
+    if getattr(cfg, "sync_batchnorm", False) and setup.device.type == "cuda" and task.world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = to_device_model(model, setup)
+    optimizer = task.make_optimizer(model)
+    task.init_model(model)
+    state = resume(model, optimizer)
+    model = ray.train.torch.prepare_model(model, move_to_device=False,
+                                          parallel_strategy_kwargs=dict(task.prepare_kwargs) or None)
+    batch = per_worker_batch(cfg.batch_size, task.world)
+    monitor = getattr(cfg, "monitor", None)
+    mode = getattr(cfg, "monitor_mode", "max")
+    patience = getattr(cfg, "patience", None)
+    if patience is not None and state.should_stop(patience):
+        log.info("early stopping had already ended this run at epoch %d", state.epoch)
+    for epoch in range(state.epoch + 1, cfg.epochs + 1):
+        if patience is not None and state.should_stop(patience):
+            break
+        seed_everything(cfg.seed * 100_003 + epoch * 1_009 + task.rank)
+        model.train()
+        if getattr(cfg, "freeze_batchnorm", False):
+            freeze_batchnorm(model)
+        extra = task.begin_epoch(model, optimizer, epoch)
+        total = torch.zeros((), dtype=torch.float64, device=setup.device)  # summed on the device: no per-step sync
+        count, steps = 0, 0
+        for b in task.train_batches(epoch, batch):
+            step = task.train_step(model, b)
+            if step is None:
+                continue
+            loss, n = step
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if getattr(cfg, "grad_clip", None):
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            total += loss.detach().double() * n
+            count, steps = count + n, steps + 1
+        train_loss = all_reduce_mean(float(total) / max(count, 1), float(count), setup.device)
+        task.end_epoch(model, epoch, batch)
+        metrics = broadcast_from_rank0(task.validate(model) if task.rank == 0 else None)
+        state.epoch = epoch
+        row: dict[str, Any] = {"epoch": epoch, **extra, "train_loss": train_loss,
+                               "train_samples": all_reduce_mean(float(count), 1.0, setup.device) * task.world,
+                               "steps": steps, **metrics}
+        if monitor:
+            improved = state.update(metrics.get(monitor, float("nan")), mode, getattr(cfg, "min_delta", 0.0))
+            row.update(best_epoch=state.best_epoch, improved=int(improved))
+        row = task.epoch_row(row)
+        state.history.append(row)
+        state.extra = {**state.extra, **task.extra_state()}
+        if task.rank == 0:
+            log.info("epoch %d/%d: %s", epoch, cfg.epochs,
+                     ", ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)))
+        report = dict(row)
+        if monitor:
+            score = score_for_ranking(metrics.get(monitor), mode)
+            report[CHECKPOINT_SCORE] = score if mode == "max" else -score
+        report_epoch(report, model, optimizer, state, task.loop_config.get("metrics_csv"))
+        if getattr(cfg, "stop_after_epoch", None) is not None and epoch >= cfg.stop_after_epoch:
+            log.info("stop_after_epoch %d reached: ending this run (rerun to resume)", epoch)
+            break
+    return state
