@@ -135,10 +135,20 @@ def _cmd_train(a: argparse.Namespace) -> int:
 
 
 def _cmd_cv(a: argparse.Namespace) -> int:
-    from raypipe.tune.cv import cv_cli
+    from raypipe import storage
+    from raypipe.tune.cv import cv_cli, summary_table
 
-    return cv_cli(a.model, a.config, a.folds, require_path(a.data, "--data"), a.out,
-                  overrides=parse_overrides(a.overrides), baselines=a.baselines)
+    data = require_path(a.data, "--data")
+    result = cv_cli(a.model, a.config, a.folds, data, a.out, overrides=parse_overrides(a.overrides))
+    if a.baselines:  # the clinical models on the very same folds (papers/000 Table 4)
+        from raypipe.tune.baselines import run_clinical_cv
+
+        cfg = result.config
+        clinical = run_clinical_cv(data, storage.join(result.out_dir, "clinical"),
+                                   label=getattr(cfg, "label", "fracture_5y"), seed=int(getattr(cfg, "seed", 0)),
+                                   folds_csv=storage.join(result.out_dir, "folds.csv"), n_boot=int(cfg.n_boot))
+        print("\n".join(summary_table(clinical)))
+    return 0
 
 
 def _cmd_tune(a: argparse.Namespace) -> int:

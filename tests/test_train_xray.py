@@ -109,7 +109,7 @@ def test_cv_two_folds_out_of_fold_covers_every_patient_once(cohort, tmp_path):
     cfg["cv"] = {"external": False, "max_concurrent_trials": 1, "gradcam_studies": 0, "n_boot": 20}
     path = tmp_path / "cv.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    assert cv_cli("deepsurv", str(path), 2, str(shards), str(tmp_path / "cv")) == 0
+    assert cv_cli("deepsurv", str(path), 2, str(shards), str(tmp_path / "cv")).plan.n_folds == 2
     preds = read_predictions(tmp_path / "cv" / "predictions.parquet")
     oof = preds[preds["split"] == "val"]
     all_patients = set(pd.concat([pd.read_parquet(f, columns=["patient_id"]) for f in shards.glob("part-*.parquet")])

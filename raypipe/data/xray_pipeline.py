@@ -77,13 +77,13 @@ class KeypointPredictor:
         """(xy (5, 2), confidence (5,)): zero-pad to a square, resize to the input size, decode heatmaps."""
         import torch
 
-        from raypipe.preprocess.xray import _antialias, _sample
+        from raypipe.preprocess.xray import antialias, sample_affine
 
         h, w = pixels.shape
         side = float(max(h, w))
         k = side / self.input_size  # source pixels per input pixel (pixel centres at (u + 0.5) * k - 0.5)
         inv = np.array([[k, 0, 0.5 * k - 0.5], [0, k, 0.5 * k - 0.5], [0, 0, 1]])
-        x, _ = _sample(_antialias(np.asarray(pixels, np.float32), k), inv, (self.input_size, self.input_size))
+        x, _ = sample_affine(antialias(np.asarray(pixels, np.float32), k), inv, (self.input_size, self.input_size))
         t = torch.from_numpy(x)[None, None].repeat(1, self.in_chans, 1, 1)
         with torch.inference_mode():
             heat = self.model(t)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from raypipe.preprocess.xray import _antialias, apply_affine, min_max, warp_affine
+from raypipe.preprocess.xray import antialias, apply_affine, min_max, warp_affine
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ def square_input(img: np.ndarray, size: int, keypoints: np.ndarray | None = None
     """Paper's keypoint input: min-max to [0, 1], zero padding to a square, resize to size x size."""
     x = min_max(np.asarray(img, dtype=np.float32))
     m = square_matrix(x.shape, size)
-    out = warp_affine(_antialias(x, 1.0 / m[0, 0]), m, (size, size))
+    out = warp_affine(antialias(x, 1.0 / m[0, 0]), m, (size, size))
     kp = None if keypoints is None else apply_affine(m, np.asarray(keypoints, dtype=np.float64))
     return SquareInput(out, kp, m)
 

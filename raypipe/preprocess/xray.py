@@ -255,7 +255,7 @@ def _to3(m: np.ndarray) -> np.ndarray:
     return out
 
 
-def _sample(img: np.ndarray, out_to_src: np.ndarray, out_shape: tuple[int, int], order: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def sample_affine(img: np.ndarray, out_to_src: np.ndarray, out_shape: tuple[int, int], order: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Sample `img` at src = out_to_src @ (x, y, 1) for every output pixel; returns (values, src xy grid)."""
     h, w = out_shape
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
@@ -269,10 +269,10 @@ def _sample(img: np.ndarray, out_to_src: np.ndarray, out_shape: tuple[int, int],
 def warp_affine(img: np.ndarray, matrix: np.ndarray, out_shape: tuple[int, int], order: int = 1) -> np.ndarray:
     """Warp `img` by a 2x3 source->destination affine onto `out_shape` (zeros outside the source)."""
     inv = np.linalg.inv(_to3(matrix))
-    return _sample(np.asarray(img, dtype=np.float32), inv, out_shape, order)[0]
+    return sample_affine(np.asarray(img, dtype=np.float32), inv, out_shape, order)[0]
 
 
-def _antialias(img: np.ndarray, src_px_per_out_px: float) -> np.ndarray:
+def antialias(img: np.ndarray, src_px_per_out_px: float) -> np.ndarray:
     """Gaussian pre-filter before downsampling (sigma = (factor - 1) / 2, as skimage's resize)."""
     if src_px_per_out_px <= 1.0:
         return img
@@ -315,7 +315,7 @@ def align_spine(
     p = as_keypoints(kp)
     m = spine_alignment(p, out_size, l1_target, l5_target)
     scale = math.hypot(m[0, 0], m[1, 0])
-    src = _antialias(np.asarray(img, dtype=np.float32), 1.0 / scale)
+    src = antialias(np.asarray(img, dtype=np.float32), 1.0 / scale)
     return AlignedSpine(warp_affine(src, m, (out_size, out_size)), apply_affine(m, p), m)
 
 
@@ -410,8 +410,8 @@ def full_image(
     box = spine_roi(apply_affine(align, p[:levels]), margin, half_width)
     total = _roi_to_output(box, size) @ align  # original -> output
     inv = np.linalg.inv(total)
-    src = _antialias(np.asarray(img, dtype=np.float32), math.hypot(inv[0, 0], inv[1, 0]))
-    vals, src_xy = _sample(src, inv, (size, size))
+    src = antialias(np.asarray(img, dtype=np.float32), math.hypot(inv[0, 0], inv[1, 0]))
+    vals, src_xy = sample_affine(src, inv, (size, size))
     h, w = img.shape[:2]
     out_xy = np.stack(np.meshgrid(np.arange(size), np.arange(size), indexing="xy")).astype(np.float64)
     ax = apply_affine(np.linalg.inv(_roi_to_output(box, size)), out_xy.reshape(2, -1).T).T.reshape(out_xy.shape)
@@ -460,8 +460,8 @@ def vertebra_patches(
         ])
         key = int(round(max(k, 1.0) * 4))  # share pre-filtered copies between similar scales
         if key not in filtered:
-            filtered[key] = _antialias(src_img, key / 4)
-        vals, src_xy = _sample(filtered[key], inv, (size, size))
+            filtered[key] = antialias(src_img, key / 4)
+        vals, src_xy = sample_affine(filtered[key], inv, (size, size))
         valid = (src_xy[0] >= -0.5) & (src_xy[0] <= w - 0.5) & (src_xy[1] >= -0.5) & (src_xy[1] <= h - 0.5)
         if mask is not None:
             valid &= body_mask_at(src_xy, p, **mask)

@@ -257,13 +257,13 @@ def _max_concurrent(cfg: Any, cv: CVConfig) -> int:
     return max(1, min(cv.folds, int((total - res.data_cpus_reserved) // need)))
 
 
-def build_trial_spec(model: str, config: Any, data_dir: str, out_dir: str, plan: FoldPlan) -> TrialSpec:
-    """The trial spec of a CV run (also what a manual `Tuner.restore` needs)."""
+def build_trial_spec(model: str, config: Any, data_dir: str, out_dir: str, plan: FoldPlan,
+                     fold_fit: FoldFit | None = None) -> TrialSpec:
+    """The trial spec of a CV run (also what a manual `Tuner.restore` needs); `fold_fit` replaces the task's."""
     from raypipe.config import config_hash
-
     from raypipe.tasks import get_task
 
-    fit = get_task(model).fold_fit_function()
+    fit = fold_fit or get_task(model).fold_fit_function()
     digest = config_hash({"config": config.model_dump(mode="json"), "folds": plan.digest(), "data": data_dir})
     return TrialSpec(fit=fit, config=config, data_dir=data_dir, out_dir=out_dir, plan=plan, config_digest=digest)
 
@@ -432,6 +432,7 @@ class CVResult:
     predictions: pd.DataFrame
     metrics: dict[str, Any]
     plan: FoldPlan
+    config: Any = None  # the model config the folds trained with
     gradcam: list[str] = field(default_factory=list)
 
 
@@ -494,7 +495,7 @@ def run_cv(model: str, config: Any, data_dir: str, out_dir: str, cv: CVConfig | 
         log.warning("Grad-CAM gallery skipped: %s", exc)
     for line in summary_table(metrics):
         log.info("%s", line)
-    return CVResult(out_dir=out, predictions=predictions, metrics=metrics, plan=plan, gradcam=gradcam)
+    return CVResult(out_dir=out, predictions=predictions, metrics=metrics, plan=plan, config=config, gradcam=gradcam)
 
 
 def io_bytes(data: bytes) -> Any:
@@ -529,11 +530,8 @@ def load_cv_configs(model: str, config_path: str | None, folds: int | None = Non
 
 
 def cv_cli(model: str, config: str | None, folds: int | None, data: str, out: str | None,
-           overrides: Mapping[str, Any] | None = None, baselines: bool = False) -> int:
-    """`raypipe cv MODEL --config C --folds K --data DIR --out DIR`: run the CV, print its summary table.
-
-    `baselines` also cross-validates the clinical models (A-D, FRAX) with the same folds into OUT/clinical.
-    """
+           overrides: Mapping[str, Any] | None = None) -> CVResult:
+    """`raypipe cv MODEL --config C --folds K --data DIR --out DIR`: run the CV, print its summary table."""
     from raypipe import storage
 
     model_cfg, cv = load_cv_configs(model, config, folds, overrides)
@@ -541,11 +539,4 @@ def cv_cli(model: str, config: str | None, folds: int | None, data: str, out: st
     result = run_cv(model, model_cfg, data, out, cv)
     print("\n".join(summary_table(result.metrics)))  # the command's output, not a log line
     print(f"predictions: {storage.join(result.out_dir, 'predictions.parquet')}")
-    if baselines:
-        from raypipe.tune.baselines import run_clinical_cv
-
-        clinical = run_clinical_cv(data, storage.join(result.out_dir, "clinical"),
-                                   label=getattr(model_cfg, "label", "fracture_5y"),
-                                   folds_csv=storage.join(result.out_dir, "folds.csv"), n_boot=cv.n_boot or 1000)
-        print("\n".join(summary_table(clinical)))
-    return 0
+    return result
