@@ -33,9 +33,15 @@ def parse_overrides(items: Sequence[str] | None) -> dict[str, Any]:
         if not sep or not key.strip():
             raise UsageError(f"--set expects key=value, got {item!r}")
         try:
-            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+            value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as exc:
             raise UsageError(f"--set {key}: cannot read value {raw!r}: {exc}") from None
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 as text
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        out[key.strip()] = value
     return out
 
 

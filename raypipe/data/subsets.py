@@ -39,7 +39,7 @@ def shard_meta(data_dir: str) -> pd.DataFrame:
 
     files = shard_files(data_dir)
     if not files:
-        raise FileNotFoundError(f"no preprocessed shards in {data_dir}")
+        raise FileNotFoundError(f"no preprocessed shards in {data_dir}: run `raypipe preprocess` into it first")
     frames = []
     for f in files:
         fs, inner = storage.filesystem(f)

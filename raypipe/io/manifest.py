@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from raypipe.clinical import SEX_CODES, ClinicalValueError, clinical_value
 from raypipe.io.errors import RaypipeInputError
 
 REQUIRED_COLUMNS = ("patient_id", "study_id", "modality", "image_path", "time_days", "event")
@@ -31,7 +32,6 @@ OPTIONAL_COLUMNS = (
 )
 KNOWN_COLUMNS = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
 MODALITIES = ("CT", "XR")
-SEX_CODES = ("F", "M")
 MASK_LABEL_CONVENTIONS = ("verse", "totalseg")
 
 
@@ -206,8 +206,11 @@ def _check_row(i: int, r: dict, base: Path, check_files: bool, add) -> None:
             continue
         if _is_missing(r[c]) or str(r[c]).strip() not in ("0", "1", "0.0", "1.0", "True", "False"):
             add(ManifestProblem(i, c, None if _is_missing(r[c]) else r[c], "must be 0 or 1"))
-    if "sex" in r and not _is_missing(r["sex"]) and str(r["sex"]).strip().upper() not in SEX_CODES:
-        add(ManifestProblem(i, "sex", r["sex"], f"unknown sex code, expected one of {list(SEX_CODES)}"))
+    if "sex" in r and not _is_missing(r["sex"]):
+        try:  # the one clinical encoder decides, as in training and serving
+            clinical_value("sex", str(r["sex"]))
+        except ClinicalValueError:
+            add(ManifestProblem(i, "sex", r["sex"], f"unknown sex code, expected one of {list(SEX_CODES)}"))
     ml = r.get("mask_labels")
     if ml is not None and not _is_missing(ml) and str(ml) not in MASK_LABEL_CONVENTIONS:
         lp = resolve_path(ml, base)

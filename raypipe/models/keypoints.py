@@ -96,7 +96,7 @@ class KeypointHeatmapNet(nn.Module):
         return self.fuse
 
     def forward(self, x: Tensor) -> Tensor:
-        """Heatmap logits ``(B, K, H/4, W/4)``; train against :func:`render_heatmaps` targets with MSE."""
+        """Heatmap logits ``(B, K, H/4, W/4)``; train against :func:`render_heatmaps` targets with `heatmap_loss`."""
         if x.shape[-1] % 32 or x.shape[-2] % 32:
             raise ValueError(f"HRNet needs input sides that are multiples of 32, got {tuple(x.shape[-2:])}")
         feats = self.backbone(x)

@@ -137,12 +137,3 @@ def render_ct_tables(tables: Sequence[CTTable]) -> list[str]:
     from raypipe.report import html as H
 
     return [H.table(t.header, t.rows, caption=t.caption, note=t.note, css_class="perf") for t in tables]
-
-
-def tables_as_text(tables: Sequence[CTTable]) -> list[str]:
-    """Plain-text lines of the tables (logs, CLI)."""
-    lines: list[str] = []
-    for t in tables:
-        lines += [t.caption, " | ".join(t.header), *(" | ".join(r) for r in t.rows), ""]
-    return lines
-

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -136,8 +136,3 @@ def gradcam_gallery(images: Sequence[tuple[str, bytes]], title: str = "Grad-CAM"
         ax.axis("off")
     fig.suptitle(title, fontsize=11)
     return _png(fig)
-
-
-def curves_from_mapping(data: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> list[Curve]:
-    """Curves from a {label: (x, y)} mapping, in the mapping's order."""
-    return [Curve(label, np.asarray(x), np.asarray(y)) for label, (x, y) in data.items()]

@@ -153,10 +153,3 @@ def render_xray_tables(tables: Sequence[XrayTable]) -> list[str]:
 
     return [H.table(list(t.header), [list(r) for r in t.rows], caption=t.title, note=t.note, css_class="perf")
             for t in tables]
-
-
-def tables_frame(tables: Sequence[XrayTable]) -> pd.DataFrame:
-    """All tables as one long frame (table, then its columns), e.g. for a CSV next to the report."""
-    parts = [pd.DataFrame(list(t.rows), columns=list(t.header)).assign(table=t.title) for t in tables]
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
-

@@ -27,7 +27,7 @@ import math
 import os
 import random
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -406,9 +406,3 @@ def best_checkpoint(result: Any, attribute: str | None, mode: str = "max") -> An
             pick = max if mode == "max" else min
             return pick(ranked, key=lambda cm: cm[1][attribute])[0]
     return result.checkpoint
-
-
-def iterate_in_chunks(n: int, size: int) -> Iterator[slice]:
-    """Slices covering range(n) in chunks of `size` (driver-side batched scoring)."""
-    for start in range(0, n, size):
-        yield slice(start, min(n, start + size))

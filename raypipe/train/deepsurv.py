@@ -563,7 +563,31 @@ def fit_deepsurv_fold(task: FoldTask) -> dict[str, float]:
     roles = pd.Series(role.replace("", "unused").to_numpy(), index=meta["study_id"].astype(str).to_numpy())
     fit_deepsurv(cfg, task.data_dir, task.out_dir, roles=roles, fold=task.fold, callbacks=task.callbacks,
                  monitor_split=TUNE_ROLE)
+    add_coxph_baselines(task.out_dir, meta.assign(split=role.to_numpy()), task.fold)
     return fold_summary(task.out_dir)
+
+
+def add_coxph_baselines(out_dir: str, frame: pd.DataFrame, fold: int) -> None:
+    """Append CoxPH on clinical models 1-3 (papers/001), fitted on the fold's training patients, to the fold's
+    predictions (the same held-out rows DeepSurv scored), so the CV report has the paper's C-index table."""
+    from raypipe import storage
+    from raypipe.baselines.coxph import fit_clinical_baselines
+    from raypipe.data.splits import TUNE_ROLE
+    from raypipe.predictions import read_prediction_metadata, read_predictions, write_predictions
+
+    path = storage.join(out_dir, "predictions.parquet")
+    meta = read_prediction_metadata(path)
+    preds = read_predictions(path).drop(columns=["source_file"], errors="ignore")
+    preds.attrs = {}
+    scored = frame[frame["split"].isin(["train", TUNE_ROLE, *preds["split"].unique()])]
+    try:
+        extra = fit_clinical_baselines(scored, train_splits=("train", TUNE_ROLE), fold=fold)
+    except (ValueError, KeyError) as exc:  # e.g. shards without the clinical columns of models 1-3
+        log.warning("CoxPH baselines skipped in fold %d: %s", fold, exc)
+        return
+    extra = extra[extra["split"] != TUNE_ROLE]
+    write_predictions(pd.concat([preds, extra], ignore_index=True), path,
+                      {k: v for k, v in meta.items() if k not in ("created", "rows", "models")})
 
 
 __all__ = ["DeepSurvConfig", "XrayBatch", "fit_deepsurv", "head_loss", "prediction_frame",

@@ -6,7 +6,8 @@ Reads top to bottom like a training script:
    first read): min-max, zero padding to a square, resize to `input_size` (`preprocess.augment.square_input`);
    when training, a random rotation / scale / flip / shift moves image and keypoints together
    (`random_affine`, seeded by seed, epoch and study); targets are Gaussian heatmaps at stride 4.
-2. `train_loop_keypoints` in every Ray Train worker: heatmap MSE, Adam with the learning rate decaying from
+2. `train_loop_keypoints` in every Ray Train worker: spatial-softmax cross-entropy on the heatmaps by default
+   (`heatmap_kind: gaussian` for HRNet's MSE), Adam with the learning rate decaying from
    `lr` (1e-3) to `lr_min` (1e-5), OKS-based AP on the validation radiographs by rank 0 every epoch (decoded
    keypoints mapped back to original pixels), checkpoints and early stopping through `train.common`.
 3. `fit_keypoints` on the driver: split the manifest's training patients (val_fraction), train, score the

@@ -12,6 +12,14 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
+def require_data(kind: str, data: str) -> None:
+    """Fail before starting Ray when --data cannot be what the task reads (e.g. a folder without shards)."""
+    from raypipe.data.shards import shard_files
+
+    if kind.endswith("shards") and not kind.startswith("manifest") and not shard_files(data):
+        raise FileNotFoundError(f"no preprocessed shards in {data}: run `raypipe preprocess` into it first")
+
+
 def train_task(name: str, config_path: str | None, data: str, out: str | None = None,
                overrides: Mapping[str, Any] | None = None) -> str:
     """Train task `name` (`raypipe.tasks`) on `data`; returns the run folder (default runs/<model name>)."""
@@ -21,6 +29,7 @@ def train_task(name: str, config_path: str | None, data: str, out: str | None = 
 
     task = get_task(name)
     cfg = load_config(task.config_class(), config_path, dict(overrides or {}))
+    require_data(task.data, data)
     out = out or os.path.join("runs", cfg.name)
     init_ray()
     task.fit_function()(cfg, data, out)

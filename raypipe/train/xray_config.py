@@ -28,7 +28,7 @@ VARIANT_TAGS: dict[str, str] = {"image": "imgonly", "clinical": "noimg", "image_
 
 
 class KeypointTrainConfig(RayRunConfig):
-    """L1-L5 centre detection (papers/001): HRNet heatmaps, heatmap MSE, OKS-AP on held-out radiographs."""
+    """L1-L5 centre detection (papers/001): HRNet heatmaps (spatial-softmax CE by default), OKS-AP on held-out radiographs."""
 
     model: str = Field("keypoints_hrnet_w32", description="registry name: keypoints_hrnet_w32 or keypoints_tiny")
     model_kwargs: dict[str, Any] = Field(default_factory=dict)

@@ -453,11 +453,11 @@ def run_cv(model: str, config: Any, data_dir: str, out_dir: str, cv: CVConfig | 
     entry = get_task(model)
     out = str(out_dir) if storage.is_uri(out_dir) else os.path.abspath(out_dir)
     data = str(data_dir) if storage.is_uri(data_dir) else os.path.abspath(data_dir)
+    meta = shard_meta(data)  # fails with "no preprocessed shards" before anything starts
     storage.makedirs(out)
     init_ray()
     seed = cv.seed if cv.seed is not None else int(getattr(config, "seed", 0))
     label = cv.label or getattr(config, "label", None) or entry.stratify or "event"
-    meta = shard_meta(data)
     plan = assign_folds(meta, cv.folds, seed, label, cv.development_site, cv.external)
     plan_file = storage.join(out, "folds.csv")
     if storage.exists(plan_file):
