@@ -99,6 +99,23 @@ def test_deepsurv_variants() -> None:
         deepsurv_tiny(backbone=None, n_clinical=0)
 
 
+def test_deepsurv_instance_input_norm_ignores_each_patch_exposure() -> None:
+    """Per-sample, per-channel brightness/contrast (a radiograph's exposure or window) leaves the risk unchanged."""
+    torch.manual_seed(0)
+    image = torch.rand(3, 5, 64, 64)
+    gain = torch.rand(3, 5, 1, 1) * 2 + 0.5
+    offset = torch.rand(3, 5, 1, 1) - 0.5
+    normed = deepsurv_tiny(in_chans=5, input_norm="instance").eval()
+    plain = deepsurv_tiny(in_chans=5).eval()
+    plain.load_state_dict(normed.state_dict())  # no parameters or buffers of its own
+    with torch.no_grad():
+        torch.testing.assert_close(normed(image * gain + offset, torch.zeros(3, 5)), normed(image, torch.zeros(3, 5)),
+                                   atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(plain(image * gain + offset, torch.zeros(3, 5)), plain(image, torch.zeros(3, 5)))
+    with pytest.raises(ValueError, match="input_norm"):
+        deepsurv_tiny(input_norm="batch")
+
+
 def test_pvf_input_modes_and_score_range() -> None:
     x = torch.randn(2, 1, 64, 64)
     for mode in ("adapt", "replicate"):

@@ -54,7 +54,7 @@ class CoxTimeNet(nn.Module):
 
     def features(self, x: Tensor | None) -> Tensor | None:
         """Image features, computed once so g can be evaluated at many times cheaply."""
-        return None if self.net.encoder is None else self.net.encoder(x).float()
+        return None if self.net.encoder is None else self.net.image_features(x)
 
     def g_from_features(self, feats: Tensor | None, clinical: Tensor | None, t: Tensor) -> Tensor:
         """g(x, t) (B,) from cached image features."""
