@@ -26,18 +26,18 @@ from tests.test_train_ct import _tiny_cfg, write_planted_shards
 
 # ---------------------------------------------------------------------------------------------- static check
 def test_every_trainer_and_tune_run_has_a_failure_config():
-    """TorchTrainer is built only by make_trainer (with FailureConfig); every Tuner passes failure_config."""
+    """TorchTrainer is built only by make_trainer (FailureConfig from the run config); every Tuner passes failure_config."""
     src = {p: p.read_text() for p in (ROOT / "raypipe").rglob("*.py")}
     builders = [p for p, t in src.items() if re.search(r"\bTorchTrainer\(", t)]
     assert [p.name for p in builders] == ["common.py"], builders
     common = src[ROOT / "raypipe" / "train" / "common.py"]
-    assert re.search(r"failure_config=FailureConfig\(max_failures=max_failures\)", common)
+    assert re.search(r"failure_config=FailureConfig\(max_failures=run\.max_failures\)", common)
     for p, text in src.items():
         for m in re.finditer(r"\bmake_trainer\(", text):
             if "def make_trainer" in text[max(0, m.start() - 4):m.start() + 13]:
                 continue
             call = text[m.start():m.start() + 600]
-            assert "max_failures=" in call[:call.find("\n    )") if "\n    )" in call else 600], (p, call[:200])
+            assert "run=cfg" in call[:call.find("\n    )") if "\n    )" in call else 600], (p, call[:200])
         for m in re.finditer(r"\btune\.Tuner\(", text):
             call = text[m.start():m.start() + 900]
             assert "failure_config=tune.FailureConfig(" in call, (p, call[:300])

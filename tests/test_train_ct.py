@@ -179,3 +179,15 @@ def test_config_defaults_follow_the_paper():
     assert m.horizons_years == [2.0, 3.0, 5.0] and m.cox_ties == "efron"
     with pytest.raises(Exception):
         CTTrainConfig(lr_typo=1.0)
+
+
+def test_checkpoint_every_k_epochs_keeps_best_and_last(ray_session, tmp_path):
+    """checkpoint_every=3 over 4 epochs: epoch 1 (the best), 3 (every 3rd) and 4 (last) are saved, epoch 2 is not."""
+    from raypipe.train.ct import fit_ct
+
+    write_planted_shards(tmp_path / "shards", 24, seed=9, val_every=4)
+    cfg = _tiny_cfg(epochs=4, patience=10, lr=1e-12, checkpoint_every=3, num_to_keep=10, n_boot=10)
+    fit_ct(cfg, str(tmp_path / "shards"), str(tmp_path / "run"))
+    saved = sorted(p.name for p in (tmp_path / "run" / "ray_results" / "train").glob("checkpoint_epoch_*"))
+    assert saved == ["checkpoint_epoch_0001", "checkpoint_epoch_0003", "checkpoint_epoch_0004"]
+    assert len((tmp_path / "run" / "metrics.csv").read_text().strip().splitlines()) == 5  # every epoch still logged

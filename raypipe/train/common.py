@@ -273,8 +273,10 @@ def report_epoch(
     optimizer: torch.optim.Optimizer | None,
     state: TrainState,
     metrics_csv: str | None = None,
+    checkpoint: bool = True,
 ) -> None:
-    """Report one finished epoch: rank 0 saves the checkpoint and the CSV, every rank calls `ray.train.report`."""
+    """Report one finished epoch: rank 0 saves the checkpoint (when `checkpoint`) and the CSV, every rank
+    calls `ray.train.report` (a barrier: every rank must call it the same number of times)."""
     import ray.train
 
     rank = world_rank()
@@ -284,6 +286,9 @@ def report_epoch(
         return
     if metrics_csv:
         write_metrics_csv(metrics_csv, state.history)
+    if not checkpoint:
+        ray.train.report(clean, checkpoint=None)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(tmp, model, optimizer, state)
         ray.train.report(clean, checkpoint=ray.train.Checkpoint.from_directory(tmp),

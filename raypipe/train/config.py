@@ -33,6 +33,8 @@ class RayRunConfig(StrictModel):
         None, description="placement of the workers; default PACK (or $RAYPIPE_PLACEMENT_STRATEGY)")
     max_failures: int = Field(1, ge=-1, description="worker-failure retries, resuming from the latest checkpoint")
     num_to_keep: int = Field(2, ge=1, description="checkpoints kept: the best by `monitor`, plus the latest")
+    checkpoint_every: int = Field(
+        1, ge=1, description="write a checkpoint every k epochs; an improved epoch and the last one always get one")
     run_name: str = Field("train", description="Ray Train run name under the storage path (same name resumes)")
     storage_path: str | None = Field(None, description="Ray Train storage; default OUT/ray_results")
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per worker; None: Ray's default")

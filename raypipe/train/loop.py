@@ -179,8 +179,12 @@ def run_worker_loop(task: WorkerTask) -> TrainState:
         if monitor:
             score = score_for_ranking(metrics.get(monitor), mode)
             report[CHECKPOINT_SCORE] = score if mode == "max" else -score
-        report_epoch(report, model, optimizer, state, task.loop_config.get("metrics_csv"))
-        if getattr(cfg, "stop_after_epoch", None) is not None and epoch >= cfg.stop_after_epoch:
+        stop_now = getattr(cfg, "stop_after_epoch", None) is not None and epoch >= cfg.stop_after_epoch
+        last = (epoch == cfg.epochs or stop_now or (patience is not None and state.should_stop(patience)))
+        every = int(getattr(cfg, "checkpoint_every", 1) or 1)
+        save = last or epoch % every == 0 or (monitor and row.get("improved") == 1) or not monitor
+        report_epoch(report, model, optimizer, state, task.loop_config.get("metrics_csv"), checkpoint=bool(save))
+        if stop_now:
             log.info("stop_after_epoch %d reached: ending this run (rerun to resume)", epoch)
             break
     return state
