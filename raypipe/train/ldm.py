@@ -533,7 +533,7 @@ def write_model_dir(cfg: LDMTrainConfig, payload: Mapping[str, Any], out: str) -
     history = state.get("history", [])
     meta = {
         "builder": cfg.model, "kwargs": model_kwargs(cfg), "task": "ldm",
-        "display_name": cfg.name, "sampler": dict(cfg.sampler),
+        "display_name": cfg.name, "sampler": dict(cfg.sampler), "clinical_prompts": bool(cfg.clinical_prompts),
         "latent_scale": float(weights["vae.latent_scale"]), "ema": bool(cfg.use_ema and ema),
         "epochs_run": int(state.get("epoch", 0)), "image_size": image_size(cfg), "config_hash": config_hash(cfg),
         "preprocess": {"ldm_size": image_size(cfg), "intensity": "min-max, padded square, [-1, 1]"},
