@@ -16,7 +16,9 @@ one ``generation.json`` per study under ``OUT/studies/<study_id>/``. Then:
 - ``OUT/diffx_metrics.json``: the thesis's Table 4 and Figure 17-20 numbers: Cox hazard ratios of the
   groups (univariable; + age, sex, BMI; + FRAX MOF) with likelihood-ratio chi-square, the LR chi-square
   of the BpVF-only split (0.5) for comparison, time-dependent AUROC of GpVF at 1/5/10 years, group
-  incidence, KM curves and the log-rank test by group; with ``image_quality``, MS-SSIM and PSNR of
+  incidence, KM curves and the log-rank test by group (global and pairwise), the thesis's Tables 4 and 5
+  (``raypipe.metrics.diffx``: FRAX per SD, BpVF/GpVF per 0.1 point, C and LR chi-square) and the
+  cross-validated CoxPH fracture-score models (td-AUROC at 1/5/10 years and mean); with ``image_quality``, MS-SSIM and PSNR of
   Diff-X's baseline reconstruction and of the single prompt LDM against the real baseline (mean, SD);
   and, for studies whose manifest row has a real follow-up radiograph (``followup_image_path`` taken
   ``followup_years`` after baseline), Bland-Altman agreement and Pearson correlation between pVF on the
@@ -218,6 +220,8 @@ def _cox(df: pd.DataFrame, covariates: Sequence[str]) -> dict[str, Any]:
             data[f"group={g}"] = (df["group"] == g).astype(float)
     for c in covariates:
         data[c] = (df[c].astype(str).str.upper().str[0] == "F").astype(float) if c == "sex" else df[c].astype(float)
+        if c == "frax_mof":  # thesis Table 4: FRAX per 1 SD increase
+            data[c] = data[c] / float(df[c].astype(float).std(ddof=1))
     data = data.dropna()
     s = cox_hazard_ratios(data, "time", "event")
     return {"n": s.n, "events": s.n_events, "lr_chi2": s.lr_statistic, "lr_df": s.lr_df, "lr_p": s.lr_p_value,
@@ -265,6 +269,7 @@ def aggregate_participants(studies: pd.DataFrame, low: float = 0.5, high: float 
 def diffx_metrics(frame: pd.DataFrame, cfg: GenerateJobConfig | None = None) -> dict[str, Any]:
     """Risk-group survival analysis of Diff-X predictions (thesis Results 4-5); one row per participant."""
     from raypipe.metrics import cox_hazard_ratios, group_incidence, kaplan_meier, logrank_test, td_auroc
+    from raypipe.metrics.diffx import fracture_score_models, pairwise_logrank, table4, table5
 
     if frame["patient_id"].duplicated().any():
         dup = frame.loc[frame["patient_id"].duplicated(), "patient_id"].iloc[0]
@@ -304,6 +309,10 @@ def diffx_metrics(frame: pd.DataFrame, cfg: GenerateJobConfig | None = None) -> 
                                                    "survival": kaplan_meier(t[m], e[m]).survival.tolist()}
                                           for g in df["group"].unique() for m in [(df["group"] == g).to_numpy()]})
     out["logrank"] = _guard(lambda: vars(logrank_test(t, e, df["group"].to_numpy(str))))
+    out["logrank_pairwise"] = _guard(lambda: {"pairs": [vars(r) for r in pairwise_logrank(t, e, df["group"].to_numpy(str))]})
+    out["table4"] = _guard(lambda: table4(df))
+    out["table5"] = _guard(lambda: table5(df))
+    out["fracture_score_models"] = _guard(lambda: fracture_score_models(df, folds=5, seed=cfg.seed))
     quality = image_quality_summary(frame)
     if quality:
         out["image_quality"] = quality
