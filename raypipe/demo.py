@@ -134,14 +134,14 @@ class Demo:
 
         from raypipe.data.generate_pipeline import GenerateJobConfig, generate_cohort
 
-        cfg = GenerateJobConfig(years=[1, 5], include_last_followup=False, seeds=2, split="test", bf16=False,
+        cfg = GenerateJobConfig(years=[1, 10], include_last_followup=False, seeds=2, split="test", bf16=False,
                                 n_boot=50, image_quality=True)
         out = self.out / "diffx"
         r = generate_cohort(str(self.state["manifest"]), str(self.state["ldm_run"]), str(out),
                             str(self.state["pvf_run"]), cfg)
         preds = pd.read_parquet(r["predictions"])
         table = preds[["study_id", "bpvf", "score", "gpvf_sd", "gpvf_year", "group"]].rename(
-            columns={"bpvf": "BpVF", "score": "GpVF", "gpvf_sd": "GpVF SD", "gpvf_year": "year of max"})
+            columns={"bpvf": "BpVF", "score": "GpVF", "gpvf_sd": "GpVF SD", "gpvf_year": "GpVF year"})
         _indent(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
         q = r["metrics"].get("image_quality", {})
         if q:

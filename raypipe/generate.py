@@ -21,9 +21,21 @@ one `torch.Generator` per sample, so a sample depends on its seed, not on its pl
 alone from seeded Gaussian noise, no inversion, no injection.
 
 Scores (thesis Methods 7): BpVF = pVF of the baseline radiograph; per year the GpVF mean and SD
-over seeds; per patient GpVF = max over years of the seed mean, uncertainty = the SD over seeds at
-that year; risk group LL / LH / HIGH by `raypipe.metrics.risk_groups` (BpVF >= 0.5 HIGH, else GpVF
->= 0.6 LH, else LL).
+over seeds; the image's GpVF = the seed mean of the 10-year image ("the generative pVF score was set as
+10-year fracture score"; `gpvf_rule: horizon_mean`, `gpvf_horizon_years: 10`), uncertainty = the SD over
+seeds at that year. `gpvf_rule: max_over_years` (the maximum over years of the seed means) is kept as a
+named option. When the horizon year was not generated (an HTTP request for 1 and 5 years) the latest
+generated year stands in and `gpvf_year` says so; the cohort job requires the horizon year. Risk group
+LL / LH / HIGH by `raypipe.metrics.risk_groups` (BpVF >= 0.5 HIGH, else GpVF >= 0.6 LH, else LL). The
+per-participant maximum over baseline images is taken by the cohort job
+(`raypipe.data.generate_pipeline.aggregate_participants`).
+
+Geometry: BpVF and GpVF are scored on the same geometry. A generated 512 x 512 image is cut back to the
+box the radiograph occupies in `ldm_input`'s padded square (`raypipe.preprocess.pvf.crop_ldm_content`)
+before `pvf_input` fits it to 1024 x 512 exactly as it fits the baseline; written PNGs are that content.
+
+Prompts: the generation prompt carries the clinical attributes the model was trained with
+(`clinical_prompts` in model_meta.json, written by `raypipe train ldm`).
 """
 from __future__ import annotations
 
@@ -78,6 +90,8 @@ class SamplerSettings:
     max_batch: int = 64  # prompt-LDM samples per forward pass (the structure LDM runs once per step)
     low_threshold: float = 0.5
     high_threshold: float = 0.6
+    gpvf_rule: str = "horizon_mean"  # horizon_mean (thesis: seed mean of the 10-year image) | max_over_years
+    gpvf_horizon_years: float = 10.0
 
     def replace(self, **kw: Any) -> "SamplerSettings":
         """A copy with the non-None keyword values replaced."""
@@ -90,8 +104,10 @@ class SamplerSettings:
 class DiffXPipeline:
     """Diff-X sampler over a `DiffXModel`: DDIM inversion + plug-and-play injected denoising."""
 
-    def __init__(self, model: DiffXModel, settings: SamplerSettings | None = None, amp_dtype: torch.dtype | None = None) -> None:
+    def __init__(self, model: DiffXModel, settings: SamplerSettings | None = None, amp_dtype: torch.dtype | None = None,
+                 clinical_prompts: bool = False) -> None:
         self.model = model.eval()
+        self.clinical_prompts = clinical_prompts  # prompts carry the clinical attributes the model was trained with
         self.settings = settings or SamplerSettings()
         self.amp_dtype = amp_dtype
         self.scheduler = ddim_scheduler()
@@ -229,22 +245,32 @@ def pipeline_from_dir(model_dir: str | Path, device: str | torch.device | None =
     known = SamplerSettings.__dataclass_fields__
     settings = SamplerSettings(**{k: v for k, v in meta.get("sampler", {}).items() if k in known}).replace(**overrides)
     amp = torch.bfloat16 if (bf16 and dev.type == "cuda") else None
-    return DiffXPipeline(model, settings, amp_dtype=amp)
+    return DiffXPipeline(model, settings, amp_dtype=amp, clinical_prompts=bool(meta.get("clinical_prompts", False)))
 
 
 # ---------------------------------------------------------------------------------------------- scores
+GPVF_RULES = ("horizon_mean", "max_over_years")
+
+
 def aggregate_scores(
     bpvf: float | None,
     gpvf: Mapping[float, Sequence[float]],
     low: float = 0.5,
     high: float = 0.6,
+    *,
+    rule: str = "horizon_mean",
+    horizon_years: float = 10.0,
 ) -> dict[str, Any]:
-    """Thesis aggregation: per-year mean/SD over seeds, patient GpVF = max of the means, group by thresholds.
+    """Thesis aggregation of one image: per-year seed mean/SD, GpVF by `rule`, LL/LH/HIGH group by thresholds.
 
-    SD is the sample SD (ddof = 1; 0 with one seed). Ties between years go to the earliest year.
+    ``horizon_mean`` (thesis): GpVF = seed mean at `horizon_years` (the latest generated year when that one
+    is absent; ``gpvf_year`` records which). ``max_over_years``: the maximum of the seed means (ties go to the
+    earliest year). SD is the sample SD (ddof = 1; 0 with one seed).
     """
     from raypipe.metrics import risk_groups
 
+    if rule not in GPVF_RULES:
+        raise ValueError(f"gpvf_rule must be one of {GPVF_RULES}, got {rule!r}")
     per_year: dict[str, dict[str, Any]] = {}
     means: list[tuple[float, float, float]] = []  # (year, mean, sd)
     for year in sorted(gpvf):
@@ -256,13 +282,16 @@ def aggregate_scores(
         per_year[f"{float(year):g}"] = {"mean": mean, "sd": sd, "scores": scores.tolist()}
         means.append((float(year), mean, sd))
     best_year, best_mean, best_sd = None, float("nan"), float("nan")
-    if means:
+    if means and rule == "max_over_years":
         top = max(m for _, m, _ in means)
         best_year, best_mean, best_sd = next(x for x in means if x[1] >= top - 1e-9)  # earliest of (near-)ties
+    elif means:
+        at = [x for x in means if abs(x[0] - float(horizon_years)) < 1e-9]
+        best_year, best_mean, best_sd = at[0] if at else means[-1]
     out: dict[str, Any] = {"bpvf": None if bpvf is None else float(bpvf), "gpvf_by_year": per_year,
                            "gpvf": best_mean if per_year else None, "gpvf_year": best_year,
-                           "uncertainty": best_sd if per_year else None, "thresholds": {"low": low, "high": high},
-                           "group": None}
+                           "gpvf_rule": rule, "uncertainty": best_sd if per_year else None,
+                           "thresholds": {"low": low, "high": high}, "group": None}
     if bpvf is not None and per_year:
         out["group"] = str(risk_groups([bpvf], [best_mean], low=low, high=high)[0])
     return out
@@ -290,16 +319,18 @@ def generate_study(
 ) -> dict[str, Any]:
     """Generate one patient's future images; write PNGs + generation.json into `out_dir` (when given)."""
     from raypipe.io.radiograph import write_radiograph_png
-    from raypipe.preprocess.pvf import from_ldm_output, ldm_input
+    from raypipe.preprocess.pvf import crop_ldm_content, from_ldm_output, ldm_input
 
     years = [float(y) for y in years]
     if not years:
         raise ValueError("need at least one future time point")
     seeds = [int(s) for s in seeds]
-    base_prompt, prompts = future_prompts(age, sex, years, clinical)
+    base_prompt, prompts = future_prompts(age, sex, years, clinical if pipeline.clinical_prompts else None)
     image = torch.from_numpy(ldm_input(pixels, pipeline.model.image_size))[None]
     images = pipeline(image, base_prompt, [prompts[y] for y in years], seeds)
-    grey = from_ldm_output(images[:, :, 0].numpy())  # (years, seeds, H, W) in [0, 1]
+    square = from_ldm_output(images[:, :, 0].numpy())  # (years, seeds, S, S) in [0, 1]
+    # back to the baseline's geometry (no padding bars): GpVF is scored as BpVF is
+    grey = [[crop_ldm_content(square[i, j], np.shape(pixels)) for j in range(len(seeds))] for i in range(len(years))]
 
     out = Path(out_dir) if out_dir is not None else None
     files: dict[str, list[str]] = {}
@@ -308,7 +339,7 @@ def generate_study(
             files[f"{y:g}"] = []
             for j, sd in enumerate(seeds):
                 name = f"year{y:g}_seed{sd}.png"
-                write_radiograph_png(out / name, grey[i, j], bits=8)
+                write_radiograph_png(out / name, grey[i][j], bits=8)
                 files[f"{y:g}"].append(name)
     s = pipeline.settings
     record: dict[str, Any] = {
@@ -316,12 +347,13 @@ def generate_study(
         "baseline_prompt": base_prompt, "prompts": {f"{y:g}": prompts[y] for y in years}, "images": files,
         "sampler": {"steps": s.steps, "eta": s.eta, "guidance_scale": s.guidance_scale,
                     "injection_layer": s.injection_layer, "image_size": pipeline.model.image_size},
+        "clinical_prompts": pipeline.clinical_prompts, "gpvf_geometry": "ldm content box, as the baseline",
     }
     if pvf is not None:
         bpvf = float(pvf([np.asarray(pixels, dtype=np.float32)])[0])
-        flat = pvf([grey[i, j] for i in range(len(years)) for j in range(len(seeds))]).reshape(len(years), len(seeds))
+        flat = pvf([grey[i][j] for i in range(len(years)) for j in range(len(seeds))]).reshape(len(years), len(seeds))
         record.update(aggregate_scores(bpvf, {y: flat[i] for i, y in enumerate(years)}, s.low_threshold,
-                                       s.high_threshold))
+                                       s.high_threshold, rule=s.gpvf_rule, horizon_years=s.gpvf_horizon_years))
     if out is not None:
         from raypipe.storage import atomic_write_json
 

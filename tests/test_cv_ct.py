@@ -58,7 +58,7 @@ def write_cv_shards(out: Path, n_dev: int, n_ext: int, seed: int = 0, side: int 
 def _tiny_config():
     from raypipe.train.config import CTTrainConfig
 
-    return CTTrainConfig(model="cnn_rnn_tiny", model_kwargs={"dropout": 0.0}, input="bone", lr=3e-3, batch_size=16,
+    return CTTrainConfig(model="cnn_rnn_tiny", pretrained="none", model_kwargs={"dropout": 0.0}, input="bone", lr=3e-3, batch_size=16,
                          eval_batch_size=32, epochs=1, patience=1, num_workers=1, n_boot=50, shuffle_buffer=0,
                          max_failures=0)
 

@@ -41,7 +41,9 @@ def test_run_config_carries_placement_and_worker_resources():
     from raypipe.tasks import TASKS
 
     for task in TASKS.values():
-        cfg = task.config_class()(placement_strategy="SPREAD", resources_per_worker={"CPU": 0.5, "x": 1.0})
+        cls = task.config_class()
+        extra = {"pretrained": "none"} if "pretrained" in cls.model_fields else {}
+        cfg = cls(placement_strategy="SPREAD", resources_per_worker={"CPU": 0.5, "x": 1.0}, **extra)
         assert cfg.placement_strategy == "SPREAD" and cfg.resources_per_worker == {"CPU": 0.5, "x": 1.0}
     with pytest.raises(ConfigError, match="placement_strategy"):
-        load_config(TASKS["cnn-rnn"].config_class(), overrides={"placement_strategy": "ANYWHERE"})
+        load_config(TASKS["cnn-rnn"].config_class(), overrides={"placement_strategy": "ANYWHERE", "pretrained": "none"})

@@ -35,7 +35,9 @@ def test_every_entry_resolves_and_its_configs_load(name: str) -> None:
             assert callable(resolve(path))
     for file in (*task.paper_configs, task.tiny_config):
         assert (CONFIGS / file).is_file(), file
-        load_config(cls, CONFIGS / file)
+        # paper configs name ImageNet weights that tests do not have: they load once that is stated
+        load_config(cls, CONFIGS / file, {} if file == task.tiny_config else {"pretrained": "none"}
+                    if "pretrained" in cls.model_fields else {})
     assert get_task(name.replace("-", "_")) is task
 
 

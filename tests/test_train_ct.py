@@ -60,7 +60,7 @@ def write_planted_shards(out: Path, n_patients: int, seed: int = 0, test_fractio
 
 
 def _tiny_cfg(**kw) -> CTTrainConfig:
-    base = dict(model="cnn_rnn_tiny", model_kwargs=TINY, input="bone", lr=3e-3, batch_size=16, eval_batch_size=32,
+    base = dict(model="cnn_rnn_tiny", pretrained="none", model_kwargs=TINY, input="bone", lr=3e-3, batch_size=16, eval_batch_size=32,
                 epochs=8, patience=8, num_workers=1, n_boot=50, shuffle_buffer=0, max_failures=0)
     return CTTrainConfig(**{**base, **kw})
 
@@ -155,7 +155,7 @@ def test_multitask_tiny_writes_both_heads(ray_session, tmp_path):
     from raypipe.train.ct import fit_ct
 
     write_planted_shards(tmp_path / "shards", 40, seed=4, test_fraction=0.3)
-    cfg = MultitaskConfig(model="multitask_tiny", model_kwargs=TINY, input="bone", lr=3e-3, batch_size=16,
+    cfg = MultitaskConfig(model="multitask_tiny", pretrained="none", model_kwargs=TINY, input="bone", lr=3e-3, batch_size=16,
                           epochs=2, num_workers=2, n_boot=20, shuffle_buffer=0, max_failures=0)
     fit_ct(cfg, str(tmp_path / "shards"), str(tmp_path / "run"))
     preds = read_predictions(tmp_path / "run" / "predictions.parquet")
@@ -172,10 +172,10 @@ def test_multitask_tiny_writes_both_heads(ray_session, tmp_path):
 
 def test_config_defaults_follow_the_paper():
     """Paper 000: Adam, lr 1e-5, batch 128, 14 slices, fracture_5y; paper 002: 2/3/5-year horizons."""
-    c = CTTrainConfig()
+    c = CTTrainConfig(pretrained="none")
     assert (c.optimizer, c.lr, c.batch_size, c.n_slices, c.label, c.model) == ("adam", 1e-5, 128, 14, "fracture_5y",
                                                                                "cnn_rnn")
-    m = MultitaskConfig()
+    m = MultitaskConfig(pretrained="none")
     assert m.horizons_years == [2.0, 3.0, 5.0] and m.cox_ties == "efron"
     with pytest.raises(Exception):
         CTTrainConfig(lr_typo=1.0)

@@ -48,17 +48,17 @@ def test_augment_batch_is_identity_without_randomness_and_mirrors_with_flip() ->
     from raypipe.train.pvf import PVFTrainConfig, augment_batch
 
     x = torch.randn(3, 1, 32, 16, generator=torch.Generator().manual_seed(0))
-    still = PVFTrainConfig(rotation_deg=0.0, scale_range=(1.0, 1.0), translate_frac=0.0, flip_prob=0.0,
+    still = PVFTrainConfig(pretrained="none", rotation_deg=0.0, scale_range=(1.0, 1.0), translate_frac=0.0, flip_prob=0.0,
                            contrast_jitter=0.0)
     torch.testing.assert_close(augment_batch(x, still, torch.Generator().manual_seed(1)), x, atol=1e-5, rtol=0)
     flip = still.model_copy(update={"flip_prob": 1.0})
     torch.testing.assert_close(augment_batch(x, flip, torch.Generator().manual_seed(1)), x.flip(-1), atol=1e-5, rtol=0)
     fill = -still.norm_mean / still.norm_std
     pad = torch.full((1, 1, 32, 16), fill)
-    moved = PVFTrainConfig(rotation_deg=30.0, scale_range=(0.8, 0.8), contrast_jitter=0.0)
+    moved = PVFTrainConfig(pretrained="none", rotation_deg=30.0, scale_range=(0.8, 0.8), contrast_jitter=0.0)
     torch.testing.assert_close(augment_batch(pad, moved, torch.Generator().manual_seed(2)), pad)
-    a = augment_batch(x, PVFTrainConfig(), torch.Generator().manual_seed(3))
-    b = augment_batch(x, PVFTrainConfig(), torch.Generator().manual_seed(3))
+    a = augment_batch(x, PVFTrainConfig(pretrained="none"), torch.Generator().manual_seed(3))
+    b = augment_batch(x, PVFTrainConfig(pretrained="none"), torch.Generator().manual_seed(3))
     torch.testing.assert_close(a, b)
     assert not torch.allclose(a, x)
 

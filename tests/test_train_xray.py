@@ -26,7 +26,7 @@ def cohort(xray_cohort, ray_session) -> tuple[Path, Path]:
 def _cfg(**kw):
     from raypipe.train.xray_config import DeepSurvConfig
 
-    base = dict(model="deepsurv_tiny", model_kwargs={"dropout": 0.0}, lr=3e-3, batch_size=64, eval_batch_size=64,
+    base = dict(model="deepsurv_tiny", pretrained="none", model_kwargs={"dropout": 0.0}, lr=3e-3, batch_size=64, eval_batch_size=64,
                 epochs=8, patience=8, shuffle_buffer=0, num_workers=1, max_failures=0, n_boot=50)
     return DeepSurvConfig(**{**base, **kw})
 
@@ -147,7 +147,7 @@ def test_tune_two_trials_exports_best_config(cohort, tmp_path):
 def _keypoint_cfg(**kw):
     from raypipe.train.xray_config import KeypointTrainConfig
 
-    base = dict(model="keypoints_tiny", input_size=128, heatmap_sigma=1.5, lr=2e-3, lr_min=1e-5, batch_size=16,
+    base = dict(model="keypoints_tiny", pretrained="none", input_size=128, heatmap_sigma=1.5, lr=2e-3, lr_min=1e-5, batch_size=16,
                 eval_batch_size=32, epochs=8, patience=8, num_workers=1, max_failures=0, n_boot=50,
                 rotation_deg=10.0, scale_range=(0.9, 1.1))
     return KeypointTrainConfig(**{**base, **kw})

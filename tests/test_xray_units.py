@@ -52,7 +52,7 @@ def test_learning_rate_decays_from_lr_to_lr_min():
     from raypipe.train.xray_config import KeypointTrainConfig
 
     for schedule in ("cosine", "step"):
-        cfg = KeypointTrainConfig(epochs=20, lr=1e-3, lr_min=1e-5, lr_schedule=schedule)
+        cfg = KeypointTrainConfig(pretrained="none", epochs=20, lr=1e-3, lr_min=1e-5, lr_schedule=schedule)
         lrs = [learning_rate(cfg, e) for e in range(1, 21)]
         assert lrs[0] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-5)
         assert all(a >= b for a, b in zip(lrs, lrs[1:]))

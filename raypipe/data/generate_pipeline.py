@@ -4,13 +4,21 @@ For every XR study of a manifest: future radiographs at the configured years (+ 
 when `include_last_followup`) x seeds, BpVF/GpVF and the risk group (`raypipe.generate.generate_study`),
 one ``generation.json`` per study under ``OUT/studies/<study_id>/``. Then:
 
-- ``OUT/predictions.parquet`` in the prediction schema: model ``diffx``, score = patient GpVF
-  (probability), plus ``bpvf``, ``gpvf_sd`` (uncertainty), ``group`` (LL/LH/HIGH), time/event, label
-  and clinical columns, so ``raypipe evaluate`` reports it (risk groups come from ``group``);
+- ``OUT/studies.parquet``: one row per baseline image (BpVF, GpVF of that image = seed mean of its 10-year
+  images by default, ``gpvf_rule``);
+- ``OUT/predictions.parquet`` in the prediction schema, **one row per participant** (thesis Methods 7:
+  "future images generated from the same baseline image were averaged, and the maximum value within the
+  same participant was then selected"; `aggregate_participants`): model ``diffx``, score = participant GpVF
+  (probability), plus ``bpvf`` (participant maximum), ``gpvf_sd`` (uncertainty of the image that gave the
+  GpVF), ``group`` (LL/LH/HIGH from the participant scores), ``n_images``, time/event, label and clinical
+  columns of the participant's earliest baseline (longest follow-up), so ``raypipe evaluate`` reports it and
+  no participant enters a survival analysis twice;
 - ``OUT/diffx_metrics.json``: the thesis's Table 4 and Figure 17-20 numbers: Cox hazard ratios of the
   groups (univariable; + age, sex, BMI; + FRAX MOF) with likelihood-ratio chi-square, the LR chi-square
   of the BpVF-only split (0.5) for comparison, time-dependent AUROC of GpVF at 1/5/10 years, group
-  incidence, KM curves and the log-rank test by group; with ``image_quality``, MS-SSIM and PSNR of
+  incidence, KM curves and the log-rank test by group (global and pairwise), the thesis's Tables 4 and 5
+  (``raypipe.metrics.diffx``: FRAX per SD, BpVF/GpVF per 0.1 point, C and LR chi-square) and the
+  cross-validated CoxPH fracture-score models (td-AUROC at 1/5/10 years and mean); with ``image_quality``, MS-SSIM and PSNR of
   Diff-X's baseline reconstruction and of the single prompt LDM against the real baseline (mean, SD);
   and, for studies whose manifest row has a real follow-up radiograph (``followup_image_path`` taken
   ``followup_years`` after baseline), Bland-Altman agreement and Pearson correlation between pVF on the
@@ -27,7 +35,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from pydantic import Field
+from typing import Literal
+
+from pydantic import Field, model_validator
 
 from raypipe.config import StrictModel
 
@@ -47,14 +57,26 @@ class GenerateJobConfig(StrictModel):
     eta: float | None = Field(None, ge=0)
     low_threshold: float = Field(0.5, description="BpVF threshold (HIGH)")
     high_threshold: float = Field(0.6, description="GpVF threshold (LH)")
+    gpvf_rule: Literal["horizon_mean", "max_over_years"] = Field(
+        "horizon_mean", description="horizon_mean: GpVF = seed mean at gpvf_horizon_years (thesis); max_over_years: "
+                                    "the maximum over years of the seed means (option)")
+    gpvf_horizon_years: float = Field(10.0, gt=0, description="the GpVF year (thesis: 10, as FRAX); must be in years")
     write_images: bool = True
     bf16: bool = Field(True, description="bf16 autocast on GPUs")
     split: str | None = Field(None, description="only studies of this manifest split (None: all)")
     concurrency: int | None = Field(None, ge=1, description="replicas (None: one per GPU, else 1 on CPU)")
-    clinical_prompts: bool = Field(False, description="add clinical attributes to the prompts (thesis: age, sex)")
+    clinical_prompts: bool | None = Field(
+        None, description="None: the prompts the model was trained with (model_meta.json); true/false must match it")
     image_quality: bool = Field(False, description="MS-SSIM/PSNR of Diff-X vs single-LDM baseline reconstructions")
     n_boot: int = Field(200, ge=0)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _horizon_generated(self) -> "GenerateJobConfig":
+        if self.gpvf_rule == "horizon_mean" and not any(abs(y - self.gpvf_horizon_years) < 1e-9 for y in self.years):
+            raise ValueError(f"gpvf_rule horizon_mean scores the {self.gpvf_horizon_years:g}-year image, but years "
+                             f"{self.years} do not include it")
+        return self
 
 
 class DiffXGenerator:
@@ -69,7 +91,12 @@ class DiffXGenerator:
         self.cfg = GenerateJobConfig.model_validate(config)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.pipe = pipeline_from_dir(model_dir, device, self.cfg.bf16, steps=self.cfg.steps, eta=self.cfg.eta,
-                                      low_threshold=self.cfg.low_threshold, high_threshold=self.cfg.high_threshold)
+                                      low_threshold=self.cfg.low_threshold, high_threshold=self.cfg.high_threshold,
+                                      gpvf_rule=self.cfg.gpvf_rule, gpvf_horizon_years=self.cfg.gpvf_horizon_years)
+        wanted = self.cfg.clinical_prompts
+        if wanted is not None and wanted != self.pipe.clinical_prompts:
+            raise ValueError(f"clinical_prompts: {wanted} but the model {model_dir} was trained with clinical_prompts: "
+                             f"{self.pipe.clinical_prompts}; the generation prompt must be the training prompt")
         self.pvf = load_pvf(pvf_dir, device) if pvf_dir else None
         self.out_dir = out_dir
 
@@ -87,7 +114,7 @@ class DiffXGenerator:
             followup = _followup(r)
             if followup is not None and followup[1] not in years:
                 years.append(followup[1])
-            clinical = {k: r.get(k) for k in CLINICAL_PROMPT_KEYS} if self.cfg.clinical_prompts else None
+            clinical = {k: r.get(k) for k in CLINICAL_PROMPT_KEYS} if self.pipe.clinical_prompts else None
             pixels = read_radiograph(r["image_path"]).pixels
             seeds = list(range(self.cfg.seeds))
             rec = generate_study(self.pipe, pixels, float(r["age"]), str(r["sex"]), years, seeds,
@@ -160,9 +187,12 @@ def generate_cohort(manifest: str, model_dir: str, out_dir: str, pvf_dir: str | 
     frame = base[list(dict.fromkeys(keep))].assign(
         split=base["split"].astype(str) if "split" in base.columns else "test", fold=-1, model=MODEL_NAME,
         score=base["gpvf"].astype(float), score_kind="probability", bpvf=base["bpvf"].astype(float),
+        gpvf=base["gpvf"].astype(float),
         gpvf_sd=base["gpvf_sd"].astype(float), gpvf_year=base["gpvf_year"].astype(float), group=base["group"])
     extra = [c for c in scored.columns if c.startswith("quality_") or c.startswith("pvf_followup_")]
-    frame = frame.assign(**{c: base[c].astype(float) for c in extra})
+    studies = frame.assign(**{c: base[c].astype(float) for c in extra})
+    studies.to_parquet(storage.join(out, "studies.parquet"), index=False)
+    frame = aggregate_participants(studies, cfg.low_threshold, cfg.high_threshold)
     pred_path = storage.join(out, "predictions.parquet")
     write_predictions(frame, pred_path, {"model": MODEL_NAME, "model_dir": os.path.abspath(model_dir),
                                          "pvf_dir": os.path.abspath(pvf_dir), **cfg.model_dump(mode="json")})
@@ -190,6 +220,8 @@ def _cox(df: pd.DataFrame, covariates: Sequence[str]) -> dict[str, Any]:
             data[f"group={g}"] = (df["group"] == g).astype(float)
     for c in covariates:
         data[c] = (df[c].astype(str).str.upper().str[0] == "F").astype(float) if c == "sex" else df[c].astype(float)
+        if c == "frax_mof":  # thesis Table 4: FRAX per 1 SD increase
+            data[c] = data[c] / float(df[c].astype(float).std(ddof=1))
     data = data.dropna()
     s = cox_hazard_ratios(data, "time", "event")
     return {"n": s.n, "events": s.n_events, "lr_chi2": s.lr_statistic, "lr_df": s.lr_df, "lr_p": s.lr_p_value,
@@ -198,10 +230,51 @@ def _cox(df: pd.DataFrame, covariates: Sequence[str]) -> dict[str, Any]:
                               for k, v in s.ratios.items()}}
 
 
-def diffx_metrics(frame: pd.DataFrame, cfg: GenerateJobConfig | None = None) -> dict[str, Any]:
-    """Risk-group survival analysis of Diff-X predictions (thesis Results 4-5)."""
-    from raypipe.metrics import cox_hazard_ratios, group_incidence, kaplan_meier, logrank_test, td_auroc
+def aggregate_participants(studies: pd.DataFrame, low: float = 0.5, high: float = 0.6) -> pd.DataFrame:
+    """One row per participant: BpVF and GpVF = maxima over the participant's baseline images, group re-derived.
 
+    Thesis Methods 7: per baseline image the GpVF is its seed mean; "the maximum value within the same
+    participant was then selected". The survival columns (time, event) and clinical values are those of the
+    participant's earliest baseline (longest ``time_days``); ``gpvf_sd``/``gpvf_year`` come from the image that
+    gave the participant's GpVF; ``n_images`` counts the baseline images.
+    """
+    from raypipe.metrics import risk_groups
+
+    if studies.empty:
+        raise ValueError("no studies to aggregate")
+    df = studies.reset_index(drop=True)
+    order = df["time_days"].astype(float) if "time_days" in df.columns else pd.Series(0.0, index=df.index)
+    first = df.assign(_t=order.fillna(-np.inf)).sort_values(["patient_id", "_t"], ascending=[True, False])
+    base = first.drop_duplicates("patient_id", keep="first").drop(columns="_t").set_index("patient_id")
+    grouped = df.groupby("patient_id", sort=False)
+    best_gen = df.loc[df["gpvf"].astype(float).fillna(-np.inf).groupby(df["patient_id"]).idxmax()].set_index("patient_id")
+    out = base.copy()
+    out["bpvf"] = grouped["bpvf"].max()
+    out["gpvf"] = grouped["gpvf"].max()
+    out["score"] = out["gpvf"].astype(float)
+    for c in ("gpvf_sd", "gpvf_year"):
+        if c in best_gen.columns:
+            out[c] = best_gen[c]
+    out["n_images"] = grouped.size()
+    if "event" in df.columns:
+        out["event"] = grouped["event"].max()
+    ok = out["bpvf"].notna() & out["gpvf"].notna()
+    out["group"] = None
+    if ok.any():
+        out.loc[ok, "group"] = risk_groups(out.loc[ok, "bpvf"].to_numpy(float), out.loc[ok, "gpvf"].to_numpy(float),
+                                           low=low, high=high).astype(str)
+    return out.reset_index()
+
+
+def diffx_metrics(frame: pd.DataFrame, cfg: GenerateJobConfig | None = None) -> dict[str, Any]:
+    """Risk-group survival analysis of Diff-X predictions (thesis Results 4-5); one row per participant."""
+    from raypipe.metrics import cox_hazard_ratios, group_incidence, kaplan_meier, logrank_test, td_auroc
+    from raypipe.metrics.diffx import fracture_score_models, pairwise_logrank, table4, table5
+
+    if frame["patient_id"].duplicated().any():
+        dup = frame.loc[frame["patient_id"].duplicated(), "patient_id"].iloc[0]
+        raise ValueError(f"participant {dup!r} has several rows: aggregate with aggregate_participants first "
+                         "(survival analyses count each participant once)")
     cfg = cfg or GenerateJobConfig()
     df = frame.dropna(subset=["time_days", "event", "group"]).reset_index(drop=True)
     t, e = df["time_days"].to_numpy(float), df["event"].to_numpy(int)
@@ -236,6 +309,10 @@ def diffx_metrics(frame: pd.DataFrame, cfg: GenerateJobConfig | None = None) -> 
                                                    "survival": kaplan_meier(t[m], e[m]).survival.tolist()}
                                           for g in df["group"].unique() for m in [(df["group"] == g).to_numpy()]})
     out["logrank"] = _guard(lambda: vars(logrank_test(t, e, df["group"].to_numpy(str))))
+    out["logrank_pairwise"] = _guard(lambda: {"pairs": [vars(r) for r in pairwise_logrank(t, e, df["group"].to_numpy(str))]})
+    out["table4"] = _guard(lambda: table4(df))
+    out["table5"] = _guard(lambda: table5(df))
+    out["fracture_score_models"] = _guard(lambda: fracture_score_models(df, folds=5, seed=cfg.seed))
     quality = image_quality_summary(frame)
     if quality:
         out["image_quality"] = quality

@@ -1,7 +1,8 @@
 """2D image encoders by name (ResNet / ResNeXt family) and local-file pretrained loading.
 
 The full-size encoders have exactly torchvision's module names and shapes (minus ``fc``), so an
-ImageNet state_dict saved from torchvision loads with :func:`load_pretrained`. A ``width`` knob and
+ImageNet state_dict saved from torchvision or timm (``.pth`` or ``.safetensors``) loads with
+:func:`raypipe.models.pretrained.load_pretrained` (re-exported here). A ``width`` knob and
 the ``*_tiny`` names build narrow, shallow versions of the same structure for tests and smoke runs.
 Nothing here downloads weights.
 """
@@ -15,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from raypipe.models.pretrained import load_pretrained
 
 __all__ = [
     "BACKBONES",
@@ -161,64 +164,3 @@ def build_backbone(
     if pretrained_path is not None:
         load_pretrained(enc, pretrained_path)
     return enc
-
-
-def _adapt_in_channels(weight: Tensor, in_chans: int) -> Tensor:
-    """Map a conv kernel trained on 3 channels to ``in_chans`` while keeping its response to grey input."""
-    if in_chans == 1:
-        return weight.sum(dim=1, keepdim=True)
-    reps = -(-in_chans // weight.shape[1])
-    return weight.repeat(1, reps, 1, 1)[:, :in_chans] * (weight.shape[1] / in_chans)
-
-
-def load_pretrained(
-    module: nn.Module,
-    path: str | Path,
-    *,
-    ignore_prefixes: Iterable[str] = ("fc.", "classifier."),
-    strict: bool = True,
-) -> nn.Module:
-    """Load a local state_dict into ``module`` (``weights_only=True``), adapting 3-channel stems.
-
-    Keys starting with ``ignore_prefixes`` (classifier heads) and a ``module.`` prefix (DDP) are
-    dropped; input-channel mismatches on conv kernels are adapted (1 channel: summed over RGB).
-    With ``strict`` any other missing key, unexpected key or shape mismatch raises, listing them.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pretrained weights not found: {path} (weights are never downloaded)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
-        state = state["state_dict"]
-    if not isinstance(state, Mapping):
-        raise TypeError(f"{path} does not hold a state_dict (got {type(state).__name__})")
-    prefixes = tuple(ignore_prefixes)
-    own = module.state_dict()
-    loaded: dict[str, Tensor] = {}
-    unexpected: list[str] = []
-    bad_shape: list[str] = []
-    for key, value in state.items():
-        key = key.removeprefix("module.")
-        if key.startswith(prefixes):
-            continue
-        if key not in own:
-            unexpected.append(key)
-            continue
-        target = own[key].shape
-        if value.shape != target:
-            if value.ndim == 4 and value.shape[0] == target[0] and value.shape[2:] == target[2:]:
-                value = _adapt_in_channels(value, target[1])
-            else:
-                bad_shape.append(f"{key}: file {tuple(value.shape)} vs model {tuple(target)}")
-                continue
-        loaded[key] = value
-    missing = [k for k in own if k not in loaded and not k.startswith(prefixes)]
-    if strict and (missing or unexpected or bad_shape):
-        parts = []
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", bad_shape)):
-            if items:
-                shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
-                parts.append(f"{label}: {shown}")
-        raise ValueError(f"state_dict in {path} does not fit {type(module).__name__}: " + "; ".join(parts))
-    module.load_state_dict(loaded, strict=False)
-    return module

@@ -1,7 +1,8 @@
 """Typed CT preprocessing config with the values of the CT fracture paper (papers/000) as defaults.
 
 Paper: axial slices resampled to 1 x 1 mm, HU window [-200, 1000] scaled to [-1, 1], vertebral bodies
-T12-L4 (discs excluded), 96 x 96 bone-only and 96 x 144 bone+muscle crops, 14 equidistant slices.
+T12-L4 (discs excluded), 96 x 96 bone-only images of the body region and 96 x 144 bone+muscle boxes centred
+on the vertebral body, 14 equidistant slices.
 """
 from __future__ import annotations
 
@@ -26,12 +27,23 @@ class CTPreprocessConfig(StrictModel):
     spacing_mm: tuple[float, float] = Field((1.0, 1.0), description="in-plane (row, col) target spacing")
     bone_crop: tuple[int, int] = Field((96, 96), description="bone-only crop (rows AP, cols LR) in pixels")
     muscle_crop: tuple[int, int] = Field((96, 144), description="bone+muscle crop (rows AP, cols LR)")
-    muscle_crop_shift_mm: float = Field(
-        24.0,
+    muscle_crop_centre: Literal["vertebral_body", "posterior_shift"] = Field(
+        "vertebral_body",
         description=(
-            "posterior shift of the bone+muscle crop centre from the body centroid; the paper centres the "
-            "box on the body, but a 96 mm AP box centred there cuts the erector spinae in half, so by "
-            "default it spans from ~24 mm anterior to ~72 mm posterior of the body centroid (0 = paper literal)"
+            "vertebral_body: the 96 x 144 box centred on the body centroid (paper 000, Methods); posterior_shift: "
+            "sensitivity option, the centre moved muscle_crop_shift_mm posterior so the box holds more of the "
+            "erector spinae (a 96 mm AP box centred on the body cuts them in half in large patients)"
+        ),
+    )
+    muscle_crop_shift_mm: float = Field(
+        24.0, description="posterior shift of the bone+muscle box centre; used only with muscle_crop_centre=posterior_shift"
+    )
+    bone_input: Literal["body_masked", "window"] = Field(
+        "body_masked",
+        description=(
+            "body_masked: the 96 x 96 bone-only crop keeps only vertebral-body pixels (paper 000: the body "
+            "region extracted from its annotation, discs excluded), the rest set to pad_value; window: the plain "
+            "96 x 96 window around the body centroid (option)"
         ),
     )
     levels: tuple[str, ...] = Field(("T12", "L1", "L2", "L3", "L4"), description="contiguous levels, top first")
@@ -60,6 +72,16 @@ class CTPreprocessConfig(StrictModel):
         if idx != list(range(idx[0], idx[0] + len(idx))):
             raise ValueError(f"levels must be contiguous and ordered top to bottom, got {list(v)}")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_crops(cls, data: Any) -> Any:
+        """A config resolved before `muscle_crop_centre` existed reads as the crops it produced (shift, no mask)."""
+        if isinstance(data, dict) and "muscle_crop_shift_mm" in data and "muscle_crop_centre" not in data:
+            data = dict(data)
+            data["muscle_crop_centre"] = "posterior_shift" if data["muscle_crop_shift_mm"] else "vertebral_body"
+            data.setdefault("bone_input", "window")
+        return data
 
     @model_validator(mode="after")
     def _window_order(self) -> "CTPreprocessConfig":

@@ -6,8 +6,10 @@ anterior->posterior, right->left); spacing is given as (x, y, z) mm. No Ray and 
 
 Pipeline per study: vertebral bodies T12-L4 (discs excluded) -> axial slices from the top of T12's body to
 the bottom of L4's body -> in-plane resampling to 1 x 1 mm (linear; slice thickness kept) -> HU window
-[-200, 1000] scaled to [-1, 1] -> per slice a 96 x 96 bone crop centred on the body centroid and a
-96 x 144 bone+muscle crop (see `CTPreprocessConfig.muscle_crop_shift_mm`). The 14 model slices are drawn
+[-200, 1000] scaled to [-1, 1] -> per slice a 96 x 96 bone-only crop centred on the body centroid and masked
+to the vertebral body (`CTPreprocessConfig.bone_input`; disc slices, which have no body pixels, are all
+pad value) and a 96 x 144 bone+muscle box centred on the body centroid (`muscle_crop_centre`; the
+posterior shift is a sensitivity option). The 14 model slices are drawn
 later (`sample_slices`), so augmentation can change them every epoch without re-reading CTs.
 """
 from __future__ import annotations
@@ -336,7 +338,7 @@ def preprocess_ct_study(
     centres_mm = _slice_centres(union) * np.array([sy, sx])
 
     ty, tx = cfg.spacing_mm
-    shift = cfg.muscle_crop_shift_mm
+    shift = cfg.muscle_crop_shift_mm if cfg.muscle_crop_centre == "posterior_shift" else 0.0
     half_r = max(cfg.bone_crop[0] / 2 * ty, cfg.muscle_crop[0] / 2 * ty + abs(shift)) + 2 * max(ty, sy)
     half_c = max(cfg.bone_crop[1], cfg.muscle_crop[1]) / 2 * tx + 2 * max(tx, sx)
     # Resample only the window that the crops can reach: full 512^2 x 600 volumes would not fit a worker.
@@ -346,6 +348,7 @@ def preprocess_ct_study(
     c1 = min(hu.shape[2], int(np.ceil((centres_mm[:, 1].max() + half_c) / sx)) + 1)
     sub = resample_axial(hu[span.indices, r0:r1, c0:c1], (sx, sy, sz), (ty, tx))
     win = hu_window(sub, cfg.window_low, cfg.window_high)
+    body_1mm = resample_axial_mask(union[:, r0:r1, c0:c1], (sx, sy, sz), (ty, tx))
     rc = (centres_mm - np.array([r0 * sy, c0 * sx])) / np.array([ty, tx])
 
     n = len(span.indices)
@@ -355,7 +358,11 @@ def preprocess_ct_study(
     for i in range(n):
         cb = (rc[i, 0], rc[i, 1])
         cm = (rc[i, 0] + shift / ty, rc[i, 1])
-        bone[i] = vertebra_crop(win[i], cb, cfg.bone_crop, cfg.pad_value)
+        bone_i = vertebra_crop(win[i], cb, cfg.bone_crop, cfg.pad_value)
+        if cfg.bone_input == "body_masked":
+            inside = vertebra_crop(body_1mm[i], cb, cfg.bone_crop, False)
+            bone_i = np.where(inside, bone_i, np.float32(cfg.pad_value))
+        bone[i] = bone_i
         muscle[i] = vertebra_crop(win[i], cm, cfg.muscle_crop, cfg.pad_value)
         pad_b += any(_outside_volume(cb, cfg.bone_crop, win.shape[1:], (r0, r1, c0, c1), hu.shape[1:]))
         pad_m += any(_outside_volume(cm, cfg.muscle_crop, win.shape[1:], (r0, r1, c0, c1), hu.shape[1:]))
@@ -389,6 +396,10 @@ def preprocess_ct_study(
         "spacing_mm": [sx, sy, sz],
         "source_orientation": getattr(ct, "source_orientation", None),
         "body_rule": "mask" if use_mask else "geometric",
+        "bone_input": cfg.bone_input,
+        "muscle_crop_centre": cfg.muscle_crop_centre,
+        "muscle_crop_shift_mm": float(shift),
+        "slices_without_body": int((~union.any(axis=(1, 2))).sum()),
         "span_mm": float(abs(span.z_mm[0] - span.z_mm[-1]) + sz),
         "padded_slices_bone": int(pad_b),
         "padded_slices_muscle": int(pad_m),

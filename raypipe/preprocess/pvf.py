@@ -6,6 +6,9 @@
 - `ldm_input`: the diffusion models' input: padded to a square (aspect kept) and resized to 512 x 512,
   in [-1, 1] as latent diffusion VAEs expect (Methods 4: "resized to 512x512 pixels").
 - `from_ldm_output`: the inverse intensity map for PNGs and for scoring generated images.
+- `crop_ldm_content`: a generated square cut back to the box the radiograph occupies in `ldm_input`'s
+  square, so GpVF is scored on the geometry BpVF is scored on (`pvf_input` then fits it exactly as it fits
+  the baseline; no padding bars enter the CLAHE or the classifier).
 All take and return float arrays; images are [0, 1] bone bright (`raypipe.io.radiograph`).
 """
 from __future__ import annotations
@@ -16,7 +19,8 @@ import torch.nn.functional as F
 
 from raypipe.preprocess.xray import clahe, min_max
 
-__all__ = ["PVF_SIZE", "LDM_SIZE", "fit_to_canvas", "pvf_input", "ldm_input", "from_ldm_output"]
+__all__ = ["PVF_SIZE", "LDM_SIZE", "crop_ldm_content", "fit_box", "fit_to_canvas", "from_ldm_output", "ldm_input",
+           "pvf_input"]
 
 PVF_SIZE: tuple[int, int] = (1024, 512)
 LDM_SIZE: int = 512
@@ -29,6 +33,15 @@ def _resize(img: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return out[0, 0].numpy()
 
 
+def fit_box(src_shape: tuple[int, int], shape: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Box ``(top, left, height, width)`` an image of ``src_shape`` fills when fitted into ``shape`` (aspect kept, centred)."""
+    rows, cols = shape
+    scale = min(rows / src_shape[0], cols / src_shape[1])
+    h = max(1, min(rows, int(round(src_shape[0] * scale))))
+    w = max(1, min(cols, int(round(src_shape[1] * scale))))
+    return (rows - h) // 2, (cols - w) // 2, h, w
+
+
 def fit_to_canvas(img: np.ndarray, shape: tuple[int, int], fill: float = 0.0) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     """Scale `img` to fit `shape` with its aspect ratio kept and pad (centred) with `fill`.
 
@@ -38,12 +51,8 @@ def fit_to_canvas(img: np.ndarray, shape: tuple[int, int], fill: float = 0.0) ->
     x = np.asarray(img, dtype=np.float32)
     if x.ndim != 2 or min(x.shape) < 1:
         raise ValueError(f"expected a non-empty 2-D image, got shape {x.shape}")
-    rows, cols = shape
-    scale = min(rows / x.shape[0], cols / x.shape[1])
-    h = max(1, min(rows, int(round(x.shape[0] * scale))))
-    w = max(1, min(cols, int(round(x.shape[1] * scale))))
-    canvas = np.full((rows, cols), fill, dtype=np.float32)
-    top, left = (rows - h) // 2, (cols - w) // 2
+    top, left, h, w = fit_box(x.shape, shape)
+    canvas = np.full(tuple(shape), fill, dtype=np.float32)
     canvas[top:top + h, left:left + w] = _resize(x, (h, w))
     return canvas, (top, left, h, w)
 
@@ -74,3 +83,12 @@ def from_ldm_output(x: np.ndarray) -> np.ndarray:
     """[-1, 1] model space -> [0, 1] image space (clipped), the inverse of `ldm_input`'s scaling."""
     return np.clip((np.asarray(x, dtype=np.float32) + 1.0) / 2.0, 0.0, 1.0)
 
+
+
+def crop_ldm_content(generated: np.ndarray, source_shape: tuple[int, int]) -> np.ndarray:
+    """The part of a generated ``(S, S)`` image where ``ldm_input`` put a radiograph of ``source_shape``."""
+    g = np.asarray(generated)
+    if g.ndim != 2 or g.shape[0] != g.shape[1]:
+        raise ValueError(f"expected a square generated image, got shape {g.shape}")
+    top, left, h, w = fit_box(tuple(source_shape), g.shape)
+    return g[top:top + h, left:left + w]

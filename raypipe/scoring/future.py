@@ -39,14 +39,15 @@ class GeneratedImage:
 
 
 def summarise_future(bpvf: float, gpvf: Mapping[float, Sequence[float]], low: float = 0.5,
-                     high: float = 0.6) -> dict[str, Any]:
-    """BpVF, GpVF mean/SD over seeds per year, patient GpVF and LL/LH/HIGH group (`raypipe.generate.aggregate_scores`)."""
+                     high: float = 0.6, rule: str = "horizon_mean", horizon_years: float = 10.0) -> dict[str, Any]:
+    """BpVF, GpVF mean/SD over seeds per year, the image's GpVF by `rule` (thesis: the 10-year seed mean) and
+    the LL/LH/HIGH group (`raypipe.generate.aggregate_scores`; `gpvf_year` says which year was scored)."""
     from raypipe.generate import aggregate_scores
 
-    agg = aggregate_scores(bpvf, gpvf, low=low, high=high)
+    agg = aggregate_scores(bpvf, gpvf, low=low, high=high, rule=rule, horizon_years=horizon_years)
     per_year = [{"year": float(y), "gpvf_mean": v["mean"], "gpvf_sd": v["sd"], "scores": v["scores"]}
                 for y, v in agg["gpvf_by_year"].items()]
-    return {"bpvf": agg["bpvf"], "gpvf_mean": agg["gpvf"], "gpvf_sd": agg["uncertainty"], "gpvf_year": agg["gpvf_year"],
+    return {"bpvf": agg["bpvf"], "gpvf_mean": agg["gpvf"], "gpvf_sd": agg["uncertainty"], "gpvf_year": agg["gpvf_year"], "gpvf_rule": agg["gpvf_rule"],
             "gpvf_by_year": per_year, "risk_group": agg["group"], "thresholds": agg["thresholds"]}
 
 
@@ -78,7 +79,7 @@ def _adapt(gen: Any, version: ModelVersion) -> Callable[..., list[GeneratedImage
     """Bind `raypipe.generate`'s pipeline (loaded from the registry folder) to a call returning `GeneratedImage`s."""
     import torch
 
-    from raypipe.preprocess.pvf import from_ldm_output, ldm_input
+    from raypipe.preprocess.pvf import crop_ldm_content, from_ldm_output, ldm_input
 
     try:
         pipe = gen.pipeline_from_dir(version.path)
@@ -91,7 +92,9 @@ def _adapt(gen: Any, version: ModelVersion) -> Callable[..., list[GeneratedImage
         image = torch.from_numpy(ldm_input(pixels, pipe.model.image_size))[None]
         with torch.no_grad():
             images = pipe(image, base, [prompts[y] for y in ys], [int(s) for s in seeds])
-        grey = from_ldm_output(images[:, :, 0].float().numpy())  # (years, seeds, H, W) in [0, 1]
-        return [GeneratedImage(y, int(s), grey[i, j]) for i, y in enumerate(ys) for j, s in enumerate(seeds)]
+        grey = from_ldm_output(images[:, :, 0].float().numpy())  # (years, seeds, S, S) in [0, 1]
+        # cut back to the radiograph's own box in the padded square: GpVF is scored on BpVF's geometry
+        return [GeneratedImage(y, int(s), crop_ldm_content(grey[i, j], pixels.shape))
+                for i, y in enumerate(ys) for j, s in enumerate(seeds)]
 
     return call

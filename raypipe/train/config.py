@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from raypipe.config import StrictModel
+from raypipe.models.pretrained import check_pretrained
 
 # The clinical variables of the paper's clinical model D (age, sex, BMI, steroids, smoking, alcohol,
 # secondary osteoporosis, T2DM, HIV, hepatitis C, renal failure), in the manifest's column names.
@@ -61,7 +62,8 @@ class CTTrainConfig(RayRunConfig):
         False, description="BatchNorm uses running statistics while training (small per-worker batches, DDP parity)"
     )
     sync_batchnorm: bool = Field(False, description="convert BatchNorm to SyncBatchNorm (multi-GPU only)")
-    pretrained_path: str | None = Field(None, description="local ImageNet state_dict for the encoder; never downloaded")
+    pretrained: Literal["imagenet", "none"] = Field("imagenet", description="imagenet: load pretrained_path (required, must exist); none: random init, stated explicitly")
+    pretrained_path: str | None = Field(None, description="local ImageNet encoder weights (.pth/.safetensors); never downloaded")
 
     # optimisation (paper: Adam, lr 1e-5, batch 128, cross-entropy)
     optimizer: Literal["adam", "adamw"] = "adam"
@@ -93,6 +95,7 @@ class CTTrainConfig(RayRunConfig):
             raise ValueError("use_clinical is true but clinical_columns is empty")
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError("val_fraction + test_fraction must be below 1")
+        check_pretrained(self.pretrained, self.pretrained_path, owner=type(self).__name__)
         return self
 
     @property

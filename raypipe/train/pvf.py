@@ -20,14 +20,15 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from raypipe.config import ScaleRange
-from raypipe.train.config import RayRunConfig
 from raypipe.losses import masked_bce
 from raypipe.metrics import auroc_or_nan
+from raypipe.models.pretrained import check_pretrained
 from raypipe.train.common import autocast
+from raypipe.train.config import RayRunConfig
 from raypipe.train.loop import CHECKPOINT_SCORE, WorkerTask, run_worker_loop
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,8 @@ class PVFTrainConfig(RayRunConfig):
     model: str = Field("pvf_efficientnet_b4", description="registry name: pvf_efficientnet_b4 or pvf_tiny")
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     display_name: str = "pvf"
-    pretrained_path: str | None = Field(None, description="local ImageNet EfficientNet state_dict; never downloaded")
+    pretrained: Literal["imagenet", "none"] = Field("imagenet", description="imagenet: load pretrained_path (required, must exist); none: random init, stated explicitly")
+    pretrained_path: str | None = Field(None, description="local ImageNet EfficientNet-B4 weights (torchvision or timm layout)")
     input_size: tuple[int, int] = Field((1024, 512), description="rows x cols after fit-and-pad")
     clip_limit: float = Field(0.01, ge=0, description="CLAHE clip limit (0 disables)")
     tiles: tuple[int, int] = (8, 8)
@@ -71,6 +73,11 @@ class PVFTrainConfig(RayRunConfig):
     gradcam_images: int = Field(4, ge=0, description="held-out images with a Grad-CAM PNG")
     bn_recalibration_batches: int = Field(
         8, ge=0, description="after each epoch, recompute BatchNorm statistics over this many training batches")
+
+    @model_validator(mode="after")
+    def _check_pretrained(self) -> "PVFTrainConfig":
+        check_pretrained(self.pretrained, self.pretrained_path, owner=type(self).__name__)
+        return self
 
     @property
     def name(self) -> str:

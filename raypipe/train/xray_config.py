@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from raypipe.config import ScaleRange
+from raypipe.models.pretrained import check_pretrained
 from raypipe.train.config import RayRunConfig
 
 # Paper 001: model 1 = age + sex, model 2 = + BMI, model 3 = + glucocorticoids + secondary osteoporosis.
@@ -33,7 +34,8 @@ class KeypointTrainConfig(RayRunConfig):
     model: str = Field("keypoints_hrnet_w32", description="registry name: keypoints_hrnet_w32 or keypoints_tiny")
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     display_name: str | None = None
-    pretrained_path: str | None = Field(None, description="local ImageNet HRNet state_dict; never downloaded")
+    pretrained: Literal["imagenet", "none"] = Field("imagenet", description="imagenet: load pretrained_path (required, must exist); none: random init, stated explicitly")
+    pretrained_path: str | None = Field(None, description="local ImageNet HRNet-W32 weights (timm layout, .pth/.safetensors)")
     input_size: int = Field(384, ge=32, description="square input side (multiple of 32): min-max, zero padded")
     heatmap_sigma: float = Field(2.0, gt=0, description="Gaussian target sigma in heatmap pixels (stride 4)")
     heatmap_kind: Literal["gaussian", "softmax"] = Field(
@@ -62,6 +64,7 @@ class KeypointTrainConfig(RayRunConfig):
             raise ValueError(f"input_size must be a multiple of 32 (HRNet), got {self.input_size}")
         if self.lr_min > self.lr:
             raise ValueError("lr_min must not exceed lr")
+        check_pretrained(self.pretrained, self.pretrained_path, owner=type(self).__name__)
         return self
 
     @property
@@ -76,7 +79,8 @@ class DeepSurvConfig(RayRunConfig):
     model: str = Field("deepsurv", description="registry name: deepsurv or deepsurv_tiny")
     model_kwargs: dict[str, Any] = Field(default_factory=dict, description="builder kwargs (backbone, hidden_sizes...)")
     display_name: str | None = Field(None, description="default: deepsurv_img_m{k}, deepsurv_noimg_m{k}, deepsurv_imgonly")
-    pretrained_path: str | None = Field(None, description="local ImageNet ResNet state_dict; never downloaded")
+    pretrained: Literal["imagenet", "none"] = Field("imagenet", description="imagenet: load pretrained_path (image variants); none: random init, stated explicitly")
+    pretrained_path: str | None = Field(None, description="local ImageNet ResNet weights (.pth/.safetensors); never downloaded")
     variant: Literal["image", "clinical", "image_clinical"] = "image_clinical"
     clinical_model: Literal[1, 2, 3] = Field(3, description="paper's clinical model 1, 2 or 3")
     clinical_columns: list[str] | None = Field(None, description="overrides the clinical model's columns")
@@ -117,6 +121,8 @@ class DeepSurvConfig(RayRunConfig):
             raise ValueError(f"batch_size {self.batch_size} is smaller than num_workers {self.num_workers}")
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError("val_fraction + test_fraction must be below 1")
+        if self.uses_image:  # the clinical-only variant has no encoder to initialise
+            check_pretrained(self.pretrained, self.pretrained_path, owner=type(self).__name__)
         return self
 
     @property
