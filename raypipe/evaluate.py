@@ -245,6 +245,9 @@ def evaluate_frame(
 
         try:
             xray = xray_tables(df, results, split, n_boot=n_boot, seed=seed)
+            from raypipe.report.diffx_tables import diffx_tables
+
+            xray += diffx_tables(df)  # the thesis's Diff-X tables (raypipe.metrics.diffx computes them)
         except (ValueError, ArithmeticError) as exc:  # the extra tables must not break the report
             logger.warning("X-ray comparison tables skipped: %s", exc)
             notes.append(f"X-ray comparison tables skipped: {exc}")

@@ -143,10 +143,8 @@ def c_index_table(df: pd.DataFrame, split: str, n_boot: int = 1000, seed: int = 
 def xray_tables(df: pd.DataFrame, results: Sequence[Any], split: str, n_boot: int = 1000,
                 seed: int = 0) -> list[XrayTable]:
     """The papers/001 tables that the predictions allow (empty when no X-ray model names are present)."""
-    from raypipe.report.diffx_tables import diffx_tables
-
     tables = [table2(results), c_index_table(df, split, n_boot, seed)]
-    return [t for t in tables if t is not None] + diffx_tables(df)
+    return [t for t in tables if t is not None]
 
 
 def render_xray_tables(tables: Sequence[XrayTable]) -> list[str]:
