@@ -99,3 +99,17 @@ def test_ct_row_without_masks_warns_and_parquet_manifest(tmp_path: Path) -> None
 def test_missing_manifest_file_is_a_clear_error(tmp_path: Path, capsys) -> None:
     assert main(["validate", str(tmp_path / "nope.csv")]) == 1
     assert "manifest not found" in capsys.readouterr().err
+
+
+def test_docs_manifest_md_lists_every_column_as_the_validator_does() -> None:
+    """docs/MANIFEST.md's table and raypipe.io.manifest agree on the columns and on which are required."""
+    from raypipe.io.manifest import KNOWN_COLUMNS, REQUIRED_COLUMNS
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "MANIFEST.md").read_text()
+    documented = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0].startswith("`") and cells[0].endswith("`"):
+            documented[cells[0].strip("`")] = cells[1].split()[0]
+    assert set(documented) == set(KNOWN_COLUMNS)
+    assert {c for c, req in documented.items() if req == "required"} == set(REQUIRED_COLUMNS)
