@@ -243,6 +243,18 @@ def test_manifest_rows_paths_masks_and_validation(messy: dict) -> None:
     assert not any(Path(v).is_absolute() for v in raw["image_path"])
 
 
+def test_ct_without_masks_is_skipped_by_preprocessing_saying_why(messy: dict) -> None:
+    """The follow-up CT has no masks: valid in the manifest, and the CT preprocessing skips it per study."""
+    from raypipe.data.ct_pipeline import process_study
+    from raypipe.preprocess.config import CTPreprocessConfig
+
+    t = load_manifest(messy["out"])
+    row = t[t.study_id == messy["study2"]].iloc[0].to_dict()
+    record, qc = process_study(row, CTPreprocessConfig())
+    assert record is None and qc["status"] == "skipped"
+    assert "no mask_path in the manifest" in qc["message"] and row["image_path"] in qc["message"]
+
+
 def test_cli_build_prints_summary_and_every_option_has_help(messy: dict, capsys, tmp_path: Path) -> None:
     out = tmp_path / "m" / "manifest.csv"
     rc = main(["manifest", "build", str(messy["export"]), "--clinical", str(messy["clinical"]), "--masks",
