@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-file-check", action="store_true", help="skip checking that image/mask files exist")
     s.set_defaults(func=_cmd_validate)
 
-    from raypipe.io.export import SelectionRules
+    from raypipe.io.series_selection import SelectionRules
 
     rules = SelectionRules()
     s = sub.add_parser("manifest", help="build a cohort manifest from a DICOM export (docs/MANIFEST.md)")

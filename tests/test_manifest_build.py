@@ -19,7 +19,8 @@ import pytest
 from raypipe.cli import main
 from raypipe.io.ct import read_ct
 from raypipe.io.errors import RaypipeInputError
-from raypipe.io.export import SelectionRules, kernel_class, scan_export, select_series
+from raypipe.io.export import scan_export
+from raypipe.io.series_selection import SelectionRules, kernel_class, select_series
 from raypipe.io.manifest import load_manifest
 from raypipe.io.manifest_build import build_manifest
 from raypipe.io.masks import read_masks
@@ -159,6 +160,7 @@ def messy(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     shutil.copytree(cohort / "masks/SYN00000", masks / "SYN00000")          # by PatientID
     shutil.copytree(cohort / "masks/SYN00001", masks / "SYN00001_CT")       # by StudyID
     shutil.copytree(cohort / "masks/SYN00002", masks / study1)              # by StudyInstanceUID
+    shutil.copytree(cohort / "masks/SYN00002", masks / "SYN00002")          # ambiguous: 2 CT studies
     (masks / "SYN99999").mkdir()                                            # matches nothing
 
     clinical = syn.drop_duplicates("patient_id").drop(columns=OWNED)
@@ -211,7 +213,8 @@ def test_every_planted_series_gets_its_decision_and_reason(messy: dict) -> None:
 def test_manifest_rows_paths_masks_and_validation(messy: dict) -> None:
     res = messy["result"]
     assert res.report.ok, res.report.summary()
-    assert res.unmatched_masks == ["SYN99999"]
+    assert res.unmatched_masks == ["SYN00002 (patient with 2 CT studies: name each by its StudyInstanceUID)",
+                                   "SYN99999"]
     t = load_manifest(messy["out"])
     assert sorted(t.groupby("patient_id").size().items()) == [("SYN00000", 2), ("SYN00001", 2), ("SYN00002", 2)]
     assert t["study_id"].is_unique
@@ -261,7 +264,7 @@ def test_cli_build_prints_summary_and_every_option_has_help(messy: dict, capsys,
                str(messy["masks"]), "--out", str(out)])
     text = capsys.readouterr().out
     assert rc == 0, text
-    assert "valid" in text and "mask entries matching no study: SYN99999" in text
+    assert "valid" in text and "mask entries matching no study: SYN00002 (patient with 2 CT studies" in text
     assert (tmp_path / "m" / "selection.csv").is_file()
     with pytest.raises(SystemExit):
         main(["manifest", "build", "--help"])

@@ -16,7 +16,8 @@ from pathlib import Path
 import pandas as pd
 
 from raypipe.io.errors import RaypipeInputError
-from raypipe.io.export import Decision, SelectionRules, scan_export, select_series
+from raypipe.io.export import DicomFile, scan_export
+from raypipe.io.series_selection import Decision, SelectionRules, select_series
 from raypipe.io.manifest import (
     KNOWN_COLUMNS, PATH_COLUMNS, ManifestReport, validate_manifest, value_problems,
 )
@@ -146,7 +147,7 @@ def _series_folder(d: Decision, others_by_folder: dict[Path, set[str]], out_dir:
     return link_dir, True
 
 
-def _match_mask(f, masks: dict[str, Path], ct_studies_of: dict[str, int]) -> tuple[Path | None, str | None]:
+def _match_mask(f: DicomFile, masks: dict[str, Path], ct_studies_of: dict[str, int]) -> tuple[Path | None, str | None]:
     """The mask entry of a CT study: by StudyInstanceUID, accession/study id, else PatientID when unambiguous."""
     for key in (f.study_uid, f.accession, f.study_id):
         if key and key in masks:
@@ -239,7 +240,13 @@ def build_manifest(export: str | os.PathLike[str], clinical: str | os.PathLike[s
         report.warnings.append(f"clinical columns copied as they are (not in the schema): {', '.join(unknown)}")
     return BuildResult(manifest=out_p, selection=sel_p, report=report, studies=len(rows), decisions=decisions,
                        non_dicom=len(scan.non_dicom), unreadable=len(scan.unreadable),
-                       unmatched_masks=sorted(set(mask_entries) - used_masks), link_folders=links)
+                       unmatched_masks=[_unmatched(k, ct_studies_of) for k in sorted(set(mask_entries) - used_masks)],
+                       link_folders=links)
+
+
+def _unmatched(key: str, ct_studies_of: dict[str, int]) -> str:
+    n = ct_studies_of.get(key, 0)
+    return f"{key} (patient with {n} CT studies: name each by its StudyInstanceUID)" if n > 1 else key
 
 
 def _write_selection(path: Path, decisions: list[Decision], image_of: dict[int, tuple[str, str]], root: Path,
