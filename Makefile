@@ -4,17 +4,23 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TORCH  := torch==2.14.1 torchvision==0.29.1
+# Exact versions of every dependency (pyproject.toml holds ranges); `make constraints` regenerates the file.
+PIN    := -c constraints.txt
 
-.PHONY: demo test test-slow bench install chromium clean
+.PHONY: demo test test-slow bench install constraints chromium clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[test]' $(TORCH)
+	$(BIN)/python -m pip install -q $(PIN) $(TORCH)
+	$(BIN)/python -m pip install -q $(PIN) -e '.[test]' $(TORCH)
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# After changing pyproject.toml's dependencies and passing `make test`: write the versions installed now.
+constraints: $(STAMP)
+	$(BIN)/python .ci/freeze_constraints.py > constraints.txt.tmp && mv constraints.txt.tmp constraints.txt
 
 # Chromium renders the HTML report in one test; when it cannot be installed that test skips and says why.
 chromium:

@@ -87,6 +87,12 @@ def _cmd_validate(a: argparse.Namespace) -> int:
     return 0 if rep.ok else 1
 
 
+def _cmd_manifest_build(a: argparse.Namespace) -> int:
+    from raypipe.io.manifest_build import manifest_build_cli
+
+    return manifest_build_cli(a)
+
+
 def _cmd_inspect(a: argparse.Namespace) -> int:
     from raypipe.io.inspect import format_inspection, inspect_path
 
@@ -243,6 +249,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("manifest", help="manifest CSV or Parquet")
     s.add_argument("--no-file-check", action="store_true", help="skip checking that image/mask files exist")
     s.set_defaults(func=_cmd_validate)
+
+    from raypipe.io.series_selection import SelectionRules
+
+    rules = SelectionRules()
+    s = sub.add_parser("manifest", help="build a cohort manifest from a DICOM export (docs/MANIFEST.md)")
+    b = s.add_subparsers(dest="manifest_command", required=True).add_parser(
+        "build", help="DICOM export + clinical CSV (+ masks) -> manifest.csv + selection.csv, then validate")
+    b.add_argument("export", help="folder of the DICOM export (any nesting and file names; non-DICOM files ignored)")
+    b.add_argument("--clinical", required=True,
+                   help="CSV with one row per patient_id: time_days, event and clinical columns")
+    b.add_argument("--masks", default=None, help="folder of TotalSegmentator outputs, one folder (or multilabel "
+                   ".nii.gz) per StudyInstanceUID, accession/StudyID or PatientID")
+    b.add_argument("--out", required=True, help="manifest CSV to write (paths in it are relative to its folder)")
+    b.add_argument("--selection", default=None, help="CSV saying why each series was taken or skipped "
+                   "(default: selection.csv beside the manifest)")
+    for flag, default, text in (
+        ("--min-coverage-mm", rules.min_coverage_mm, "CT: z extent needed for T12-L4"),
+        ("--min-slice-mm", rules.min_slice_mm, "CT: thinnest slices accepted"),
+        ("--max-slice-mm", rules.max_slice_mm, "CT: thickest slices accepted"),
+        ("--max-tilt-deg", rules.max_tilt_deg, "CT: largest angle of the slice normal from z still counted as axial"),
+    ):
+        b.add_argument(flag, type=float, default=default, help=f"{text} (default: %(default)s)")
+    b.set_defaults(func=_cmd_manifest_build)
 
     s = cmd("inspect", "geometry, orientation and intensity of a CT or radiograph")
     s.add_argument("path", help="DICOM series folder, DICOM file, NIfTI or PNG")

@@ -78,17 +78,38 @@ def test_load_manifest_raises_and_cli_exits_1(tmp_path: Path, capsys) -> None:
     assert "row 1, column 'time_days'" in out and "-5" in out
 
 
-def test_ct_row_needs_masks_and_parquet_manifest(tmp_path: Path) -> None:
-    rows = [_row(1, modality="CT")]
-    df = pd.DataFrame(rows)
+def test_ct_row_without_masks_warns_and_parquet_manifest(tmp_path: Path) -> None:
+    """A CT without mask_path is valid (preprocessing reports it per study) but the summary warns."""
+    rows = [_row(1, modality="CT"), _row(2, modality="CT", mask_path="img/m2.nii.gz"), _row(3, modality="XR")]
     (tmp_path / "img").mkdir()
-    (tmp_path / "img/1.png").touch()
+    for name in ("1.png", "2.png", "3.png", "m2.nii.gz"):
+        (tmp_path / "img" / name).touch()
     p = tmp_path / "m.parquet"
-    df.to_parquet(p)
+    pd.DataFrame(rows).to_parquet(p)
     rep = validate_manifest(p)
-    assert [(x.row, x.column) for x in rep.problems] == [(1, "mask_path")]
+    assert rep.ok, rep.summary()
+    assert rep.warnings == ["1 CT study without mask_path (rows 1): preprocessing skips them (status 'skipped' "
+                            "in qc.csv) until vertebra masks are added"]
+    assert "warning: 1 CT study without mask_path" in rep.summary()
+    rows[1]["mask_path"] = "img/missing.nii.gz"
+    pd.DataFrame(rows).to_parquet(p)
+    assert [(x.row, x.column) for x in validate_manifest(p).problems] == [(2, "mask_path")]
 
 
 def test_missing_manifest_file_is_a_clear_error(tmp_path: Path, capsys) -> None:
     assert main(["validate", str(tmp_path / "nope.csv")]) == 1
     assert "manifest not found" in capsys.readouterr().err
+
+
+def test_docs_manifest_md_lists_every_column_as_the_validator_does() -> None:
+    """docs/MANIFEST.md's table and raypipe.io.manifest agree on the columns and on which are required."""
+    from raypipe.io.manifest import KNOWN_COLUMNS, REQUIRED_COLUMNS
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "MANIFEST.md").read_text()
+    documented = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0].startswith("`") and cells[0].endswith("`"):
+            documented[cells[0].strip("`")] = cells[1].split()[0]
+    assert set(documented) == set(KNOWN_COLUMNS)
+    assert {c for c, req in documented.items() if req == "required"} == set(REQUIRED_COLUMNS)

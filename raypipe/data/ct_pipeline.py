@@ -64,7 +64,10 @@ def load_study(row: dict[str, Any], cfg: CTPreprocessConfig) -> tuple[Any, dict[
     image, mask = row.get("image_path"), row.get("mask_path")
     if not image or not Path(image).exists():
         raise RaypipeInputError("image not found", path=str(image), field="image_path")
-    if not mask or not Path(mask).exists():
+    if not mask:
+        raise MaskError(str(image), "no mask_path in the manifest: vertebra masks are needed to preprocess a CT "
+                        "(e.g. TotalSegmentator, then `raypipe manifest build --masks`)", field="mask_path")
+    if not Path(mask).exists():
         raise MaskError(str(mask), "mask file or folder not found", field="mask_path")
     ct = read_ct(image)
     labels = row.get("mask_labels") or None

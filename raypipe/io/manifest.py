@@ -123,7 +123,7 @@ def resolve_path(value: object, base: Path) -> Path | None:
 
 
 def validate_manifest(path: str | Path, check_files: bool = True) -> ManifestReport:
-    """Check a manifest against DESIGN.md's schema; every problem is collected, none raised."""
+    """Check a manifest against docs/MANIFEST.md; every problem is collected, none raised."""
     p = Path(path)
     table = read_manifest_table(p)
     rep = ManifestReport(path=p, table=table)
@@ -146,9 +146,15 @@ def validate_manifest(path: str | Path, check_files: bool = True) -> ManifestRep
         return rep
 
     base = p.parent
+    no_masks: list[int] = []
     for i, row in enumerate(table.itertuples(index=False), start=1):
-        r = row._asdict()
-        _check_row(i, r, base, check_files, add)
+        r = dict(zip(cols, row))
+        _check_row(i, r, base, check_files, add, no_masks.append)
+    if no_masks:
+        shown = ", ".join(str(i) for i in no_masks[:10]) + (" ..." if len(no_masks) > 10 else "")
+        rep.warnings.append(f"{len(no_masks)} CT stud{'y' if len(no_masks) == 1 else 'ies'} without mask_path "
+                            f"(rows {shown}): preprocessing skips them (status 'skipped' in qc.csv) until "
+                            "vertebra masks are added")
 
     if "study_id" in table:
         dup = table["study_id"].astype(str)
@@ -174,13 +180,10 @@ def _is_missing(v: object) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and v.strip() == "")
 
 
-def _check_row(i: int, r: dict, base: Path, check_files: bool, add) -> None:
-    for c in ("patient_id", "study_id", "image_path"):
-        if c in r and _is_missing(r[c]):
-            add(ManifestProblem(i, c, None, "empty value"))
-    mod = r.get("modality")
-    if "modality" in r and (not isinstance(mod, str) or mod.strip().upper() not in MODALITIES):
-        add(ManifestProblem(i, "modality", mod, f"modality must be one of {list(MODALITIES)}"))
+def value_problems(i: int, r: dict) -> list[ManifestProblem]:
+    """Problems with the numeric, 0/1 and sex values of one row (row `i`, 1-based); shared with clinical CSVs."""
+    out: list[ManifestProblem] = []
+    add = out.append
     for c in NUMERIC_COLUMNS:
         if c not in r or _is_missing(r[c]):
             if c == "time_days" and c in r:
@@ -211,6 +214,18 @@ def _check_row(i: int, r: dict, base: Path, check_files: bool, add) -> None:
             clinical_value("sex", str(r["sex"]))
         except ClinicalValueError:
             add(ManifestProblem(i, "sex", r["sex"], f"unknown sex code, expected one of {list(SEX_CODES)}"))
+    return out
+
+
+def _check_row(i: int, r: dict, base: Path, check_files: bool, add, warn) -> None:
+    for c in ("patient_id", "study_id", "image_path"):
+        if c in r and _is_missing(r[c]):
+            add(ManifestProblem(i, c, None, "empty value"))
+    mod = r.get("modality")
+    if "modality" in r and (not isinstance(mod, str) or mod.strip().upper() not in MODALITIES):
+        add(ManifestProblem(i, "modality", mod, f"modality must be one of {list(MODALITIES)}"))
+    for problem in value_problems(i, r):
+        add(problem)
     ml = r.get("mask_labels")
     if ml is not None and not _is_missing(ml) and str(ml) not in MASK_LABEL_CONVENTIONS:
         lp = resolve_path(ml, base)
@@ -225,7 +240,7 @@ def _check_row(i: int, r: dict, base: Path, check_files: bool, add) -> None:
             if fp is not None and not fp.exists():
                 add(ManifestProblem(i, c, r[c], f"file not found ({fp})"))
     if isinstance(mod, str) and mod.strip().upper() == "CT" and _is_missing(r.get("mask_path")):
-        add(ManifestProblem(i, "mask_path", None, "CT studies need vertebra masks (mask_path)"))
+        warn(i)
 
 
 def load_manifest(path: str | Path, check_files: bool = True) -> pd.DataFrame:
