@@ -38,6 +38,10 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
 
     info = inspect_path(a.path, masks=a.masks, mask_labels=a.mask_labels)
     print(json.dumps(info, indent=2) if a.json else format_inspection(info))
+    if a.png:
+        from raypipe.io.inspect import inspect_picture
+
+        print(f"QC picture: {inspect_picture(a.path, a.png, a.masks, a.mask_labels, a.keypoints)}", file=sys.stderr)
     return 0
 
 
@@ -169,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--masks", type=str, default=None)
     s.add_argument("--mask-labels", type=str, default=None, help="verse | totalseg | label-map JSON")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--png", default=None, metavar="OUT.png",
+                   help="write the study's QC picture (CT: slices, crop boxes, mask outlines; radiograph: keypoints, "
+                        "patches)")
+    s.add_argument("--keypoints", default=None, help="radiograph keypoints JSON for --png")
     s.set_defaults(func=_cmd_inspect)
 
     s = sub.add_parser("preprocess", help="Ray Data: manifest -> Parquet shards + qc.csv")

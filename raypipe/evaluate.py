@@ -105,8 +105,12 @@ def evaluate(
     times_days: Sequence[int] = (365, 730, 1095, 1825),
     n_boot: int = 1000,
     seed: int = 0,
+    qc_dirs: Sequence[PathLike] = (),
 ) -> dict[str, Any]:
-    """Evaluate prediction files; write metrics.json, report.html and the report's PNGs to `out_dir`; return the metrics."""
+    """Evaluate prediction files; write metrics.json, report.html and the report's PNGs to `out_dir`; return the metrics.
+
+    The report also shows the preprocessing QC of `qc_dirs` and of the data folders the prediction files name.
+    """
     from raypipe.report import build_report
 
     df = read_predictions(prediction_paths)
@@ -114,7 +118,7 @@ def evaluate(
     out = os.fspath(out_dir)
     storage.makedirs(out)
     storage.atomic_write_json(storage.join(out, "metrics.json"), result.metrics)
-    build_report(result, out)
+    build_report(result, out, qc_dirs=[os.fspath(d) for d in qc_dirs])
     logger.info("evaluated %d model(s) on split %r; wrote %s", len(result.models), result.split, out)
     return result.metrics
 

@@ -8,6 +8,7 @@ it rendered (no devtools protocol needed). `--screenshot` must give a non-blank 
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
@@ -93,6 +94,20 @@ def _gradcam_png(seed: int) -> bytes:
     return buf.getvalue()
 
 
+def _preprocessing_output(folder: Path) -> None:
+    """A preprocessing folder as `raypipe preprocess` leaves it: qc.csv, one picture per study, a contact sheet."""
+    from raypipe.data.qc_pictures import write_contact_sheet, write_picture
+
+    rows = []
+    for i, (status, warnings) in enumerate([("ok", ""), ("ok", "L1 touches the edge"), ("skipped", "")]):
+        qc = {"patient_id": f"P{i}", "study_id": f"S{i}", "status": status, "warnings": warnings,
+              "message": "vertebrae ['L3'] missing" if status == "skipped" else "", "_qc_picture": _gradcam_png(10 + i)}
+        write_picture(str(folder), qc)
+        rows.append(qc)
+    pd.DataFrame(rows).to_csv(folder / "qc.csv", index=False)
+    assert write_contact_sheet(str(folder), pd.DataFrame(rows))
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """report.html of two models, one with a gradcam/ folder beside its predictions."""
@@ -103,6 +118,8 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "image" / "gradcam").mkdir()
     for i in range(3):
         (root / "image" / "gradcam" / f"study_{i}.png").write_bytes(_gradcam_png(i))
+    _preprocessing_output(root / "shards")
+    (root / "image" / "cv.json").write_text(json.dumps({"model": "image", "data": str(root / "shards")}))
     evaluate([pa, pb], root / "out", n_boot=30, seed=0)
     return root / "out" / "report.html"
 
@@ -128,7 +145,7 @@ def test_report_is_self_contained(report: Path) -> None:
     text = report.read_text(encoding="utf-8")
     tags = _tags(text)
     imgs = [a for t, a in tags if t == "img"]
-    assert len(imgs) == 6  # KM with numbers at risk, calibration per horizon, decision curve, ROC, td-AUROC, Grad-CAM
+    assert len(imgs) == 7  # KM + numbers at risk, calibration per horizon, decision curve, ROC, td-AUROC, Grad-CAM, QC
     assert all((a.get("src") or "").startswith("data:image/png;base64,") for a in imgs)
     assert not [t for t, a in tags if t in ("link", "iframe", "object", "embed")]
     assert not [a for t, a in tags if t == "script" and a.get("src")]
@@ -137,10 +154,12 @@ def test_report_is_self_contained(report: Path) -> None:
     for caption in ("Discrimination of the binary outcome", "Concordance and calibration over time",
                     "Time-dependent AUROC", "Risk groups of image <model>", "Clinical characteristics by outcome",
                     "Clinical characteristics by risk group", "patients still at risk", "Decision curve",
-                    "quantile groups of predicted risk at each horizon"):
+                    "quantile groups of predicted risk at each horizon", "Preprocessing quality control",
+                    "Studies with the most QC findings"):
         assert H.esc(caption) in text, caption
+    assert re.search(r"shards</td><td>3</td><td>2</td><td>1</td><td>1</td><td>0</td><td>3</td>", text)
     for png in ("roc.png", "td_auroc.png", "calibration.png", "km_image_model.png", "decision_curve.png",
-                "gradcam_image_model.png"):
+                "gradcam_image_model.png", "qc_contact_sheet_0.png"):
         assert (report.parent / png).stat().st_size > 1000, png
 
 
@@ -152,9 +171,9 @@ def test_report_renders_without_errors_in_chromium(report: Path, tmp_path: Path)
     attrs = dict(re.findall(r'([\w-]+)="([^"]*)"', body.group(1)))
     assert attrs.get("data-render-check") == "done", "the page's load handler did not run"
     assert attrs.get("data-render-errors") == "0", re.findall(r'<li class="render-error">(.*?)</li>', dom)
-    assert attrs.get("data-images") == "6" and attrs.get("data-images-broken") == "0"
+    assert attrs.get("data-images") == "7" and attrs.get("data-images-broken") == "0"
     widths = [int(w) for w in re.findall(r'data-natural-width="(\d+)"', dom)]
-    assert len(widths) == 6 and min(widths) > 100
+    assert len(widths) == 7 and min(widths) > 100
     assert len(re.findall(r"<table", dom)) >= 6
     assert '<li class="render-error"' not in dom
 

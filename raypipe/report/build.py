@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from raypipe import storage
 from raypipe.report import clinical_plots, plots
 from raypipe.report import html as H
+from raypipe.report.qc_section import preprocessing_dirs, qc_section_parts
 from raypipe.report.tables import CharacteristicsTable
 
 if TYPE_CHECKING:
@@ -215,7 +216,8 @@ def _clinical_figures(ev: Evaluation, out_dir: str) -> list[str]:
     return figs
 
 
-def render_report(ev: Evaluation, out_dir: str, title: str = "raypipe evaluation report") -> str:
+def render_report(ev: Evaluation, out_dir: str, title: str = "raypipe evaluation report",
+                  qc_dirs: Sequence[str | os.PathLike[str]] = ()) -> str:
     """The report's HTML text; writes the figures' PNGs into `out_dir` as it goes."""
     pvals = _p_lookup(ev.metrics.get("comparisons", []))
     n_studies = max((r.n_studies for r in ev.models), default=0)
@@ -248,17 +250,23 @@ def render_report(ev: Evaluation, out_dir: str, title: str = "raypipe evaluation
     add("characteristics", "Clinical characteristics", *(_characteristics_html(t) for t in ev.characteristics))
     figs = _figures(ev, out_dir)
     add("figures", "Figures", f'<div class="figures">{"".join(figs)}</div>' if figs else "")
+    add("qc", "Preprocessing QC", *qc_section_parts(preprocessing_dirs(ev.sources, qc_dirs), out_dir))
     notes = [*ev.notes, *(f"{r.name}: {n}" for r in ev.models for n in r.notes)]
     if notes:
         add("notes", "Notes", '<ul class="notes">' + "".join(f"<li>{H.esc(n)}</li>" for n in notes) + "</ul>")
     return H.page(title, "\n".join(sections), subtitle, nav)
 
 
-def build_report(ev: Evaluation, out_dir: str | os.PathLike[str], title: str = "raypipe evaluation report") -> str:
-    """Write report.html (self-contained: PNGs embedded as data URIs, also saved beside it); return its path."""
+def build_report(ev: Evaluation, out_dir: str | os.PathLike[str], title: str = "raypipe evaluation report",
+                 qc_dirs: Sequence[str | os.PathLike[str]] = ()) -> str:
+    """Write report.html (self-contained: PNGs embedded as data URIs, also saved beside it); return its path.
+
+    `qc_dirs`: preprocessing output folders whose QC (qc.csv, contact sheet) the report shows, besides those
+    the prediction files' runs name.
+    """
     out = os.fspath(out_dir)
     storage.makedirs(out)
-    text = render_report(ev, out, title)
+    text = render_report(ev, out, title, qc_dirs)
     path = storage.join(out, REPORT_NAME)
     storage.atomic_write_text(path, text)
     logger.info("wrote report %s (%d KiB)", path, len(text) // 1024)

@@ -46,7 +46,9 @@ def km_with_risk_table(fits: Sequence[tuple[str, Any]], title: str, logrank_p: f
         n = int(km.n_at_risk[0]) if len(km.n_at_risk) else 0
         ax.step(t, inc, where="post", color=color, lw=1.9, label=f"{label} (n={n}, events={int(km.n_events.sum())})")
         top = max(top, float(np.nanmax(hi)))
-    head = title if logrank_p is None else f"{title}\nlog-rank {'p < 0.001' if logrank_p < 0.001 else f'p = {logrank_p:.3f}'}"
+    if logrank_p is not None:
+        title += "\nlog-rank " + ("p < 0.001" if logrank_p < 0.001 else f"p = {logrank_p:.3f}")
+    head = title
     ax.set_title(head, fontsize=11)
     ax.set_ylabel("Cumulative fracture incidence")
     ax.set_xlim(0, max_days / DAYS_PER_YEAR)
