@@ -229,18 +229,28 @@ def xray_qc_picture(
     return _png(fig)
 
 
-def contact_sheet(items: Sequence[tuple[str, bytes]], columns: int = 2, tile_width: int = 760,
+def contact_sheet(items: Sequence[tuple[str, bytes]], columns: int | None = None, tile_width: int | None = None,
                   title: str = "") -> bytes | None:
-    """Tile QC pictures (caption, PNG bytes) into one PNG, caption above each; None when none can be read."""
+    """Tile QC pictures (caption, PNG bytes) into one PNG, caption above each; None when none can be read.
+
+    By default wide pictures (CT: sagittal + 14 slices) go one per row at 1400 pixels, others two per row.
+    """
     from PIL import Image, ImageDraw, ImageFont
 
-    tiles = []
+    decoded = []
     for caption, data in items:
         try:
             with Image.open(io.BytesIO(data)) as im:
-                rgb = im.convert("RGB")
+                decoded.append((caption, im.convert("RGB")))
         except (OSError, ValueError):
             continue
+    if not decoded:
+        return None
+    wide = float(np.median([im.width / max(im.height, 1) for _, im in decoded])) > 2.2
+    columns = columns or (1 if wide else 2)
+    tile_width = tile_width or (1400 if columns == 1 else 760)
+    tiles = []
+    for caption, rgb in decoded:
         scale = tile_width / rgb.width
         tiles.append((caption, rgb.resize((tile_width, max(1, int(rgb.height * scale))), Image.Resampling.LANCZOS)))
     if not tiles:
