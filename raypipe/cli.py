@@ -98,6 +98,10 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
 
     info = inspect_path(require_path(a.path, "image"), masks=a.masks, mask_labels=a.mask_labels)
     print(json.dumps(info, indent=2) if a.json else format_inspection(info))
+    if a.png:
+        from raypipe.io.inspect import inspect_picture
+
+        print(f"QC picture: {inspect_picture(a.path, a.png, a.masks, a.mask_labels, a.keypoints)}", file=sys.stderr)
     return 0
 
 
@@ -279,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vertebra/muscle masks: TotalSegmentator folder or multilabel NIfTI (adds per-mask stats)")
     s.add_argument("--mask-labels", type=str, default=None, help="multilabel convention: verse | totalseg | JSON map")
     s.add_argument("--json", action="store_true", help="print JSON instead of text")
+    s.add_argument("--png", default=None, metavar="OUT.png",
+                   help="write the study's QC picture (CT: slices, crop boxes, mask outlines; radiograph: keypoints, "
+                        "patches)")
+    s.add_argument("--keypoints", default=None, help="radiograph keypoints JSON for --png")
     s.set_defaults(func=_cmd_inspect)
 
     s = cmd("preprocess", "Ray Data: manifest -> Parquet shards + qc.csv")

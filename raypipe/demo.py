@@ -60,7 +60,8 @@ class Demo:
         init_ray()
         s = preprocess_ct(self.state["manifest"], self.out / "shards" / "ct")
         self.state["ct_shards"] = Path(s["out"])
-        msg = f"{s['ok']} of {s['studies']} synthetic CT studies -> {s['out']} (qc: {s['qc_path']})"
+        msg = (f"{s['ok']} of {s['studies']} synthetic CT studies -> {s['out']} (qc: {s['qc_path']}; "
+               f"QC pictures of the worst: {s['qc_contact_sheet']})")
         if REAL_CT.exists():
             real = _one_row_manifest(self.out / "real_ct", REAL_CT, REAL_CT_MASKS, REAL_CT_BODY)
             r = preprocess_ct(real, self.out / "shards" / "ct_real")

@@ -78,6 +78,9 @@ class ModelResult:
     logrank_p: float | None = None
     hazard_ratios: list[HazardRow] = field(default_factory=list)
     calibration: Curve | None = None
+    km_fits: list[tuple[str, Any]] = field(default_factory=list)  # (risk group, metrics.KaplanMeier)
+    calibration_at: list[Any] = field(default_factory=list)  # metrics.CalibrationGroups, one per horizon
+    decision: Any = None  # metrics.DecisionCurve at the decision horizon
     gradcam: list[tuple[str, bytes]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -109,11 +112,13 @@ def evaluate(
     n_boot: int = 1000,
     seed: int = 0,
     horizons_years: Sequence[float] | None = None,
+    qc_dirs: Sequence[PathLike] = (),
 ) -> dict[str, Any]:
     """Evaluate prediction files; write metrics.json, report.html and the report's PNGs to `out_dir`; return the metrics.
 
     Time points: `horizons_years` (or `times_days`); default 1, 2, 3, 5 years, and 1, 5, 10 years for
-    Diff-X predictions (rows with a risk `group`).
+    Diff-X predictions (rows with a risk `group`). The report also shows the preprocessing QC of `qc_dirs`
+    and of the data folders the prediction files name.
     """
     from raypipe.report import build_report
 
@@ -124,7 +129,7 @@ def evaluate(
     out = os.fspath(out_dir)
     storage.makedirs(out)
     storage.atomic_write_json(storage.join(out, "metrics.json"), result.metrics)
-    build_report(result, out)
+    build_report(result, out, qc_dirs=[os.fspath(d) for d in qc_dirs])
     logger.info("evaluated %d model(s) on %s; wrote %s", len(result.models), ", ".join(result.splits), out)
     return result.metrics
 
@@ -416,12 +421,13 @@ def _survival_part(res: ModelResult, held_out: pd.DataFrame, train: pd.DataFrame
         except ValueError as exc:
             logger.warning("%s: td-AUROC curve skipped: %s", res.name, exc)
     res.calibration = _calibration(res, held_out, baseline)
+    _clinical_curves(res, held_out, baseline, usable)
     try:
         _risk_groups(res, held_out)
     except (ValueError, ArithmeticError, np.linalg.LinAlgError) as exc:  # e.g. a group without events
         logger.warning("%s: risk-group analysis failed: %s", res.name, exc)
         res.notes.append(f"risk-group analysis failed: {exc}")
-        res.km, res.hazard_ratios, res.logrank_p = [], [], None
+        res.km, res.km_fits, res.hazard_ratios, res.logrank_p = [], [], [], None
         for key in [k for k in res.metrics if k.startswith("hr@")]:
             del res.metrics[key]
 
@@ -468,6 +474,29 @@ def _calibration(res: ModelResult, rows: pd.DataFrame, baseline: Any) -> Curve |
     return Curve(res.name, np.asarray(xs), np.asarray(ys))
 
 
+def _clinical_curves(res: ModelResult, rows: pd.DataFrame, baseline: Any, horizons: Sequence[int]) -> None:
+    """Calibration by quantile groups at each horizon and the decision curve at the 5-year horizon (metrics/)."""
+    t = rows["time_days"].to_numpy(dtype=float)
+    e = rows["event"].to_numpy(dtype=int)
+    s = rows["score"].to_numpy(dtype=float)
+    n_groups = 10 if len(rows) >= 200 else 5 if len(rows) >= 50 else 0
+    if res.score_kind == "probability":
+        risk_at = {CALIBRATION_DAYS: s} if t.max() >= CALIBRATION_DAYS and s.min() >= 0 and s.max() <= 1 else {}
+    elif baseline is not None:
+        risk_at = {int(h): baseline.risk(s, float(h)) for h in sorted({*horizons, CALIBRATION_DAYS}) if t.max() >= h}
+    else:
+        risk_at = {}
+    try:
+        if n_groups:
+            res.calibration_at = [M.survival_calibration(t, e, r, float(h), n_groups) for h, r in risk_at.items()]
+        if risk_at:
+            h = CALIBRATION_DAYS if CALIBRATION_DAYS in risk_at else max(risk_at)
+            res.decision = M.net_benefit_survival(t, e, risk_at[h], float(h))
+    except ValueError as exc:
+        logger.warning("%s: calibration/decision curves skipped: %s", res.name, exc)
+        res.notes.append(f"calibration/decision curves skipped: {exc}")
+
+
 def _risk_groups(res: ModelResult, rows: pd.DataFrame) -> None:
     """Hazard ratios against the reference group (LL, else the lowest mean score), KM curves and the log-rank p."""
     if "group" not in rows.columns:
@@ -484,6 +513,7 @@ def _risk_groups(res: ModelResult, rows: pd.DataFrame) -> None:
     for name in names:
         km = M.kaplan_meier(t[g == name], e[g == name])
         res.km.append(Curve(name, km.time, km.survival, float((g == name).sum())))
+        res.km_fits.append((name, km))
     res.logrank_p = float(M.logrank_test(t, e, g).p_value)
     ref = "LL" if "LL" in names else names[0]
     hrs = M.group_hazard_ratios(g, t, e, reference=ref)

@@ -42,8 +42,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,15 @@ class DiffXPipeline:
         self.inverse_scheduler = ddim_inverse_scheduler()
         layer = self.settings.injection_layer
         self.injection = PlugAndPlay(model.structure_unet, model.prompt_unet, (layer,), (layer,))
+        self.on_step: Callable[[str], None] | None = None  # called after every inversion/denoising step
+
+    def _step_done(self, phase: str) -> None:
+        if self.on_step is not None:
+            self.on_step(phase)
+
+    def steps_per_call(self) -> int:
+        """DDIM steps one `__call__` runs (inversion + denoising), for progress bars."""
+        return 2 * int(self.settings.steps)
 
     @property
     def device(self) -> torch.device:
@@ -151,6 +161,7 @@ class DiffXPipeline:
             for t in self.inverse_scheduler.timesteps:
                 eps = m.structure_eps(z, t, text, lowres).float()
                 z = self.inverse_scheduler.step(eps, t, z).prev_sample
+                self._step_done("invert")
         return z, lowres, text
 
     @torch.no_grad()
@@ -186,6 +197,7 @@ class DiffXPipeline:
                 z_s = self.scheduler.step(eps_s, t, z_s, eta=0.0).prev_sample
                 noise = torch.stack([torch.randn(z_p.shape[1:], generator=g) for g in gens]).to(self.device)
                 z_p = self.scheduler.step(eps_p, t, z_p, eta=s.eta, variance_noise=noise).prev_sample
+                self._step_done("denoise")
         finally:
             self.injection.enabled = False
         return self._decode(z_p).reshape(n_p, n_s, *image.shape[1:])
@@ -382,6 +394,28 @@ def reconstruction_quality(pipeline: DiffXPipeline, pixels: np.ndarray, age: flo
     return out
 
 
+@contextmanager
+def step_progress(pipeline: DiffXPipeline, desc: str) -> Iterator[None]:
+    """A tqdm bar on stderr over the pipeline's DDIM steps (inversion, then denoising), with rate and ETA."""
+    from tqdm import tqdm
+
+    interactive = sys.stderr.isatty()
+    bar = tqdm(total=pipeline.steps_per_call(), desc=desc, unit="step", file=sys.stderr, dynamic_ncols=interactive,
+               mininterval=0.2 if interactive else 10.0)
+    previous = pipeline.on_step
+
+    def tick(phase: str) -> None:
+        bar.set_postfix_str(phase, refresh=False)
+        bar.update(1)
+
+    pipeline.on_step = tick
+    try:
+        yield
+    finally:
+        pipeline.on_step = previous
+        bar.close()
+
+
 def _seed_list(seeds: int | Sequence[int]) -> list[int]:
     """An int n means seeds 0..n-1; a sequence is taken as given."""
     if isinstance(seeds, (int, np.integer)):
@@ -422,7 +456,8 @@ def generate(
     ys = [float(y) for y in years]
     if last_followup_years is not None and float(last_followup_years) not in ys:
         ys.append(float(last_followup_years))
-    record = generate_study(pipe, pixels, age, sex, ys, _seed_list(seeds), out_dir, pvf, clinical)
+    with step_progress(pipe, f"Diff-X {len(ys)} year(s) x {len(_seed_list(seeds))} seed(s)"):
+        record = generate_study(pipe, pixels, age, sex, ys, _seed_list(seeds), out_dir, pvf, clinical)
     record["model_dir"] = str(model_dir)
     if pvf_dir is not None:
         record["pvf_dir"] = str(pvf_dir)

@@ -41,7 +41,7 @@ def ct_cohort(base: Path, patients: int = N_PATIENTS) -> tuple[Path, Path]:
     if not manifest.is_file():
         synth_cohort("ct", root / "cohort", patients, seed=5, workers=1, overwrite=True)
     if not (shards / "shards.json").is_file():
-        preprocess_ct(manifest, shards, config=CTPreprocessConfig(shard_size=2), use_ray=False)
+        preprocess_ct(manifest, shards, config=CTPreprocessConfig(shard_size=2, qc_pictures=False), use_ray=False)
     return manifest, shards
 
 

@@ -61,5 +61,6 @@ def xray_cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("xray_cohort")
     synth_cohort("xray", root / "cohort", patients=500, seed=0)
     manifest, shards = root / "cohort" / "manifest.csv", root / "shards"
-    preprocess_xray(manifest, shards, XrayPreprocessConfig(out_size=64, shard_size=50), use_ray=False)
+    preprocess_xray(manifest, shards, XrayPreprocessConfig(out_size=64, shard_size=50, qc_pictures=False),
+                    use_ray=False)  # QC pictures are tested in test_qc_pictures; 500 of them would cost minutes
     return manifest, shards

@@ -64,6 +64,13 @@ def test_qc_reports_every_study(run):
     assert "T12 may be truncated" in by.loc["REAL01_CT", "warnings"]
     assert by.loc["REAL01_CT", "spacing_mm"] == "3.000x3.000x3.000"
     assert summary["shards"] == 3 and summary["shards_written"] == 3
+    pictures = by["qc_png"]
+    assert pictures["BROKEN01_CT"] == ""  # its mask folder is missing: nothing read, nothing drawn
+    for sid in [s for s in by.index if s != "BROKEN01_CT"]:
+        assert pictures[sid].startswith("qc/") and sid not in pictures[sid] and "REAL01" not in pictures[sid]
+        assert (out / pictures[sid]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert summary["qc_contact_sheet"] == str(out / "qc" / "contact_sheet.png")
+    assert (out / "qc" / "contact_sheet.png").stat().st_size > 10_000
 
 
 def test_shards_hold_crops_and_manifest_columns(run):

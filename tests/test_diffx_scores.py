@@ -61,7 +61,8 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]
     return manifest, ldm, save_pvf_dir(base / "chain_pvf")
 
 
-def test_generate_cli_writes_images_and_scores(folders: tuple[Path, Path, Path], tmp_path: Path) -> None:
+def test_generate_cli_writes_images_and_scores(folders: tuple[Path, Path, Path], tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
     from raypipe.cli import add_generate_arguments
     from raypipe.generate import generate_cli
 
@@ -72,6 +73,8 @@ def test_generate_cli_writes_images_and_scores(folders: tuple[Path, Path, Path],
                               "--sex", row["sex"], "--years", "1,5,10", "--seeds", "2", "--model", str(ldm),
                               "--pvf", str(pvf), "--out", str(tmp_path / "gen"), "--last-followup", "2.5"])
     assert generate_cli(args) == 0
+    err = capsys.readouterr().err  # progress on stderr: inversion + denoising steps (3 + 3), rate and ETA
+    assert "Diff-X 4 year(s) x 2 seed(s)" in err and "6/6" in err and "step" in err
     rec = json.loads((tmp_path / "gen" / "generation.json").read_text())
     assert rec["years"] == [1.0, 5.0, 10.0, 2.5] and rec["seeds"] == [0, 1]
     assert len(list((tmp_path / "gen").glob("year*_seed*.png"))) == 8
@@ -85,7 +88,8 @@ def test_generate_cli_writes_images_and_scores(folders: tuple[Path, Path, Path],
     assert json.loads((tmp_path / "gen" / "generation.json").read_text())["gpvf_by_year"] == again["gpvf_by_year"]
 
 
-def test_batch_pipeline_then_evaluate(ray_session: None, folders: tuple[Path, Path, Path], tmp_path: Path) -> None:
+def test_batch_pipeline_then_evaluate(ray_session: None, folders: tuple[Path, Path, Path], tmp_path: Path,
+                                      caplog: pytest.LogCaptureFixture) -> None:
     from raypipe.data.generate_pipeline import GenerateJobConfig, generate_cohort
     from raypipe.evaluate import evaluate
     from raypipe.predictions import read_predictions
@@ -100,9 +104,12 @@ def test_batch_pipeline_then_evaluate(ray_session: None, folders: tuple[Path, Pa
     table.to_csv(manifest, index=False)
     cfg = GenerateJobConfig(years=[1, 10], seeds=2, steps=3, include_last_followup=False, write_images=False,
                             n_boot=20, image_quality=True)
-    res = generate_cohort(str(manifest), str(ldm), str(tmp_path / "batch"), str(pvf), cfg)
+    with caplog.at_level("INFO", logger="raypipe.data.generate_pipeline"):
+        res = generate_cohort(str(manifest), str(ldm), str(tmp_path / "batch"), str(pvf), cfg)
     n = len(pd.read_csv(manifest))
     assert res["studies"] == n
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Diff-X: ")]
+    assert len(lines) == n and lines[-1].startswith(f"Diff-X: {n}/{n} studies done") and "left" in lines[0]
     assert len(list((tmp_path / "batch" / "studies").glob("*/generation.json"))) == n
     preds = read_predictions(res["predictions"])
     patients = pd.read_csv(manifest)["patient_id"].nunique()

@@ -8,6 +8,7 @@ it rendered (no devtools protocol needed). `--screenshot` must give a non-blank 
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
@@ -93,6 +94,20 @@ def _gradcam_png(seed: int) -> bytes:
     return buf.getvalue()
 
 
+def _preprocessing_output(folder: Path) -> None:
+    """A preprocessing folder as `raypipe preprocess` leaves it: qc.csv, one picture per study, a contact sheet."""
+    from raypipe.data.qc_pictures import write_contact_sheet, write_picture
+
+    rows = []
+    for i, (status, warnings) in enumerate([("ok", ""), ("ok", "L1 touches the edge"), ("skipped", "")]):
+        qc = {"patient_id": f"P{i}", "study_id": f"S{i}", "status": status, "warnings": warnings,
+              "message": "vertebrae ['L3'] missing" if status == "skipped" else "", "_qc_picture": _gradcam_png(10 + i)}
+        write_picture(str(folder), qc)
+        rows.append(qc)
+    pd.DataFrame(rows).to_csv(folder / "qc.csv", index=False)
+    assert write_contact_sheet(str(folder), pd.DataFrame(rows))
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """report.html of two models, one with a gradcam/ folder beside its predictions."""
@@ -103,6 +118,8 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "image" / "gradcam").mkdir()
     for i in range(3):
         (root / "image" / "gradcam" / f"study_{i}.png").write_bytes(_gradcam_png(i))
+    _preprocessing_output(root / "shards")
+    (root / "image" / "cv.json").write_text(json.dumps({"model": "image", "data": str(root / "shards")}))
     evaluate([pa, pb], root / "out", n_boot=30, seed=0)
     return root / "out" / "report.html"
 
@@ -128,7 +145,7 @@ def test_report_is_self_contained(report: Path) -> None:
     text = report.read_text(encoding="utf-8")
     tags = _tags(text)
     imgs = [a for t, a in tags if t == "img"]
-    assert len(imgs) == 5  # ROC, td-AUROC, calibration, KM, Grad-CAM gallery
+    assert len(imgs) == 7  # KM + numbers at risk, calibration per horizon, decision curve, ROC, td-AUROC, Grad-CAM, QC
     assert all((a.get("src") or "").startswith("data:image/png;base64,") for a in imgs)
     assert not [t for t, a in tags if t in ("link", "iframe", "object", "embed")]
     assert not [a for t, a in tags if t == "script" and a.get("src")]
@@ -136,9 +153,13 @@ def test_report_is_self_contained(report: Path) -> None:
     assert "image &lt;model&gt;" in text and "image <model>" not in text  # names are escaped
     for caption in ("Discrimination of the binary outcome", "Concordance and calibration over time",
                     "Time-dependent AUROC", "Risk groups of image <model>", "Clinical characteristics by outcome",
-                    "Clinical characteristics by risk group"):
+                    "Clinical characteristics by risk group", "patients still at risk", "Decision curve",
+                    "quantile groups of predicted risk at each horizon", "Preprocessing quality control",
+                    "Studies with the most QC findings"):
         assert H.esc(caption) in text, caption
-    for png in ("roc.png", "td_auroc.png", "calibration.png", "km_image_model.png", "gradcam_image_model.png"):
+    assert re.search(r"shards</td><td>3</td><td>2</td><td>1</td><td>1</td><td>0</td><td>3</td>", text)
+    for png in ("roc.png", "td_auroc.png", "calibration.png", "km_image_model.png", "decision_curve.png",
+                "gradcam_image_model.png", "qc_contact_sheet_0.png"):
         assert (report.parent / png).stat().st_size > 1000, png
 
 
@@ -150,9 +171,9 @@ def test_report_renders_without_errors_in_chromium(report: Path, tmp_path: Path)
     attrs = dict(re.findall(r'([\w-]+)="([^"]*)"', body.group(1)))
     assert attrs.get("data-render-check") == "done", "the page's load handler did not run"
     assert attrs.get("data-render-errors") == "0", re.findall(r'<li class="render-error">(.*?)</li>', dom)
-    assert attrs.get("data-images") == "5" and attrs.get("data-images-broken") == "0"
+    assert attrs.get("data-images") == "7" and attrs.get("data-images-broken") == "0"
     widths = [int(w) for w in re.findall(r'data-natural-width="(\d+)"', dom)]
-    assert len(widths) == 5 and min(widths) > 100
+    assert len(widths) == 7 and min(widths) > 100
     assert len(re.findall(r"<table", dom)) >= 6
     assert '<li class="render-error"' not in dom
 
@@ -165,6 +186,41 @@ def test_report_screenshot_is_not_blank(report: Path, tmp_path: Path) -> None:
         gray = np.asarray(im.convert("L"), dtype=np.float64)
     assert gray.std() > 20  # text, tables and plots, not an empty page
     assert (gray < 100).mean() > 0.005  # some dark ink
+
+
+def _find_picture(shot: np.ndarray, picture: np.ndarray) -> tuple[int, int] | None:
+    """Top-left (row, col) where `picture` appears pixel for pixel in the screenshot `shot` (both RGB), else None."""
+    h, w = picture.shape[:2]
+    probe = picture[h // 2].tobytes()  # a row through the middle of the plot
+    for y in range(h // 2, shot.shape[0] - (h - h // 2) + 1):
+        at = shot[y].tobytes().find(probe)
+        if at >= 0 and at % 3 == 0:
+            top, left = y - h // 2, at // 3
+            if np.abs(shot[top:top + h, left:left + w].astype(int) - picture.astype(int)).mean() < 1.0:
+                return top, left
+    return None
+
+
+def test_clinical_figures_are_seen_whole_in_the_screenshot(report: Path, tmp_path: Path) -> None:
+    """Kaplan-Meier with numbers at risk, calibration per horizon and the decision curve as the reader sees them."""
+    shot_path = tmp_path / "full.png"
+    _run_chromium(["--window-size=1400,9000", f"--screenshot={shot_path}", report.as_uri()], tmp_path)
+    with Image.open(shot_path) as im:
+        shot = np.asarray(im.convert("RGB"))
+    places = {}
+    for name in ("km_image_model.png", "calibration.png", "decision_curve.png"):
+        with Image.open(report.parent / name) as im:
+            picture = np.asarray(im.convert("RGB"))
+        assert picture.shape[1] < 1300, f"{name} is wider than the page and would be scaled"
+        places[name] = _find_picture(shot, picture)
+        assert places[name] is not None, f"{name} is not shown whole and unscaled in the rendered page"
+    km_top = places["km_image_model.png"][0]
+    with Image.open(report.parent / "km_image_model.png") as im:
+        km = np.asarray(im.convert("RGB")).astype(int)
+    # the CI bands are light tints of the curve colours: many pale blue/red/green pixels, not only thin lines
+    tint = (km.min(axis=2) > 170) & (km.max(axis=2) < 250) & (km.max(axis=2) - km.min(axis=2) > 12)
+    assert tint.mean() > 0.03, "no confidence bands visible in the Kaplan-Meier plot"
+    assert places["calibration.png"][0] > km_top and places["decision_curve.png"][0] > km_top
 
 
 def test_console_errors_are_visible_to_the_check(tmp_path: Path) -> None:

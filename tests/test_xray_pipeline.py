@@ -64,6 +64,10 @@ def test_pipeline_writes_shards_and_qc_and_is_idempotent(cohort, ray_session, tm
     assert (real["image_rows"].astype(int) > 0).all(), "real radiographs must still be read"
     ok = qc[qc["status"] == "ok"]
     assert set(ok["keypoints_source"]) == {"manifest"}
+    # a QC picture per study that could be read (skipped ones too: they show why), named by a hash
+    assert qc["qc_png"].str.match(r"^qc/[0-9a-f]{16}\.png$").all() and qc["qc_png"].is_unique
+    assert all((out / p).read_bytes()[:4] == b"\x89PNG" for p in qc["qc_png"])
+    assert summary["qc_contact_sheet"] and (out / "qc" / "contact_sheet.png").exists()
 
     df = load_xray_shards(out, backend="pandas")
     assert len(df) == cohort["n_keypoints"]

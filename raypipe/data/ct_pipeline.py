@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from raypipe.config import load_config
+from raypipe.data.qc_pictures import PICTURE_KEY
 from raypipe.data.shards import (
     QC_DIR, ShardSpec, load_shards, read_modality_rows, run_shards, scalar_columns, strip_inputs, tensor_column,
 )
@@ -31,7 +32,7 @@ __all__ = ["QC_DIR", "QC_COLUMNS", "load_ct_shards", "load_study", "preprocess_c
 QC_COLUMNS = (
     "patient_id", "study_id", "status", "message", "warnings", "vertebrae_found", "missing_levels", "n_slices",
     "spacing_mm", "source_orientation", "body_rule", "padded_slices_bone", "padded_slices_muscle", "seconds",
-    "image_path", "mask_path", "shard",
+    "image_path", "mask_path", "shard", "qc_png",
 )
 
 
@@ -90,6 +91,7 @@ def process_study(row: dict[str, Any], cfg: CTPreprocessConfig) -> tuple[dict[st
     qc.update(patient_id=row.get("patient_id"), study_id=row.get("study_id"),
               image_path=row.get("image_path"), mask_path=row.get("mask_path"), warnings="", message="")
     record = None
+    ct = masks = info = None
     try:
         ct, masks, body = load_study(row, cfg)
         arrays, info = preprocess_ct_study(ct, masks, body, cfg)
@@ -115,8 +117,25 @@ def process_study(row: dict[str, Any], cfg: CTPreprocessConfig) -> tuple[dict[st
     except Exception as e:  # noqa: BLE001 - one bad study must not stop a cohort run
         log.exception("study %s failed", row.get("study_id"))
         qc.update(status="error", message=f"{type(e).__name__}: {e} (image {row.get('image_path')})")
+    if cfg.qc_pictures and ct is not None:
+        qc[PICTURE_KEY] = _picture(ct, masks or {}, info, qc, cfg)
     qc["seconds"] = round(time.perf_counter() - t0, 3)
     return record, qc
+
+
+def _picture(ct: Any, masks: dict[str, np.ndarray], info: dict[str, Any] | None, qc: dict[str, Any],
+             cfg: CTPreprocessConfig) -> bytes | None:
+    """The study's QC picture (`raypipe.preprocess.qc_png`); None, with a log line, if drawing fails."""
+    from raypipe.preprocess.qc_png import ct_qc_picture
+
+    problem = qc["message"] or qc["warnings"] or None
+    try:
+        return ct_qc_picture(ct.hu, masks, ct.spacing, (info or {}).get("geometry"),
+                             title=f"{qc['study_id']}  [{qc['status']}]", problem=problem,
+                             hu_window=(cfg.window_low, cfg.window_high))
+    except Exception:  # noqa: BLE001 - a picture must never cost a study
+        log.warning("QC picture of study %s failed", qc["study_id"], exc_info=True)
+        return None
 
 
 # ------------------------------------------------------------------------------------------- shards

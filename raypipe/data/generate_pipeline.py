@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -134,6 +135,30 @@ class DiffXGenerator:
         return pd.DataFrame(rows)
 
 
+def _collect_with_progress(ds: Any, total: int) -> pd.DataFrame:
+    """Results of the generation dataset, logging one line per finished study with elapsed time and ETA."""
+    t0 = time.perf_counter()
+    parts: list[pd.DataFrame] = []
+    done = 0
+    for batch in ds.iter_batches(batch_size=1, batch_format="pandas"):
+        parts.append(batch)
+        done += len(batch)
+        elapsed = time.perf_counter() - t0
+        eta = elapsed / done * (total - done)
+        log.info("Diff-X: %d/%d studies done (group %s), %s elapsed, about %s left", done, total,
+                 ",".join(str(g) for g in batch.get("group", pd.Series(["-"])).tolist()), _duration(elapsed),
+                 _duration(eta))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def _duration(seconds: float) -> str:
+    """`1h02m`, `3m05s` or `12s`."""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
 def _followup(row: dict[str, Any]) -> tuple[str, float] | None:
     """(real follow-up radiograph path, years after baseline) when the manifest row has both."""
     path, years = row.get("followup_image_path"), row.get("followup_years")
@@ -176,7 +201,7 @@ def generate_cohort(manifest: str, model_dir: str, out_dir: str, pvf_dir: str | 
                                                "pvf_dir": os.path.abspath(pvf_dir) if pvf_dir else None,
                                                "out_dir": out, "config": cfg.model_dump(mode="json")},
         batch_size=1, batch_format="pandas", concurrency=concurrency, **resources)
-    scored = ds.to_pandas()
+    scored = _collect_with_progress(ds, len(table))
     log.info("generated for %d studies with %d replica(s) (%s)", len(scored), concurrency, "GPU" if gpus else "CPU")
     if pvf_dir is None:
         return {"studies": len(scored), "predictions": None, "metrics": None}

@@ -3,7 +3,9 @@
 Layout of an output folder:
   part-00000-<hash>.parquet  one row per preprocessed study
   _qc/part-00000-<hash>.csv  the shard's QC rows; written last, so it marks the shard complete
-  qc.csv                     one row per study of the manifest (status ok | skipped | error, warnings)
+  qc.csv                     one row per study of the manifest (status ok | skipped | error, warnings, qc_png)
+  qc/<hash>.png              a QC picture per study (`raypipe.data.qc_pictures`; config `qc_pictures`)
+  qc/contact_sheet.png       the pictures of the worst QC studies side by side
   shards.json                the shards of this run (what `load_shards` reads), counts, config hash
   config.yaml                the resolved preprocessing config
 
@@ -30,6 +32,7 @@ from pydantic import BaseModel
 
 from raypipe import storage
 from raypipe.config import config_hash, dump_config
+from raypipe.data.qc_pictures import write_contact_sheet, write_picture
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +41,7 @@ INDEX_FILE = "shards.json"
 # Manifest columns that point at inputs; they are not copied into shards (paths do not travel with data).
 INPUT_COLUMNS = ("image_path", "mask_path", "mask_labels", "body_mask_path", "keypoints_path", "modality")
 # Config fields that never change the shards' content, left out of the shard hash.
-NON_OUTPUT_FIELDS = {"cpus_per_task", "shard_size"}
+NON_OUTPUT_FIELDS = {"cpus_per_task", "shard_size", "qc_pictures"}
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,7 @@ def write_shard(plan: ShardPlan, out: str, spec: ShardSpec, cfg: Any, schema) ->
     records, qcs = [], []
     for row in plan.rows:
         rec, qc = spec.process_study(row, cfg)
+        write_picture(out, qc)
         qc["shard"] = plan.name if rec is not None else ""
         qcs.append(qc)
         if rec is not None:
@@ -220,6 +224,7 @@ def run_shards(spec: ShardSpec, table: pd.DataFrame, out: str | os.PathLike, cfg
     qc.to_csv(buf, index=False)
     storage.atomic_write_text(storage.join(out_s, "qc.csv"), buf.getvalue())
     counts = qc["status"].value_counts().to_dict() if len(qc) else {}
+    sheet = write_contact_sheet(out_s, qc) if getattr(cfg, "qc_pictures", False) else None
     shards = [p.name + ".parquet" for p in plans if storage.exists(storage.join(out_s, p.name + ".parquet"))]
     _warn_stale(out_s, set(shards))
     summary = {
@@ -236,6 +241,7 @@ def run_shards(spec: ShardSpec, table: pd.DataFrame, out: str | os.PathLike, cfg
         "config_hash": output_config_hash(cfg),
         "shard_nodes": shard_nodes,  # shards written by this run -> Ray node id (empty without Ray)
         "qc_path": storage.join(out_s, "qc.csv"),
+        "qc_contact_sheet": sheet,  # OUT/qc/contact_sheet.png: pictures of the worst QC studies (None without)
         "seconds": round(time.perf_counter() - t0, 2),
     }
     storage.atomic_write_json(storage.join(out_s, INDEX_FILE), summary)

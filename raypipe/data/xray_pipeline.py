@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from raypipe.config import load_config
+from raypipe.data.qc_pictures import PICTURE_KEY
 from raypipe.data.shards import (
     QC_DIR, ShardSpec, load_shards, read_modality_rows, run_shards, scalar_columns, strip_inputs, tensor_column,
 )
@@ -40,7 +41,7 @@ NO_KEYPOINTS = "no keypoints and no keypoint model configured"
 QC_COLUMNS = (
     "patient_id", "study_id", "status", "message", "warnings", "keypoints_source", "keypoint_confidence",
     "variant", "channels", "image_rows", "image_cols", "pixel_spacing_mm", "photometric", "mean_spacing_px",
-    "seconds", "image_path", "keypoints_path", "shard",
+    "seconds", "image_path", "keypoints_path", "shard", "qc_png",
 )
 __all__ = ["QC_DIR", "QC_COLUMNS", "NO_KEYPOINTS", "load_xray_shards", "preprocess_xray", "process_study"]
 
@@ -138,6 +139,7 @@ def process_study(row: dict[str, Any], cfg: XrayPreprocessConfig) -> tuple[dict[
               variant=cfg.variant)
     record = None
     warnings: list[str] = []
+    rad = xy = arr = info = None
     try:
         image = row.get("image_path")
         if not image or not os.path.exists(image):
@@ -165,8 +167,24 @@ def process_study(row: dict[str, Any], cfg: XrayPreprocessConfig) -> tuple[dict[
         log.exception("study %s failed", row.get("study_id"))
         qc.update(status="error", message=f"{type(e).__name__}: {e} (image {row.get('image_path')})")
     qc["warnings"] = "; ".join(warnings)
+    if cfg.qc_pictures and rad is not None:
+        qc[PICTURE_KEY] = _picture(rad.pixels, xy, arr, info, qc)
     qc["seconds"] = round(time.perf_counter() - t0, 3)
     return record, qc
+
+
+def _picture(pixels: np.ndarray, xy: np.ndarray | None, arr: np.ndarray | None, info: dict[str, Any] | None,
+             qc: dict[str, Any]) -> bytes | None:
+    """The study's QC picture (`raypipe.preprocess.qc_png`); None, with a log line, if drawing fails."""
+    from raypipe.preprocess.qc_png import xray_qc_picture
+
+    try:
+        return xray_qc_picture(pixels, xy, arr, (info or {}).get("corners_px", ()),
+                               title=f"{qc['study_id']}  [{qc['status']}]  {qc.get('variant') or ''}",
+                               problem=qc["message"] or qc["warnings"] or None)
+    except Exception:  # noqa: BLE001 - a picture must never cost a study
+        log.warning("QC picture of study %s failed", qc["study_id"], exc_info=True)
+        return None
 
 
 # ------------------------------------------------------------------------------------------- shards

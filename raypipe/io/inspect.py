@@ -1,6 +1,7 @@
 """`raypipe inspect`: what an image file is, its geometry and intensities, per-mask stats and QC warnings.
 
-`inspect_path` returns the `inspect --json` schema of DESIGN.md, plus `qc_warnings`. CT geometry is
+`inspect_path` returns the `inspect --json` schema of DESIGN.md, plus `qc_warnings`; `inspect_picture`
+draws the study's preprocessing QC picture (`inspect --png`), as `raypipe preprocess` does per study. CT geometry is
 reported as stored (SimpleITK world LPS coordinates, axes x, y, z); intensities are HU after rescale.
 Radiograph geometry is `(rows, cols)`; intensities are the [0, 1] display values (bone bright).
 """
@@ -59,6 +60,67 @@ def inspect_path(path: PathLike, masks: PathLike | None = None, mask_labels: Lab
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     result["qc_warnings"] = read_warnings + result["qc_warnings"]
     return result
+
+
+def inspect_picture(
+    path: PathLike,
+    out_png: PathLike,
+    masks: PathLike | None = None,
+    mask_labels: LabelSpec | None = None,
+    keypoints: PathLike | None = None,
+) -> str:
+    """Write the preprocessing QC picture of one study (`raypipe.preprocess.qc_png`) to `out_png`; its path.
+
+    CT: with masks, the chosen T12-L4 slices with crop boxes and mask outlines (default CT preprocessing
+    config), or the sagittal view with the problem when the crops cannot be made; without masks, the
+    sagittal view. Radiograph: with keypoints, the keypoints, alignment axis, patches and model input.
+    """
+    from raypipe import storage
+    from raypipe.preprocess.qc_png import ct_qc_picture, xray_qc_picture
+
+    kind = detect_kind(path)
+    problem: str | None = None
+    if kind == "ct":
+        if keypoints is not None:
+            raise RaypipeInputError("keypoints apply to radiographs only, not to CT", path=keypoints, field="keypoints")
+        from raypipe.preprocess.ct import preprocess_ct_study
+
+        volume = ct_from_image(read_ct_image(path), path)
+        found = read_masks(masks, volume, labels=mask_labels) if masks is not None else {}
+        geometry = None
+        if found:
+            try:
+                _, info = preprocess_ct_study(volume, found, found.get("vertebral_body"))
+                geometry, problem = info["geometry"], "; ".join(info["warnings"]) or None
+            except RaypipeInputError as exc:
+                problem = str(exc)
+        else:
+            problem = "no masks given: sagittal view only (pass --masks to see the crops)"
+        title = f"CT {'x'.join(str(n) for n in volume.hu.shape[::-1])} voxels"
+        png = ct_qc_picture(volume.hu, found, volume.spacing, geometry, title=title, problem=problem)
+    else:
+        if masks is not None:
+            raise RaypipeInputError("masks apply to CT only, not to radiographs", path=masks, field="masks")
+        from raypipe.io.keypoints import read_keypoints
+        from raypipe.preprocess.xray import preprocess_radiograph
+
+        image = read_radiograph(path)
+        xy = arr = None
+        corners: list = []
+        if keypoints is not None:
+            xy = read_keypoints(keypoints).xy
+            try:
+                arr, info = preprocess_radiograph(image, xy)
+                corners, problem = info["corners_px"], "; ".join(info["warnings"]) or None
+            except RaypipeInputError as exc:
+                problem = str(exc)
+        else:
+            problem = "no keypoints given: radiograph only (pass --keypoints to see the patches)"
+        title = f"radiograph {image.shape[0]}x{image.shape[1]} pixels"
+        png = xray_qc_picture(image.pixels, xy, None if arr is None else np.asarray(arr, np.float32), corners,
+                              title=title, problem=problem)
+    storage.atomic_write_bytes(out_png, png)
+    return str(out_png)
 
 
 def format_inspection(d: dict[str, Any]) -> str:

@@ -3,6 +3,7 @@
 Binary: `auroc_ci`, `delong_test`, `binary_metrics(_ci)`, `youden_threshold`.
 Survival: `c_index`, `concordance_ci`, `c_index_uno`, `td_auroc`, `integrated_brier_score`,
 `kaplan_meier`, `logrank_test`, `cox_hazard_ratios`, `breslow_baseline`.
+Clinical usefulness: `net_benefit`, `net_benefit_survival` (decision curves), `survival_calibration`.
 Stratification (Diff-X): `risk_groups`, `group_incidence`, `group_hazard_ratios`.
 Images and agreement: `psnr`, `ssim`, `ms_ssim`, `bland_altman`, `correlation_ci`.
 metrics.json: `binary_summary`, `survival_summary`, `hazard_ratio_summary`, `metric_summary`, `to_json_dict`.
@@ -35,6 +36,8 @@ from raypipe.metrics.bootstrap import (
     percentile_ci,
     unit_counts,
 )
+from raypipe.metrics.calibration import CalibrationGroups, survival_calibration
+from raypipe.metrics.decision import DecisionCurve, net_benefit, net_benefit_survival
 from raypipe.metrics.image import MS_SSIM_WEIGHTS, ms_ssim, ms_ssim_scales, psnr, ssim
 from raypipe.metrics.stratification import (
     RISK_GROUPS,
@@ -80,11 +83,13 @@ __all__ = [
     "BinaryMetricsCI",
     "BlandAltman",
     "BreslowBaseline",
+    "CalibrationGroups",
     "BrierScore",
     "Concordance",
     "Correlation",
     "CoxSummary",
     "DeLongResult",
+    "DecisionCurve",
     "GroupIncidence",
     "HazardRatio",
     "KaplanMeier",
@@ -121,6 +126,8 @@ __all__ = [
     "kaplan_meier",
     "logrank_test",
     "metric_summary",
+    "net_benefit",
+    "net_benefit_survival",
     "normal_p_value",
     "paired_bootstrap_p",
     "ms_ssim",
@@ -129,6 +136,7 @@ __all__ = [
     "psnr",
     "risk_groups",
     "ssim",
+    "survival_calibration",
     "survival_summary",
     "td_auroc",
     "time_label",

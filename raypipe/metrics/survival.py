@@ -201,6 +201,12 @@ class KaplanMeier:
         j = np.clip(idx, 0, None)
         return np.where(ok, self.ci_low[j], 1.0), np.where(ok, self.ci_high[j], 1.0)
 
+    def at_risk(self, times: ArrayLike) -> NDArray[np.int64]:
+        """Number still at risk (follow-up >= t) at arbitrary times: the numbers-at-risk table under a KM plot."""
+        idx = np.searchsorted(self.time, np.asarray(times, dtype=np.float64), side="left")
+        counts = np.concatenate([self.n_at_risk, [0]])
+        return counts[idx].astype(np.int64)
+
 
 def kaplan_meier(time: ArrayLike, event: ArrayLike, level: float = 0.95) -> KaplanMeier:
     """Kaplan-Meier estimate (sksurv) with number at risk and events per time, for curves and tables."""

@@ -59,6 +59,7 @@ class CTPreprocessConfig(StrictModel):
     pad_value: float = Field(-1.0, description="value (after windowing) for crop pixels outside the field of view")
     shard_size: int = Field(16, ge=1, description="studies per Parquet shard (manifest order)")
     cpus_per_task: float = Field(1.0, gt=0, description="Ray CPUs per shard task")
+    qc_pictures: bool = Field(True, description="write a QC PNG per study (OUT/qc/) and a contact sheet of the worst")
 
     @field_validator("levels")
     @classmethod
@@ -132,6 +133,7 @@ class XrayPreprocessConfig(StrictModel):
     min_keypoint_confidence: float = Field(0.1, ge=0, description="QC warning below this heatmap peak")
     shard_size: int = Field(16, ge=1, description="studies per Parquet shard (manifest order)")
     cpus_per_task: float = Field(1.0, gt=0, description="Ray CPUs per shard task")
+    qc_pictures: bool = Field(True, description="write a QC PNG per study (OUT/qc/) and a contact sheet of the worst")
 
     @field_validator("keypoint_input_size")
     @classmethod

@@ -404,6 +404,16 @@ def preprocess_ct_study(
         "padded_slices_bone": int(pad_b),
         "padded_slices_muscle": int(pad_m),
         "warnings": warnings,
+        # where the crops sit in the source voxel grid, for QC pictures (raypipe.preprocess.qc_png)
+        "geometry": {
+            "slice_indices": [int(k) for k in span.indices],
+            "slice_levels": list(span.levels),
+            "centres_px": (centres_mm / np.array([sy, sx])).tolist(),
+            "bone_box_px": [cfg.bone_crop[0] * ty / sy, cfg.bone_crop[1] * tx / sx],
+            "muscle_box_px": [cfg.muscle_crop[0] * ty / sy, cfg.muscle_crop[1] * tx / sx],
+            "muscle_shift_px": shift / sy,
+            "n_slices": int(cfg.n_slices),
+        },
     }
     for w in warnings:
         log.debug("%s: %s", src, w)

@@ -420,8 +420,9 @@ def full_image(
     if mask is not None:
         valid &= body_mask_at(src_xy, p[:levels], **mask)
     out = np.where(valid, min_max(vals, valid), 0.0).astype(np.float32)
+    corners = apply_affine(inv, np.array([[0, 0], [size - 1, 0], [size - 1, size - 1], [0, size - 1]], float))
     info = {"roi_aligned": [box.x0, box.y0, box.x1, box.y1], "matrix": total[:2].tolist(),
-            "valid_fraction": float(valid.mean())}
+            "valid_fraction": float(valid.mean()), "corners_px": [corners.tolist()]}
     return out[None], info
 
 
@@ -447,7 +448,7 @@ def vertebra_patches(
     spacing = local_spacing(p)
     h, w = img.shape[:2]
     src_img = np.asarray(img, dtype=np.float32)
-    stack, valid_all, sides = [], [], []
+    stack, valid_all, sides, corners = [], [], [], []
     filtered: dict[int, np.ndarray] = {}
     for i in range(levels):
         side = float(patch_scale * spacing[i])
@@ -468,12 +469,14 @@ def vertebra_patches(
         stack.append(vals)
         valid_all.append(valid)
         sides.append(side)
+        corners.append(apply_affine(inv, np.array([[0, 0], [size - 1, 0], [size - 1, size - 1], [0, size - 1]],
+                                                  float)).tolist())
     arr, ok = np.stack(stack), np.stack(valid_all)
     if per_channel:
         out = np.stack([np.where(v, min_max(a, v), 0.0) for a, v in zip(arr, ok)])
     else:
         out = np.where(ok, min_max(arr, ok), 0.0)
-    return out.astype(np.float32), {"patch_side_px": sides, "valid_fraction": float(ok.mean())}
+    return out.astype(np.float32), {"patch_side_px": sides, "valid_fraction": float(ok.mean()), "corners_px": corners}
 
 
 def preprocess_radiograph(rad: Any, kp: Any, config: Any = None) -> tuple[np.ndarray, dict[str, Any]]:

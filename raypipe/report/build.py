@@ -10,8 +10,9 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from raypipe import storage
+from raypipe.report import clinical_plots, plots
 from raypipe.report import html as H
-from raypipe.report import plots
+from raypipe.report.qc_section import preprocessing_dirs, qc_section_parts
 from raypipe.report.tables import CharacteristicsTable
 
 if TYPE_CHECKING:
@@ -168,13 +169,9 @@ def _figures(ev: Evaluation, out_dir: str) -> list[str]:
     if tds:
         add(plots.td_auroc_curves(tds), "td_auroc.png", "Cumulative/dynamic AUROC over follow-up (IPCW).")
     cals = [r.calibration for r in ev.models if r.calibration is not None]
-    if cals:
+    if cals and not any(r.calibration_at for r in ev.models):
         add(plots.calibration_plot(cals), "calibration.png",
             "Predicted against observed (Kaplan-Meier) 5-year fracture risk by deciles of predicted risk.")
-    for r in ev.models:
-        if r.km:
-            add(plots.km_curves(r.km, f"Kaplan-Meier by risk group: {r.name}", r.logrank_p), f"km_{_slug(r.name)}.png",
-                f"Cumulative incidence of fracture by risk group of {r.name}.")
     for r in ev.models:
         if r.gradcam:
             add(plots.gradcam_gallery(r.gradcam, f"Grad-CAM: {r.name}"), f"gradcam_{_slug(r.name)}.png",
@@ -182,7 +179,45 @@ def _figures(ev: Evaluation, out_dir: str) -> list[str]:
     return figs
 
 
-def render_report(ev: Evaluation, out_dir: str, title: str = "raypipe evaluation report") -> str:
+def _clinical_figures(ev: Evaluation, out_dir: str) -> list[str]:
+    """Kaplan-Meier with bands and numbers at risk, calibration at each horizon, decision curve (saved + embedded)."""
+    figs: list[str] = []
+
+    def add(png: bytes | None, name: str, caption: str) -> None:
+        if png is None:
+            return
+        storage.atomic_write_bytes(storage.join(out_dir, name), png)
+        figs.append(H.figure(png, caption, filename=name))
+
+    for r in ev.models:
+        if r.km_fits:
+            add(clinical_plots.km_with_risk_table(r.km_fits, f"Kaplan-Meier by risk group: {r.name}", r.logrank_p),
+                f"km_{_slug(r.name)}.png",
+                f"Cumulative incidence of fracture (1 − Kaplan-Meier) by risk group of {r.name}; shaded: "
+                "pointwise 95% CI (log(−log), Greenwood variance); below: patients still at risk.")
+    cal_models = [(r.name, r.calibration_at) for r in ev.models if r.calibration_at]
+    if cal_models:
+        groups = max(len(c.n) for _, cals in cal_models for c in cals)
+        add(clinical_plots.calibration_panels(cal_models), "calibration.png",
+            f"Mean predicted risk against observed risk (Kaplan-Meier, 95% CI) in {groups} quantile groups of "
+            "predicted risk at each horizon; log-risk models are turned into t-year risks with a Breslow baseline. "
+            "Points on the dashed line: predicted risk matches what happened.")
+    dcs = [(r.name, r.decision) for r in ev.models if r.decision is not None]
+    horizons = {dc.horizon for _, dc in dcs}
+    if len(horizons) > 1:  # one plot per horizon: curves at different horizons do not share axes
+        main = max(horizons, key=lambda h: sum(dc.horizon == h for _, dc in dcs))
+        dcs = [(n, dc) for n, dc in dcs if dc.horizon == main]
+    if dcs:
+        add(clinical_plots.decision_curves(dcs), "decision_curve.png",
+            "Decision curve: net benefit of treating patients whose predicted risk reaches the threshold, against "
+            "treating everyone (grey) or no one (black). Net benefit = true positives − false positives × "
+            "threshold odds, per patient, with the event rate by the horizon from Kaplan-Meier. A model helps at "
+            "the thresholds where its curve lies above both.")
+    return figs
+
+
+def render_report(ev: Evaluation, out_dir: str, title: str = "raypipe evaluation report",
+                  qc_dirs: Sequence[str | os.PathLike[str]] = ()) -> str:
     """The report's HTML text; writes the figures' PNGs into `out_dir` as it goes."""
     pvals = _p_lookup(ev.metrics.get("comparisons", []))
     n_studies = max((r.n_studies for r in ev.models), default=0)
@@ -209,20 +244,29 @@ def render_report(ev: Evaluation, out_dir: str, title: str = "raypipe evaluation
 
         add("xray", "X-ray: preprocessing variants and C-index comparisons", *render_xray_tables(ev.xray_tables))
     add("groups", "Risk stratification", *_risk_group_tables(ev))
+    clinical = _clinical_figures(ev, out_dir)
+    add("clinical", "Clinical usefulness: survival, calibration, decision curve",
+        f'<div class="figures">{"".join(clinical)}</div>' if clinical else "")
     add("characteristics", "Clinical characteristics", *(_characteristics_html(t) for t in ev.characteristics))
     figs = _figures(ev, out_dir)
     add("figures", "Figures", f'<div class="figures">{"".join(figs)}</div>' if figs else "")
+    add("qc", "Preprocessing QC", *qc_section_parts(preprocessing_dirs(ev.sources, qc_dirs), out_dir))
     notes = [*ev.notes, *(f"{r.name}: {n}" for r in ev.models for n in r.notes)]
     if notes:
         add("notes", "Notes", '<ul class="notes">' + "".join(f"<li>{H.esc(n)}</li>" for n in notes) + "</ul>")
     return H.page(title, "\n".join(sections), subtitle, nav)
 
 
-def build_report(ev: Evaluation, out_dir: str | os.PathLike[str], title: str = "raypipe evaluation report") -> str:
-    """Write report.html (self-contained: PNGs embedded as data URIs, also saved beside it); return its path."""
+def build_report(ev: Evaluation, out_dir: str | os.PathLike[str], title: str = "raypipe evaluation report",
+                 qc_dirs: Sequence[str | os.PathLike[str]] = ()) -> str:
+    """Write report.html (self-contained: PNGs embedded as data URIs, also saved beside it); return its path.
+
+    `qc_dirs`: preprocessing output folders whose QC (qc.csv, contact sheet) the report shows, besides those
+    the prediction files' runs name.
+    """
     out = os.fspath(out_dir)
     storage.makedirs(out)
-    text = render_report(ev, out, title)
+    text = render_report(ev, out, title, qc_dirs)
     path = storage.join(out, REPORT_NAME)
     storage.atomic_write_text(path, text)
     logger.info("wrote report %s (%d KiB)", path, len(text) // 1024)
