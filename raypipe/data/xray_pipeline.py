@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from raypipe import storage
 from raypipe.config import load_config
 from raypipe.data.shards import (
     QC_DIR, ShardSpec, load_shards, read_modality_rows, run_shards, scalar_columns, strip_inputs, tensor_column,
@@ -140,7 +141,7 @@ def process_study(row: dict[str, Any], cfg: XrayPreprocessConfig) -> tuple[dict[
     warnings: list[str] = []
     try:
         image = row.get("image_path")
-        if not image or not os.path.exists(image):
+        if not image or not storage.exists(image):
             raise RaypipeInputError("image not found", path=str(image), field="image_path")
         rad = read_radiograph(image)
         qc.update(image_rows=rad.shape[0], image_cols=rad.shape[1], photometric=rad.photometric,
