@@ -22,7 +22,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -202,9 +201,11 @@ def log_final(tracking: Tracking | None, metrics_path: str | os.PathLike,
     rows = [Metric(k, v, now, 0) for k, v in metrics.items()]
     for i in range(0, len(rows), 1000):
         client.log_batch(run_id, metrics=rows[i:i + 1000], tags=[RunTag("raypipe.final", "true")] if i == 0 else [])
-    with tempfile.TemporaryDirectory(prefix="raypipe-mlflow-") as tmp:
-        for path in [metrics_path, *([report_path] if report_path is not None else []), *artifacts]:
-            client.log_artifact(run_id, _local_copy(path, Path(tmp)))
+    for path in [metrics_path, *([report_path] if report_path is not None else []), *artifacts]:
+        with storage.localize(path) as local:  # URIs fetched to a temp dir for the upload
+            if not Path(local).is_file():
+                raise FileNotFoundError(f"artifact {str(path)!r} does not exist")
+            client.log_artifact(run_id, local)
     client.set_terminated(run_id, "FINISHED")
     return run_id
 
@@ -220,18 +221,6 @@ def _ensure_experiment(tracking: Tracking, artifact_location: str | None) -> Non
         except MlflowException:  # created meanwhile by another run: fine if it exists now
             if client.get_experiment_by_name(tracking.experiment_name) is None:
                 raise
-
-
-def _local_copy(path: str | os.PathLike, tmp: Path) -> str:
-    """A local path for a file that may be an object-store URI (downloaded into `tmp`)."""
-    if not storage.is_uri(path):
-        p = Path(storage.local_path(path))
-        if not p.is_file():
-            raise FileNotFoundError(f"artifact {str(path)!r} does not exist")
-        return str(p)
-    target = tmp / Path(str(path).rstrip("/")).name
-    target.write_bytes(storage.read_bytes(path))
-    return str(target)
 
 
 def _quote(text: str) -> str:
