@@ -1,15 +1,24 @@
-"""Output paths that may be local or `s3://` / `gs://` URIs, written atomically (temp name, then rename)."""
+"""Paths that may be local or `s3://` / `gs://` URIs: resolving, reading, fetching to a task-local temp dir, and
+writing so that readers never see a partial file.
+
+Filesystems come from pyarrow (`FileSystem.from_uri`); credentials and endpoint only from the standard
+variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_ENDPOINT_URL`, `AWS_DEFAULT_REGION`, instance
+profiles; Google's application-default credentials), never from code. Local files are written under a temp
+name and renamed; an object store gets one PUT (or multipart upload), which becomes visible only complete.
+"""
 from __future__ import annotations
 
+import functools
+import inspect
 import io
 import json
 import os
 import posixpath
+import shutil
 import tempfile
-import uuid
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import pyarrow.fs as pafs
 
@@ -33,6 +42,40 @@ def filesystem(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(local_path(p))
 
 
+def absolute(path: str | os.PathLike) -> str:
+    """A URI as given, a local path made absolute (never `os.path.abspath` on a URI: it would turn it local)."""
+    return str(path) if is_uri(path) else os.path.abspath(local_path(path))
+
+
+def parent(path: str | os.PathLike) -> str:
+    """The folder holding a file, for local paths and URIs alike (`s3://b/x/m.csv` -> `s3://b/x`)."""
+    p = str(path)
+    if is_uri(p):
+        scheme, _, rest = p.partition("://")
+        return f"{scheme}://{posixpath.dirname(rest.rstrip('/'))}"
+    return os.path.dirname(os.path.abspath(local_path(p)))
+
+
+def resolve(value: str | os.PathLike, base: str | os.PathLike) -> str:
+    """A path as written in a file, resolved against the file's folder `base` (local or URI); URIs stay as given."""
+    v = str(value).strip()
+    if is_uri(v):
+        return v
+    if v.startswith("file://"):
+        return local_path(v)
+    b = str(base)
+    if is_uri(b):
+        if v.startswith("/"):
+            raise ValueError(f"absolute local path {v!r} in a file stored at {b!r}: write a URI or a relative path")
+        scheme, _, rest = b.partition("://")
+        joined = posixpath.normpath(posixpath.join(rest, v))
+        if joined.split("/")[0] != rest.split("/")[0]:
+            raise ValueError(f"relative path {v!r} leaves the bucket of {b!r}")
+        return f"{scheme}://{joined}"
+    p = Path(v).expanduser()
+    return str(p if p.is_absolute() else Path(local_path(b)) / p)
+
+
 def join(base: str | os.PathLike, *parts: str) -> str:
     """Join path parts for both local paths and URIs."""
     b = str(base)
@@ -51,6 +94,70 @@ def exists(path: str | os.PathLike) -> bool:
     """Whether a file or folder exists on any filesystem."""
     fs, p = filesystem(path)
     return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+@contextmanager
+def localize(path: str | os.PathLike) -> Iterator[str]:
+    """A local path for `path` while the block runs: itself when local, else a copy of the file or folder (a DICOM
+    series, a mask folder) fetched into a fresh task-local temp dir that is removed afterwards.
+
+    A URI that does not exist yields a path that does not exist either, so the reader reports its own
+    "not found" error; errors raised in the block get a note naming the URI.
+    """
+    if not is_uri(path):
+        yield local_path(path)
+        return
+    fs, p = filesystem(path)
+    tmp = tempfile.mkdtemp(prefix="raypipe-fetch-", dir=os.environ.get("RAYPIPE_FETCH_DIR") or None)
+    try:
+        target = os.path.join(tmp, posixpath.basename(p.rstrip("/")) or "object")
+        kind = fs.get_file_info(p).type
+        if kind == pafs.FileType.File:
+            _download(fs, p, target)
+        elif kind == pafs.FileType.Directory:
+            os.makedirs(target)
+            root = p.rstrip("/") + "/"
+            for info in fs.get_file_info(pafs.FileSelector(p, recursive=True)):
+                if info.type == pafs.FileType.File:
+                    _download(fs, info.path, os.path.join(target, *info.path[len(root):].split("/")))
+        try:
+            yield target
+        except BaseException as e:
+            e.add_note(f"(read from {path}, fetched to {target})")
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _download(fs: pafs.FileSystem, src: str, dst: str) -> None:
+    """Copy one object to a local file, bytes as stored (pyarrow's copy_files would gunzip `.gz` names)."""
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    with fs.open_input_stream(src, compression=None) as fin, open(dst, "wb") as fout:
+        while chunk := fin.read(1 << 22):
+            fout.write(chunk)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def localized(*names: str) -> Callable[[F], F]:
+    """Decorator for readers of local files: the named arguments that are URIs are fetched (`localize`) for the call."""
+    def wrap(fn: F) -> F:
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            bound = sig.bind(*args, **kwargs)
+            remote = [n for n in names if isinstance(bound.arguments.get(n), (str, os.PathLike))
+                      and is_uri(bound.arguments[n])]
+            if not remote:
+                return fn(*args, **kwargs)
+            with ExitStack() as stack:
+                for n in remote:
+                    bound.arguments[n] = stack.enter_context(localize(bound.arguments[n]))
+                return fn(*bound.args, **bound.kwargs)
+        return call  # type: ignore[return-value]
+    return wrap
 
 
 @contextmanager
@@ -73,22 +180,16 @@ def atomic_local_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Pat
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write bytes so readers never see a partial file: temp name in the same folder, then rename."""
+    """Write bytes so readers never see a partial file: local temp name then rename; one upload on object stores."""
     if not is_uri(path):
         with atomic_local_path(local_path(path)) as tmp:
             tmp.write_bytes(data)
         return
+    # An S3 PUT (or a multipart upload, completed on close) is atomic: the object appears whole or not at all.
+    # A temp object plus `move` would be a server-side copy and delete: twice the traffic, not more safety.
     fs, p = filesystem(path)
-    parent = posixpath.dirname(p)
-    fs.create_dir(parent, recursive=True)
-    tmp = posixpath.join(parent, f".{posixpath.basename(p)}.{uuid.uuid4().hex}.tmp")
-    with fs.open_output_stream(tmp) as f:
+    with fs.open_output_stream(p, compression=None) as f:  # bytes as given: never gzip a `.gz` name again
         f.write(data)
-    try:
-        fs.move(tmp, p)
-    except Exception:
-        fs.delete_file(tmp)
-        raise
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -116,7 +217,7 @@ def _json_default(o: Any) -> Any:
 def read_bytes(path: str | os.PathLike) -> bytes:
     """Read a whole file from any filesystem."""
     fs, p = filesystem(path)
-    with fs.open_input_stream(p) as f:
+    with fs.open_input_stream(p, compression=None) as f:  # bytes as stored: never gunzip a `.gz` name
         return f.read()
 
 

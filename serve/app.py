@@ -1,4 +1,6 @@
-"""Serve entrypoint: `RAYPIPE_REGISTRY=DIR serve run serve.app:app` or `serve deploy serve/config.yaml`.
+"""Serve entrypoint for a checkout: `RAYPIPE_REGISTRY=DIR serve run serve.app:app` (from the repository root).
+
+`serve deploy serve/config.yaml` uses the installed builder `raypipe.serving.app:build` with typed args instead.
 
 Options come from the environment (RAYPIPE_API_TOKEN, RAYPIPE_MAX_REQUEST_BYTES, RAYPIPE_JOB_TTL_S,
 RAYPIPE_MODEL_CT / _XRAY / _PVF / _LDM / _KEYPOINTS to use other registry names, empty to disable).

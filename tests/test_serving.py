@@ -495,7 +495,10 @@ def test_deploy_config_parses_and_names_every_deployment(served: dict) -> None:
     cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "serve/config.yaml").read_text())
     schema = ServeDeploySchema.model_validate(cfg) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(cfg)
     app = schema.applications[0]
-    assert app.import_path == "serve.app:app"
+    assert app.import_path == "raypipe.serving.app:build"
+    from raypipe.serving.app import ServeAppArgs
+
+    assert ServeAppArgs.model_validate(app.args).versions  # typed args; pinned versions
     named = {d.name for d in app.deployments}
     running = set(serve.status().applications[APP].deployments)
     assert named == set(DEPLOYMENT_NAMES) == running

@@ -11,12 +11,12 @@ from __future__ import annotations
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from raypipe import storage
 from raypipe.config import load_config
 from raypipe.data.qc_pictures import PICTURE_KEY
 from raypipe.data.shards import (
@@ -63,12 +63,12 @@ def load_study(row: dict[str, Any], cfg: CTPreprocessConfig) -> tuple[Any, dict[
     from raypipe.io.masks import read_body_mask, read_masks
 
     image, mask = row.get("image_path"), row.get("mask_path")
-    if not image or not Path(image).exists():
+    if not image or not storage.exists(image):
         raise RaypipeInputError("image not found", path=str(image), field="image_path")
     if not mask:
         raise MaskError(str(image), "no mask_path in the manifest: vertebra masks are needed to preprocess a CT "
                         "(e.g. TotalSegmentator, then `raypipe manifest build --masks`)", field="mask_path")
-    if not Path(mask).exists():
+    if not storage.exists(mask):
         raise MaskError(str(mask), "mask file or folder not found", field="mask_path")
     ct = read_ct(image)
     labels = row.get("mask_labels") or None
@@ -76,7 +76,7 @@ def load_study(row: dict[str, Any], cfg: CTPreprocessConfig) -> tuple[Any, dict[
     body = None
     bpath = row.get("body_mask_path")
     if bpath:
-        if not Path(bpath).exists():
+        if not storage.exists(bpath):
             raise MaskError(str(bpath), "body mask not found", field="body_mask_path")
         body = read_body_mask(bpath, ct, body_label=(49, 50) if labels == "verse" else 1)
     return ct, masks, body

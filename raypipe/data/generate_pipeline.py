@@ -29,7 +29,6 @@ one group only, no events).
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -40,6 +39,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from raypipe import storage
 from raypipe.config import StrictModel
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ class DiffXGenerator:
             pixels = read_radiograph(r["image_path"]).pixels
             seeds = list(range(self.cfg.seeds))
             rec = generate_study(self.pipe, pixels, float(r["age"]), str(r["sex"]), years, seeds,
-                                 os.path.join(self.out_dir, "studies", str(r["study_id"])), self.pvf, clinical,
+                                 storage.join(self.out_dir, "studies", str(r["study_id"])), self.pvf, clinical,
                                  self.cfg.write_images)
             row = {"study_id": str(r["study_id"]), "bpvf": rec.get("bpvf"), "gpvf": rec.get("gpvf"),
                    "gpvf_sd": rec.get("uncertainty"), "gpvf_year": rec.get("gpvf_year"), "group": rec.get("group")}
@@ -173,14 +173,13 @@ def generate_cohort(manifest: str, model_dir: str, out_dir: str, pvf_dir: str | 
     import ray
     import ray.data
 
-    from raypipe import storage
     from raypipe.io.manifest import load_manifest
     from raypipe.predictions import CLINICAL_COLUMNS, label_columns, write_predictions
     from raypipe.ray_utils import init_ray
 
     cfg = config or GenerateJobConfig()
-    out = os.path.abspath(out_dir)
-    os.makedirs(out, exist_ok=True)
+    out = storage.absolute(out_dir)
+    storage.makedirs(out)
     table = load_manifest(manifest)
     table = table[table["modality"] == "XR"]
     if cfg.split is not None and "split" in table.columns:
@@ -197,8 +196,8 @@ def generate_cohort(manifest: str, model_dir: str, out_dir: str, pvf_dir: str | 
     concurrency = cfg.concurrency or (gpus if gpus else 1)
     resources = {"num_gpus": 1} if gpus else {"num_cpus": 1}
     ds = ray.data.from_pandas(table[cols]).map_batches(
-        DiffXGenerator, fn_constructor_kwargs={"model_dir": os.path.abspath(model_dir),
-                                               "pvf_dir": os.path.abspath(pvf_dir) if pvf_dir else None,
+        DiffXGenerator, fn_constructor_kwargs={"model_dir": storage.absolute(model_dir),
+                                               "pvf_dir": storage.absolute(pvf_dir) if pvf_dir else None,
                                                "out_dir": out, "config": cfg.model_dump(mode="json")},
         batch_size=1, batch_format="pandas", concurrency=concurrency, **resources)
     scored = _collect_with_progress(ds, len(table))
@@ -219,8 +218,8 @@ def generate_cohort(manifest: str, model_dir: str, out_dir: str, pvf_dir: str | 
     studies.to_parquet(storage.join(out, "studies.parquet"), index=False)
     frame = aggregate_participants(studies, cfg.low_threshold, cfg.high_threshold)
     pred_path = storage.join(out, "predictions.parquet")
-    write_predictions(frame, pred_path, {"model": MODEL_NAME, "model_dir": os.path.abspath(model_dir),
-                                         "pvf_dir": os.path.abspath(pvf_dir), **cfg.model_dump(mode="json")})
+    write_predictions(frame, pred_path, {"model": MODEL_NAME, "model_dir": storage.absolute(model_dir),
+                                         "pvf_dir": storage.absolute(pvf_dir), **cfg.model_dump(mode="json")})
     metrics = diffx_metrics(frame, cfg)
     storage.atomic_write_json(storage.join(out, "diffx_metrics.json"), metrics)
     return {"studies": len(scored), "predictions": pred_path, "metrics": metrics}

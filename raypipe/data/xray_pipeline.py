@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from raypipe import storage
 from raypipe.config import load_config
 from raypipe.data.qc_pictures import PICTURE_KEY
 from raypipe.data.shards import (
@@ -142,7 +143,7 @@ def process_study(row: dict[str, Any], cfg: XrayPreprocessConfig) -> tuple[dict[
     rad = xy = arr = info = None
     try:
         image = row.get("image_path")
-        if not image or not os.path.exists(image):
+        if not image or not storage.exists(image):
             raise RaypipeInputError("image not found", path=str(image), field="image_path")
         rad = read_radiograph(image)
         qc.update(image_rows=rad.shape[0], image_cols=rad.shape[1], photometric=rad.photometric,

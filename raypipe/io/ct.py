@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from raypipe import storage
 from raypipe.io.errors import ImageReadError, ImageReadWarning
 
 logger = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ def ct_from_image(image: sitk.Image, path: PathLike) -> CTVolume:
     )
 
 
+@storage.localized("path")  # DICOM series / NIfTI on object stores: fetched to a task-local temp dir
 def read_ct_image(path: PathLike, series_uid: str | None = None) -> sitk.Image:
     """Read a CT as stored (no reorientation), in HU; `inspect` reports this geometry."""
     p = Path(path)

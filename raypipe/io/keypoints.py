@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from raypipe import storage
 from raypipe.io.errors import KeypointsError
 
 PathLike = str | os.PathLike[str]
@@ -29,6 +30,7 @@ class Keypoints(NamedTuple):
     confidence: np.ndarray | None
 
 
+@storage.localized("path")
 def read_keypoints(path: PathLike) -> Keypoints:
     """Read and validate a keypoints JSON; every problem names the file and the key."""
     p = Path(path)

@@ -2,17 +2,22 @@
 
 Nothing downstream runs on an invalid manifest: `load_manifest` raises `ManifestError` listing each
 problem with its row (1-based data row; the CSV line is row + 1), column and value.
+The manifest and every path in it may be local or an `s3://` / `gs://` URI (`raypipe.storage`); relative
+paths resolve against the manifest's own folder, local or remote.
 """
 from __future__ import annotations
 
 import difflib
+import io
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from raypipe import storage
 from raypipe.clinical import SEX_CODES, ClinicalValueError, clinical_value
 from raypipe.io.errors import RaypipeInputError
 
@@ -59,7 +64,7 @@ class ManifestProblem:
 class ManifestReport:
     """Result of validation: the parsed table and every problem found."""
 
-    path: Path
+    path: Path | str  # str for URIs
     table: pd.DataFrame
     problems: list[ManifestProblem] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -101,30 +106,43 @@ class ManifestError(RaypipeInputError):
 
 def read_manifest_table(path: str | Path) -> pd.DataFrame:
     """Read the raw manifest table (CSV or Parquet) with identifiers kept as strings."""
-    p = Path(path)
-    if not p.is_file():
+    p = _manifest_path(path)
+    if not _is_file(p):
         raise RaypipeInputError("manifest not found", path=str(p))
     try:
-        if p.suffix.lower() in (".parquet", ".pq"):
-            return pd.read_parquet(p)
-        return pd.read_csv(p, dtype={"patient_id": str, "study_id": str, "site": str, "split": str,
+        src = io.BytesIO(storage.read_bytes(p)) if storage.is_uri(p) else p
+        if str(p).lower().endswith((".parquet", ".pq")):
+            return pd.read_parquet(src)
+        return pd.read_csv(src, dtype={"patient_id": str, "study_id": str, "site": str, "split": str,
                                      "sex": str, "mask_labels": str, "modality": str},
                            keep_default_na=True)
     except Exception as e:  # noqa: BLE001 - any parser error becomes one clear message
         raise RaypipeInputError(f"cannot read manifest: {e}", path=str(p)) from e
 
 
-def resolve_path(value: object, base: Path) -> Path | None:
-    """Resolve a manifest path cell against the manifest's folder; None for empty cells."""
+def resolve_path(value: object, base: str | os.PathLike) -> str | None:
+    """Resolve a manifest path cell (local or URI) against the manifest's folder (local or URI); None for empty cells."""
     if value is None or (isinstance(value, float) and math.isnan(value)) or str(value).strip() == "":
         return None
-    p = Path(str(value).strip()).expanduser()
-    return p if p.is_absolute() else (base / p)
+    return storage.resolve(str(value), base)
+
+
+def _manifest_path(path: str | os.PathLike) -> Path | str:
+    return str(path) if storage.is_uri(path) else Path(storage.local_path(path))
+
+
+def _is_file(path: str | os.PathLike) -> bool:
+    if not storage.is_uri(path):
+        return Path(path).is_file()
+    fs, p = storage.filesystem(path)
+    import pyarrow.fs as pafs
+
+    return fs.get_file_info(p).type == pafs.FileType.File
 
 
 def validate_manifest(path: str | Path, check_files: bool = True) -> ManifestReport:
     """Check a manifest against docs/MANIFEST.md; every problem is collected, none raised."""
-    p = Path(path)
+    p = _manifest_path(path)
     table = read_manifest_table(p)
     rep = ManifestReport(path=p, table=table)
     add = rep.problems.append
@@ -145,7 +163,7 @@ def validate_manifest(path: str | Path, check_files: bool = True) -> ManifestRep
         add(ManifestProblem(None, None, None, "manifest has no rows"))
         return rep
 
-    base = p.parent
+    base = storage.parent(p)
     no_masks: list[int] = []
     for i, row in enumerate(table.itertuples(index=False), start=1):
         r = dict(zip(cols, row))
@@ -228,16 +246,20 @@ def _check_row(i: int, r: dict, base: Path, check_files: bool, add, warn) -> Non
         add(problem)
     ml = r.get("mask_labels")
     if ml is not None and not _is_missing(ml) and str(ml) not in MASK_LABEL_CONVENTIONS:
-        lp = resolve_path(ml, base)
-        if not (str(ml).endswith(".json") and lp is not None and (not check_files or lp.is_file())):
+        lp = _resolve_or_none(ml, base)
+        if not (str(ml).endswith(".json") and lp is not None and (not check_files or _is_file(lp))):
             add(ManifestProblem(i, "mask_labels", ml,
                                 f"must be one of {list(MASK_LABEL_CONVENTIONS)} or a path to a JSON label map"))
     if check_files:
         for c in PATH_COLUMNS:
             if c not in r:
                 continue
-            fp = resolve_path(r[c], base)
-            if fp is not None and not fp.exists():
+            try:
+                fp = resolve_path(r[c], base)
+            except ValueError as e:
+                add(ManifestProblem(i, c, r[c], str(e)))
+                continue
+            if fp is not None and not storage.exists(fp):
                 add(ManifestProblem(i, c, r[c], f"file not found ({fp})"))
     if isinstance(mod, str) and mod.strip().upper() == "CT" and _is_missing(r.get("mask_path")):
         warn(i)
@@ -249,7 +271,7 @@ def load_manifest(path: str | Path, check_files: bool = True) -> pd.DataFrame:
     if not rep.ok:
         raise ManifestError(rep)
     t = rep.table.copy()
-    base = Path(path).parent
+    base = storage.parent(_manifest_path(path))
     t["patient_id"] = t["patient_id"].astype(str)
     t["study_id"] = t["study_id"].astype(str)
     t["modality"] = t["modality"].str.strip().str.upper()
@@ -262,5 +284,16 @@ def load_manifest(path: str | Path, check_files: bool = True) -> pd.DataFrame:
         t["sex"] = t["sex"].map(lambda v: None if _is_missing(v) else str(v).strip().upper())
     for c in PATH_COLUMNS:
         if c in t:
-            t[c] = [None if (rp := resolve_path(v, base)) is None else str(rp) for v in t[c]]
+            t[c] = [_resolve_or_none(v, base) for v in t[c]]
+    if "mask_labels" in t:  # a JSON label map given by path resolves like the other paths
+        t["mask_labels"] = [v if _is_missing(v) or str(v) in MASK_LABEL_CONVENTIONS else _resolve_or_none(v, base)
+                            for v in t["mask_labels"]]
     return t
+
+
+def _resolve_or_none(value: object, base: str) -> str | None:
+    """`resolve_path`, with paths that cannot resolve (absolute local paths in a remote manifest) as None."""
+    try:
+        return resolve_path(value, base)
+    except ValueError:
+        return None

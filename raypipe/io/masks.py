@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from raypipe import storage
 from raypipe.io.ct import CANONICAL_ORIENTATION, VOLUME_SUFFIXES, CTVolume, is_volume_file
 from raypipe.io.errors import ImageReadWarning, MaskError
 
@@ -73,6 +74,7 @@ _FACES: tuple[tuple[str, int, int], ...] = (
 )
 
 
+@storage.localized("path", "labels")  # mask files/folders and label maps on object stores: fetched
 def read_masks(
     path: PathLike,
     reference: CTVolume,
@@ -94,6 +96,7 @@ def read_masks(
     return _split_labels(p, _on_reference(image, reference, p), label_map, wanted)
 
 
+@storage.localized("path")
 def read_body_mask(path: PathLike, reference: CTVolume, body_label: int | Iterable[int] = 1) -> np.ndarray:
     """The `vertebral_body` mask (bodies without discs) from e.g. TotalSegmentator's `vertebrae_body` task."""
     p = Path(path)
@@ -108,6 +111,7 @@ def read_body_mask(path: PathLike, reference: CTVolume, body_label: int | Iterab
     return body
 
 
+@storage.localized("labels")
 def resolve_label_map(labels: LabelSpec, mask_path: PathLike | None = None) -> dict[int, str]:
     """Turn `"totalseg"`, `"verse"`, a JSON label-map path or a mapping into `{label: name}`."""
     where = mask_path if mask_path is not None else "<labels>"

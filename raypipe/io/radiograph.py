@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from raypipe import storage
 from raypipe.io.errors import ImageReadError, ImageReadWarning
 
 if TYPE_CHECKING:
@@ -57,6 +58,7 @@ def is_raster_file(path: PathLike) -> bool:
     return str(path).lower().endswith(RASTER_SUFFIXES)
 
 
+@storage.localized("path")  # DICOM/PNG on object stores: fetched to a task-local temp dir
 def read_radiograph(path: PathLike) -> Radiograph:
     """Read a DICOM or PNG/JPEG radiograph into [0, 1] float32 with bone bright (see module docstring)."""
     p = Path(path)

@@ -509,3 +509,72 @@ def build_app_from_env() -> Any:
     if not registry:
         raise RuntimeError("set RAYPIPE_REGISTRY to the model registry folder")
     return build_app(registry, options=ServeOptions.from_env())
+
+
+# ------------------------------------------------------------------------------------------ serve deploy
+# The imports of this section stay with it, so that the section is one self-contained block.
+import os  # noqa: E402
+import re  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator  # noqa: E402
+
+from raypipe.serving.options import DEFAULT_NAMES  # noqa: E402
+
+
+class ServeAppArgs(BaseModel):
+    """Typed `args` of `raypipe.serving.app:build` in `serve/config.yaml` (Serve validates them before building)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    registry: str = Field(..., min_length=1, description="model registry folder, as the cluster's nodes see it")
+    versions: dict[str, str] = Field(default_factory=dict, description="role -> pinned version (vN); absent: latest")
+    names: dict[str, str | None] = Field(default_factory=dict, description="role -> registry name; null disables")
+    api_token_env: str | None = Field("RAYPIPE_API_TOKEN", description="environment variable holding the bearer token")
+    api_token_file: str | None = Field(None, description="file holding the bearer token (e.g. a mounted secret)")
+    options: dict[str, Any] = Field(default_factory=dict, description="further ServeOptions fields (limits, batching)")
+
+    @field_validator("versions")
+    @classmethod
+    def _pinned(cls, v: dict[str, str]) -> dict[str, str]:
+        for role, version in v.items():
+            if role not in DEFAULT_NAMES:
+                raise ValueError(f"versions: unknown role {role!r} (one of {', '.join(DEFAULT_NAMES)})")
+            if not re.fullmatch(r"v[0-9]+", version):
+                raise ValueError(f"versions.{role}: {version!r} is not a pinned version such as 'v3'")
+        return v
+
+    @field_validator("names")
+    @classmethod
+    def _roles(cls, v: dict[str, str | None]) -> dict[str, str | None]:
+        unknown = sorted(set(v) - set(DEFAULT_NAMES))
+        if unknown:
+            raise ValueError(f"names: unknown role(s) {unknown} (one of {', '.join(DEFAULT_NAMES)})")
+        return v
+
+    @field_validator("options")
+    @classmethod
+    def _other_options(cls, v: dict[str, Any]) -> dict[str, Any]:
+        clash = sorted(set(v) & {"api_token", "names", "versions"})
+        if clash:
+            raise ValueError(f"options: set {clash} through the top-level args (the token only through a token source)")
+        ServeOptions.model_validate(v)
+        return v
+
+    def api_token(self) -> str | None:
+        """The bearer token from the token file, else from the named environment variable; None disables auth."""
+        if self.api_token_file:
+            try:
+                token = Path(self.api_token_file).read_text().strip()
+            except OSError as e:
+                raise ValueError(f"api_token_file {self.api_token_file!r} cannot be read: {e.strerror}") from None
+            if not token:
+                raise ValueError(f"api_token_file {self.api_token_file!r} is empty")
+            return token
+        return (os.environ.get(self.api_token_env) or None) if self.api_token_env else None
+
+
+def build(args: ServeAppArgs) -> Any:
+    """Serve application builder for `serve deploy serve/config.yaml` (`import_path: raypipe.serving.app:build`)."""
+    opts = ServeOptions.model_validate({**args.options, "versions": args.versions, "api_token": args.api_token()})
+    return build_app(args.registry, names=args.names or None, options=opts)
