@@ -71,7 +71,10 @@ def _sha256(path: Path) -> str:
 
 
 def list_versions(registry: str | Path, name: str) -> list[str]:
-    """Published versions of a model, oldest first (v1, v2, ...)."""
+    """Published versions of a model, oldest first (v1, v2, ...); a name that is not one folder name is an error."""
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or len(name) > 128:
+        raise RegistryError(f"invalid model name {str(name)[:80]!r}: letters, digits, '_', '.', '-' only",
+                            path=str(registry), field="name", value=name)
     d = Path(registry) / name
     if not d.is_dir():
         return []

@@ -101,8 +101,7 @@ def _assert_problem(r: Any, status: int | tuple[int, ...], field: str | None = N
 def test_healthz_openapi_and_models(served: dict) -> None:
     c = served["client"]
     h = c.get("/healthz")
-    assert h.status_code == 200 and h.json()["status"] == "ok"
-    assert set(h.json()["deployments"]) >= {"CTModel", "XrayModel", "PVFModel", "JobStore", "GeneratorModel"}
+    assert h.status_code == 200 and h.json() == {"ready": True}  # public: ready or not, nothing else
     spec = c.get("/openapi.json", headers=AUTH).json()
     for p in ("/healthz", "/v1/models", "/v1/ct/score", "/v1/xray/score", "/v1/xray/future", "/v1/jobs/{job_id}"):
         assert p in spec["paths"], p

@@ -20,20 +20,13 @@ import numpy as np
 from ray import serve
 
 from raypipe.serving.problems import ServingError, as_serving_error, unwrap
+from raypipe.serving.intake import Limits, Redactor
 from raypipe.serving.uploads import (
     UploadError,
-    check_dicom_image_size,
-    check_nifti_header,
     check_raster_size,
-    gunzip_limited,
-    is_dicom,
-    is_gzip,
-    is_nifti1,
     is_png_or_jpeg,
-    is_zip,
+    quiet_replica,
     request_workdir,
-    safe_extract_zip,
-    series_folder,
 )
 
 log = logging.getLogger("ray.serve.raypipe")  # a child of Serve's logger: lands in the replica logs
@@ -49,8 +42,12 @@ def _replica_gone(exc: BaseException) -> bool:
     return isinstance(exc, (RayActorError, ActorUnavailableError)) and not isinstance(unwrap(exc), ServingError)
 
 
-async def call(method: Any, *args: Any, retries: int = 3, **kwargs: Any) -> Any:
-    """`await handle.method.remote(...)`, retrying when the target replica died; ServingErrors pass through."""
+async def call(method: Any, *args: Any, retries: int = 3, lost_field: str | None = None, **kwargs: Any) -> Any:
+    """`await handle.method.remote(...)`, retrying when the target replica died; ServingErrors pass through.
+
+    `lost_field` marks a call that parses that uploaded field: it must use retries=0, and a replica
+    lost under it answers 422 for the field (the upload may have killed it), not 503 (which clients retry).
+    """
     for attempt in range(retries + 1):
         try:
             result = await method.remote(*args, **kwargs)
@@ -62,6 +59,10 @@ async def call(method: Any, *args: Any, retries: int = 3, **kwargs: Any) -> Any:
                 log.warning("replica lost (%s); retry %d/%d", type(e).__name__, attempt + 1, retries)
                 await asyncio.sleep(0.5 * 2 ** attempt)
                 continue
+            if _replica_gone(e) and lost_field is not None:
+                log.warning("replica lost while parsing an upload (%s); not retried", type(e).__name__)
+                raise ServingError(422, "the worker processing this upload stopped; the upload is not retried "
+                                        "(too large or malformed?)", lost_field) from None
             if _replica_gone(e):
                 raise ServingError(503, "a model replica restarted while serving this request; retry") from None
             raise
@@ -167,52 +168,44 @@ class CTPreprocess(_Disabled):
         from raypipe.scoring.ct import CTPreprocessor
         from raypipe.scoring.common import model_info
 
+        from raypipe.preprocess.config import LEVEL_ORDER
+        from raypipe.scoring.ct import MASK_NAMES_EXTRA
+
+        quiet_replica()
         v, self.error = _open(registry, name, version)
         self.pre = CTPreprocessor(v) if v is not None else None
         self.info = model_info(v) if v is not None else None
-        self.limits = limits
-
-    def _volume(self, data: bytes, workdir: Path, field: str) -> Path:
-        """Materialise a CT or mask upload: a zip (DICOM series / mask folder / one NIfTI) or a NIfTI file."""
-        lim = self.limits
-        if is_zip(data):
-            files = safe_extract_zip(data, workdir / field, field, lim["max_zip_files"], lim["max_unpacked_bytes"])
-            nifti = [f for f in files if f.name.lower().endswith((".nii", ".nii.gz"))]
-            if field == "study" and len(nifti) == 1 and len(files) == 1:
-                return nifti[0]
-            if field == "masks" and len(files) == 1 and nifti:
-                return nifti[0]
-            return series_folder(files, workdir / field) if field == "study" else _mask_root(files, workdir / field)
-        if is_gzip(data):
-            raw = gunzip_limited(data, field, lim["max_unpacked_bytes"])
-        elif is_nifti1(data):
-            raw = data
-        else:
-            kind = "a zip of a DICOM series or a NIfTI file" if field == "study" else "a zip of mask files or a NIfTI file"
-            raise UploadError(415, field, f"expected {kind} (.zip, .nii, .nii.gz)")
-        check_nifti_header(raw, field, lim["max_voxels"])
-        path = workdir / f"{field}.nii"
-        path.write_bytes(raw)
-        return path
+        self.limits = Limits.from_dict(limits)
+        self.mask_names = {f"vertebrae_{lvl}" for lvl in LEVEL_ORDER} | set(MASK_NAMES_EXTRA)
 
     def _preprocess(self, study: bytes, masks: bytes, body_mask: bytes | None, mask_labels: Any,
                     clinical: dict[str, Any]) -> Any:
+        from raypipe.serving.intake import materialise_masks, materialise_study, new_budget
+
+        lim, redactor = self.limits, Redactor()
+        budget = new_budget(lim)
         with request_workdir() as wd:
+            field = "study"
             try:
-                ct_path = self._volume(study, wd, "study")
-                masks_path = self._volume(masks, wd, "masks")
-                body_path = self._volume(body_mask, wd, "body_mask") if body_mask else None
+                ct_path = materialise_study(study, wd, lim, redactor, budget)
+                field = "masks"
+                masks_path = materialise_masks(masks, wd, "masks", self.mask_names, lim, redactor, budget)
+                body_path = None
+                if body_mask:
+                    field = "body_mask"
+                    body_path = materialise_masks(body_mask, wd, "body_mask", {"vertebral_body"}, lim, redactor, budget)
                 labels = mask_labels
                 if isinstance(mask_labels, dict):
                     import json
 
                     labels = str(wd / "mask_labels.json")
                     Path(labels).write_text(json.dumps(mask_labels))
+                field = "study"
                 return self.pre.from_files(ct_path, masks_path, body_path, labels, clinical)
             except Exception as e:  # noqa: BLE001
-                problem = as_serving_error(e, wd, "study")
+                problem = as_serving_error(e, wd, field)
                 if problem is not None:
-                    raise problem from None
+                    raise ServingError(problem.status, redactor.redact(problem.message), problem.field) from None
                 raise
 
     async def preprocess(self, study: bytes, masks: bytes, body_mask: bytes | None, mask_labels: Any,
@@ -221,14 +214,6 @@ class CTPreprocess(_Disabled):
         if self.error is not None:
             return ServingError(503, self.error)
         return await run_guarded(self._preprocess, study, masks, body_mask, mask_labels, clinical)
-
-
-def _mask_root(files: list[Path], root: Path) -> Path:
-    """Folder of extracted TotalSegmentator masks (the one holding vertebrae_*.nii.gz)."""
-    for f in files:
-        if f.name.startswith("vertebrae_"):
-            return f.parent
-    return series_folder(files, root)
 
 
 @serve.deployment(name="XrayPreprocess", max_ongoing_requests=2, health_check_period_s=HEALTH_CHECK_PERIOD_S)
@@ -241,41 +226,47 @@ class XrayPreprocess(_Disabled):
         from raypipe.scoring.xray import KeypointModel, XrayPreprocessor
 
         _set_threads(threads)
+        quiet_replica()
         xray, self.error = _open(registry, names.get("xray"), versions.get("xray"))
         pvf, _ = _open(registry, names.get("pvf"), versions.get("pvf"))
         kp_version, self.keypoint_error = _open(registry, names.get("keypoints"), versions.get("keypoints"))
         kp = KeypointModel(kp_version, threads) if kp_version is not None else None
         self.pre = XrayPreprocessor(xray, pvf, kp)
         self.info = model_info(kp_version) if kp_version is not None else None
-        self.limits = limits
+        self.limits = Limits.from_dict(limits)
         if xray is None and pvf is not None:
             self.error = None  # the pVF path still works
 
-    def _radiograph(self, data: bytes, wd: Path) -> Any:
+    def _radiograph(self, data: bytes, wd: Path, redactor: Redactor) -> Any:
         from raypipe.io.radiograph import read_radiograph
+        from raypipe.serving.intake import dicom_header, dicom_pixels
 
         if is_png_or_jpeg(data):
-            check_raster_size(data, "image", self.limits["max_pixels"])
-            path = wd / "image.png"
-        elif is_dicom(data):
-            check_dicom_image_size(data, "image", self.limits["max_pixels"])
-            path = wd / "image.dcm"
+            check_raster_size(data, "image", self.limits.max_pixels)
+            path = wd / "image.img"
         else:
-            raise UploadError(415, "image", "expected a DICOM, PNG or JPEG radiograph")
+            ds = dicom_header(data)
+            if ds is None:
+                raise UploadError(415, "image", "expected a DICOM, PNG or JPEG radiograph (identified by content)")
+            redactor.add_dataset(ds)
+            if dicom_pixels(ds, "image") > self.limits.max_pixels * 4096:
+                raise UploadError(413, "image", "DICOM image declares too many pixels x frames")
+            path = wd / "image.dcm"
         path.write_bytes(data)
-        return read_radiograph(path)
+        return read_radiograph(path, self.limits.max_pixels)
 
     def _preprocess(self, image: bytes, keypoints: dict | None, clinical: dict[str, Any], need_survival: bool,
                     keep_pixels: bool) -> Any:
+        redactor = Redactor()
         with request_workdir() as wd:
             try:
-                rad = self._radiograph(image, wd)
+                rad = self._radiograph(image, wd, redactor)
                 inp = self.pre.from_radiograph(rad, keypoints, clinical, need_survival)
                 return (inp, rad.pixels) if keep_pixels else inp
             except Exception as e:  # noqa: BLE001
                 problem = as_serving_error(e, wd, "image")
                 if problem is not None:
-                    raise problem from None
+                    raise ServingError(problem.status, redactor.redact(problem.message), problem.field) from None
                 raise
 
     async def preprocess(self, image: bytes, keypoints: dict | None, clinical: dict[str, Any],
@@ -438,7 +429,7 @@ class RiskAggregator(_Disabled):
             return e
 
     async def _score_xray(self, image: bytes, keypoints: dict | None, clinical: dict[str, Any]) -> dict[str, Any]:
-        inp = await call(self.xray_pre.preprocess, image, keypoints, clinical, True, retries=self.retries)
+        inp = await call(self.xray_pre.preprocess, image, keypoints, clinical, True, retries=0, lost_field="image")
         surv = call(self.xray_model.score, inp, retries=self.retries)
         has_pvf = self.available.get("pvf", {}).get("ok") and inp.pvf_image is not None
         pvf = call(self.pvf_model.score, inp.pvf_image, retries=self.retries) if has_pvf else None
@@ -466,9 +457,10 @@ class JobStore(_Disabled):
     """
 
     def __init__(self, generator: Any, pvf_model: Any, ttl_s: float = 3600.0, max_jobs: int = 64,
-                 retries: int = 3) -> None:
+                 retries: int = 3, max_per_client: int = 4) -> None:
         self.generator, self.pvf_model = generator, pvf_model
         self.ttl_s, self.max_jobs, self.retries = float(ttl_s), int(max_jobs), retries
+        self.max_per_client = int(max_per_client)
         self.jobs: dict[str, dict[str, Any]] = {}
         self.tasks: dict[str, asyncio.Task] = {}
 
@@ -477,13 +469,16 @@ class JobStore(_Disabled):
         for jid in [j for j, rec in self.jobs.items() if rec.get("finished") and now - rec["finished"] > self.ttl_s]:
             self.jobs.pop(jid, None)
 
-    async def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
-        """Queue a job; spec = pixels, pvf_input, age, sex, years, seeds, models. 429 when the store is full."""
+    async def submit(self, spec: dict[str, Any], client: str = "") -> dict[str, Any]:
+        """Queue a job; spec = pixels, pvf_input, age, sex, years, seeds, models. 429 when the store or the client is full."""
         self._expire()
+        if sum(1 for r in self.jobs.values() if r.get("client") == client) >= self.max_per_client:
+            return ServingError(429, f"this client has {self.max_per_client} generation jobs pending; fetch results first",
+                                "client")
         if len(self.jobs) >= self.max_jobs:
-            raise ServingError(429, f"too many generation jobs pending ({self.max_jobs}); fetch results or retry later")
+            return ServingError(429, f"too many generation jobs pending ({self.max_jobs}); fetch results or retry later")
         jid = uuid.uuid4().hex
-        self.jobs[jid] = {"status": "queued", "created": time.time(), "finished": None}
+        self.jobs[jid] = {"status": "queued", "created": time.time(), "finished": None, "client": client}
         self.tasks[jid] = asyncio.get_running_loop().create_task(self._run(jid, spec))
         return {"job_id": jid, "status": "queued"}
 
