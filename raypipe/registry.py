@@ -87,7 +87,8 @@ def list_models(registry: str | Path) -> dict[str, list[str]]:
     r = Path(registry)
     if not r.is_dir():
         return {}
-    return {p.name: list_versions(r, p.name) for p in sorted(r.iterdir()) if p.is_dir() and list_versions(r, p.name)}
+    names = [p.name for p in sorted(r.iterdir()) if p.is_dir() and _NAME_RE.fullmatch(p.name)]  # skips .jobs etc.
+    return {n: list_versions(r, n) for n in names if list_versions(r, n)}
 
 
 def publish(run_dir: str | Path, registry: str | Path, name: str, card_notes: str = "") -> ModelVersion:

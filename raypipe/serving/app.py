@@ -506,7 +506,7 @@ def build_app(registry: str, names: dict[str, str | None] | None = None,
                                         "batch_wait_timeout_s": batch["batch_wait_timeout_s"]})
     aggregator = o(RiskAggregator).bind(xray_pre, xray_model, pvf_model, available, opts.handle_retries)
     jobs = o(JobStore).bind(generator, pvf_model, opts.job_ttl_s, opts.max_jobs, opts.handle_retries,
-                            opts.max_jobs_per_client)
+                            opts.max_jobs_per_client, opts.job_dir or str(Path(registry) / ".jobs"))
     handles = {"CTPreprocess": ct_pre, "XrayPreprocess": xray_pre, "CTModel": ct_model, "XrayModel": xray_model,
                "PVFModel": pvf_model, "GeneratorModel": generator, "RiskAggregator": aggregator, "JobStore": jobs}
     return o(ApiIngress).bind(ct_pre, ct_model, aggregator, xray_pre, pvf_model, jobs, handles, available,

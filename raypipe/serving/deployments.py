@@ -451,34 +451,52 @@ class RiskAggregator(_Disabled):
 @serve.deployment(name="JobStore", num_replicas=1, max_ongoing_requests=256,
                   health_check_period_s=HEALTH_CHECK_PERIOD_S)
 class JobStore(_Disabled):
-    """Generation jobs: run in the background, results kept until fetched once or `ttl_s` after finishing.
+    """Generation jobs, durable: spec, status and result live in `state_dir` (the registry's storage).
 
-    One replica holds the state (jobs are lost if it dies: clients then get 404 and resubmit).
+    Results are kept until fetched once or `ttl_s` after finishing. A replica that replaces a dead one
+    runs the dead one's queued/running jobs again from their stored spec (deterministic given the seeds),
+    so a client polling `/v1/jobs/{id}` through the restart still gets its result. Per-client quota:
+    `max_per_client` unfinished or unfetched jobs.
     """
 
     def __init__(self, generator: Any, pvf_model: Any, ttl_s: float = 3600.0, max_jobs: int = 64,
-                 retries: int = 3, max_per_client: int = 4) -> None:
-        self.generator, self.pvf_model = generator, pvf_model
-        self.ttl_s, self.max_jobs, self.retries = float(ttl_s), int(max_jobs), retries
-        self.max_per_client = int(max_per_client)
-        self.jobs: dict[str, dict[str, Any]] = {}
-        self.tasks: dict[str, asyncio.Task] = {}
+                 retries: int = 3, max_per_client: int = 4, state_dir: str | None = None) -> None:
+        import tempfile
 
-    def _expire(self) -> None:
-        now = time.time()
-        for jid in [j for j, rec in self.jobs.items() if rec.get("finished") and now - rec["finished"] > self.ttl_s]:
-            self.jobs.pop(jid, None)
+        from raypipe.serving.jobs import JobFiles
+
+        self.generator, self.pvf_model = generator, pvf_model
+        self.max_jobs, self.retries, self.max_per_client = int(max_jobs), retries, int(max_per_client)
+        self.files = JobFiles(state_dir or tempfile.mkdtemp(prefix="raypipe-jobs-"), ttl_s)
+        self.tasks: dict[str, asyncio.Task] = {}
+        self.files.expire()
+        self._resumed = False
+
+    def _resume(self) -> None:
+        """Once per replica, on its event loop: run again the jobs a dead replica left queued or running."""
+        if self._resumed:
+            return
+        self._resumed = True
+        for jid in self.files.unfinished():
+            if jid not in self.tasks:
+                log.info("job %s resumed after a restart", jid)
+                self.tasks[jid] = asyncio.get_running_loop().create_task(self._run(jid, self.files.spec(jid)))
+
+    def _live(self) -> list[dict[str, Any]]:
+        self.files.expire()
+        return [st for st in (self.files.state(j) for j in self.files.ids()) if st is not None]
 
     async def submit(self, spec: dict[str, Any], client: str = "") -> dict[str, Any]:
         """Queue a job; spec = pixels, pvf_input, age, sex, years, seeds, models. 429 when the store or the client is full."""
-        self._expire()
-        if sum(1 for r in self.jobs.values() if r.get("client") == client) >= self.max_per_client:
+        self._resume()
+        live = await asyncio.to_thread(self._live)
+        if sum(1 for st in live if st.get("client") == client) >= self.max_per_client:
             return ServingError(429, f"this client has {self.max_per_client} generation jobs pending; fetch results first",
                                 "client")
-        if len(self.jobs) >= self.max_jobs:
+        if len(live) >= self.max_jobs:
             return ServingError(429, f"too many generation jobs pending ({self.max_jobs}); fetch results or retry later")
         jid = uuid.uuid4().hex
-        self.jobs[jid] = {"status": "queued", "created": time.time(), "finished": None, "client": client}
+        await asyncio.to_thread(self.files.create, jid, spec, client)
         self.tasks[jid] = asyncio.get_running_loop().create_task(self._run(jid, spec))
         return {"job_id": jid, "status": "queued"}
 
@@ -486,8 +504,8 @@ class JobStore(_Disabled):
         from raypipe.scoring.common import png_bytes
         from raypipe.scoring.future import summarise_future
 
-        rec = self.jobs[jid]
-        rec["status"] = "running"
+        state = self.files.state(jid) or {}
+        self.files.set_state(jid, {**state, "status": "running"})
         bpvf_call = asyncio.ensure_future(call(self.pvf_model.score, spec["pvf_input"], retries=self.retries))
         try:
             images = await call(self.generator.generate, {k: spec[k] for k in ("pixels", "age", "sex", "years", "seeds")},
@@ -496,43 +514,44 @@ class JobStore(_Disabled):
                                             for g in images])
             bpvf = await bpvf_call
             gpvf: dict[float, list[float]] = {}
-            for g, s in zip(images, scores):
-                gpvf.setdefault(float(g.year), []).append(float(s))
+            for g, sc in zip(images, scores):
+                gpvf.setdefault(float(g.year), []).append(float(sc))
             summary = summarise_future(bpvf, gpvf)
-            summary["images"] = [{"year": g.year, "seed": g.seed, "pvf_score": float(s), "png": b64png(png_bytes(np.round(np.clip(g.pixels, 0, 1) * 255).astype(np.uint8)))}
-                                 for g, s in zip(images, scores)]
+            summary["images"] = [{"year": g.year, "seed": g.seed, "pvf_score": float(sc),
+                                  "png": b64png(png_bytes(np.round(np.clip(g.pixels, 0, 1) * 255).astype(np.uint8)))}
+                                 for g, sc in zip(images, scores)]
             summary["models"] = spec.get("models", {})
-            rec.update(status="done", result=summary)
+            await asyncio.to_thread(self.files.finish, jid, "done", summary)
         except Exception as e:  # noqa: BLE001 - a failed job reports why; it must not take the store down
             problem = as_serving_error(unwrap(e))
-            rec.update(status="failed", error=problem.message if problem else f"generation failed ({type(e).__name__})")
+            self.files.finish(jid, "failed", error=problem.message if problem else f"generation failed ({type(e).__name__})")
             if problem is None:
                 log.exception("job %s failed", jid)
         finally:
             if not bpvf_call.done():
                 bpvf_call.cancel()
-            rec["finished"] = time.time()
             self.tasks.pop(jid, None)
 
     async def get(self, job_id: str) -> dict[str, Any] | None:
         """Status; a finished job's result is returned once and then removed. None for unknown or expired ids."""
-        self._expire()
-        rec = self.jobs.get(job_id)
-        if rec is None:
+        self._resume()
+        self.files.expire()
+        st = self.files.state(job_id)
+        if st is None:
             return None
-        out = {"job_id": job_id, "status": rec["status"]}
-        if rec["status"] == "done":
-            out.update(rec["result"])
-            self.jobs.pop(job_id, None)
-        elif rec["status"] == "failed":
-            out["error"] = rec.get("error")
-            self.jobs.pop(job_id, None)
+        out = {"job_id": job_id, "status": st["status"]}
+        if st["status"] == "done":
+            out.update(await asyncio.to_thread(self.files.result, job_id))
+            self.files.remove(job_id)
+        elif st["status"] == "failed":
+            out["error"] = st.get("error")
+            self.files.remove(job_id)
         return out
 
     async def stats(self) -> dict[str, int]:
-        """Jobs by status (for /healthz and tests)."""
-        self._expire()
+        """Jobs by status (for tests and operators)."""
+        self._resume()
         counts: dict[str, int] = {}
-        for rec in self.jobs.values():
-            counts[rec["status"]] = counts.get(rec["status"], 0) + 1
+        for st in await asyncio.to_thread(self._live):
+            counts[st["status"]] = counts.get(st["status"], 0) + 1
         return counts

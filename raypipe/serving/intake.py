@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from raypipe.serving.uploads import UploadError, gunzip_limited, is_gzip, is_nifti1, is_zip
+from raypipe.serving.uploads import UploadError, is_gzip, is_nifti1, is_zip
 
 MASK_STEM = re.compile(r"[A-Za-z0-9_]{1,64}")
 _NIFTI_SUFFIX = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
@@ -138,15 +138,33 @@ def check_nifti(head: bytes, field_name: str, max_voxels: int) -> int:
     return n * bitpix // 8
 
 
+def check_gzip_size(data: bytes, field_name: str, max_bytes: int) -> int:
+    """Decompressed size of a gzip stream, counted in 1 MiB chunks that are discarded (413 above max_bytes, 400 corrupt)."""
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    total, pending = 0, data
+    try:
+        while pending:
+            total += len(d.decompress(pending, 1 << 20))
+            if total > max_bytes:
+                raise UploadError(413, field_name, f"gzip data expands beyond {max_bytes} bytes (more than its header declares)")
+            pending = d.unconsumed_tail
+        total += len(d.flush())
+    except zlib.error:
+        raise UploadError(400, field_name, "corrupt gzip data") from None
+    if total > max_bytes:
+        raise UploadError(413, field_name, f"gzip data expands beyond {max_bytes} bytes")
+    return total
+
+
 def _nifti_file(data: bytes, dest: Path, field_name: str, limits: Limits, budget: _Budget) -> Path:
     """Write a NIfTI upload (plain or gzip) after its header passed; gzip is kept (the header bounds decoding)."""
     head = nifti_header_bytes(data)
     if head is None:
         raise UploadError(415, field_name, "not a NIfTI file (no NIfTI-1/2 header)")
     nbytes = check_nifti(head, field_name, limits.max_voxels)
-    budget.take(nbytes + len(data), field_name)
-    if is_gzip(data):  # decompress within the budget: a gzip bomb stops here, not in the reader
-        gunzip_limited(data, field_name, nbytes + 1024 + 4 * 1024 * 1024)
+    budget.take(len(data), field_name)  # bytes written; decoding is bounded per file by the checked header
+    if is_gzip(data):  # the stream may not hold more than the header declares: a gzip bomb stops here
+        check_gzip_size(data, field_name, nbytes + (1 << 20))  # header + extensions: 1 MiB at most
     path = dest.with_name(dest.name + (".nii.gz" if is_gzip(data) else ".nii"))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)

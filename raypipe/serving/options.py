@@ -40,6 +40,7 @@ class ServeOptions(BaseModel):
     batch: BatchOptions = Field(default_factory=BatchOptions)
     job_ttl_s: float = Field(3600.0, gt=0, description="finished generation results are dropped after this")
     max_jobs: int = Field(64, ge=1, description="queued + running + unfetched jobs; 429 above")
+    job_dir: str | None = Field(None, description="durable job state; default REGISTRY/.jobs (shared storage)")
     max_jobs_per_client: int = Field(4, ge=1, description="queued + running + unfetched jobs per client; 429 above")
     max_years: int = Field(20, ge=1)
     max_seeds: int = Field(16, ge=1)
