@@ -494,6 +494,10 @@ def build_app(registry: str, names: dict[str, str | None] | None = None,
         actor = {"num_cpus": opts.num_cpus.get(name, 0.1)}
         if opts.num_gpus.get(name):
             actor["num_gpus"] = opts.num_gpus[name]
+        if name in ("CTPreprocess", "XrayPreprocess") and opts.preprocess_max_replicas > 1:
+            return dep.options(ray_actor_options=actor, autoscaling_config={
+                "min_replicas": 1, "initial_replicas": 1, "max_replicas": opts.preprocess_max_replicas,
+                "target_ongoing_requests": 2, "upscale_delay_s": 2.0})
         return dep.options(ray_actor_options=actor)
 
     ct_pre = o(CTPreprocess).bind(registry, names_r["ct"], vers["ct"], limits)

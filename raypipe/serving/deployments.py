@@ -100,6 +100,14 @@ def _set_threads(n: int) -> None:
     torch.set_num_threads(max(1, int(n)))
 
 
+def replica_device() -> str:
+    """"cuda" when Ray gave this replica a GPU (num_gpus in its actor options) and torch sees it, else "cpu"."""
+    import ray
+    import torch
+
+    return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+
+
 def b64png(data: bytes) -> str:
     """Base64 text of PNG bytes for JSON responses."""
     return base64.b64encode(data).decode("ascii")
@@ -160,7 +168,7 @@ class _Batched(_Disabled):
 
 
 # ------------------------------------------------------------------------------------------ preprocessing
-@serve.deployment(name="CTPreprocess", max_ongoing_requests=2, health_check_period_s=HEALTH_CHECK_PERIOD_S)
+@serve.deployment(name="CTPreprocess", max_ongoing_requests=4, health_check_period_s=HEALTH_CHECK_PERIOD_S)
 class CTPreprocess(_Disabled):
     """Uploaded CT (DICOM zip or NIfTI) + masks (zip or NIfTI multilabel) -> 14-slice crops + QC; no weights."""
 
@@ -216,7 +224,7 @@ class CTPreprocess(_Disabled):
         return await run_guarded(self._preprocess, study, masks, body_mask, mask_labels, clinical)
 
 
-@serve.deployment(name="XrayPreprocess", max_ongoing_requests=2, health_check_period_s=HEALTH_CHECK_PERIOD_S)
+@serve.deployment(name="XrayPreprocess", max_ongoing_requests=4, health_check_period_s=HEALTH_CHECK_PERIOD_S)
 class XrayPreprocess(_Disabled):
     """Uploaded radiograph -> keypoints (request or keypoint model) -> aligned patches + pVF input."""
 
@@ -292,7 +300,7 @@ class CTModel(_Batched):
 
         _set_threads(threads)
         v, self.error = _open(registry, name, version)
-        self.predictor = CTPredictor(v, threads) if v is not None else None
+        self.predictor = CTPredictor(v, threads).to(replica_device()) if v is not None else None
         self.info = self.predictor.info if self.predictor else None
         self._init_batching(batch)
 
@@ -301,7 +309,7 @@ class CTModel(_Batched):
         return [{"probability": p.probability, "model": p.model, "qc": p.qc,
                  "gradcam_png": [b64png(b) for b in p.gradcam_png]} for p in preds]
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def predict(self, items: list[tuple[Any, bool]]) -> list[Any]:
         """(CTInput, gradcam) per request -> probability, model, QC, Grad-CAM PNGs (base64)."""
         self._require()
@@ -323,7 +331,7 @@ class XrayModel(_Batched):
 
         _set_threads(threads)
         v, self.error = _open(registry, name, version)
-        self.predictor = XrayPredictor(v, None, None, threads) if v is not None else None
+        self.predictor = XrayPredictor(v, None, None, threads).to(replica_device()) if v is not None else None
         self.info = self.predictor.info if self.predictor else None
         self._init_batching(batch)
 
@@ -331,7 +339,7 @@ class XrayModel(_Batched):
         return [{"log_risk": p.log_risk, "survival": p.survival, "risk_5y": p.risk_5y, "model": p.model,
                  "warnings": p.warnings} for p in self.predictor.predict_batch(items)]
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def predict(self, items: list[Any]) -> list[Any]:
         """XrayInput per request -> DeepSurv outputs."""
         self._require()
@@ -353,11 +361,11 @@ class PVFModel(_Batched):
 
         _set_threads(threads)
         v, self.error = _open(registry, name, version)
-        self.predictor = PVFPredictor(v, threads) if v is not None else None
+        self.predictor = PVFPredictor(v, threads).to(replica_device()) if v is not None else None
         self.info = self.predictor.info if self.predictor else None
         self._init_batching(batch)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def predict(self, images: list[np.ndarray]) -> list[Any]:
         """Prepared (1, rows, cols) inputs -> pVF scores."""
         self._require()
@@ -399,7 +407,7 @@ class GeneratorModel(_Batched):
     def _run(self, items: list[dict[str, Any]]) -> list[list[Any]]:
         return [self.generator.generate(i["pixels"], i["age"], i["sex"], i["years"], i["seeds"]) for i in items]
 
-    @serve.batch(max_batch_size=2, batch_wait_timeout_s=0.05)
+    @serve.batch(max_batch_size=2, batch_wait_timeout_s=0.0)
     async def predict(self, items: list[dict[str, Any]]) -> list[Any]:
         """Generation requests -> lists of `GeneratedImage` (one per year x seed)."""
         self._require()

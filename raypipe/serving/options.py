@@ -19,7 +19,8 @@ class BatchOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_batch_size: int = Field(8, ge=1, le=256)
-    batch_wait_timeout_s: float = Field(0.05, ge=0, le=5)
+    batch_wait_timeout_s: float = Field(0.0, ge=0, le=5, description="0: no wait at one client; batches still form "
+                                        "from requests queued while the previous batch runs")
 
 
 class ServeOptions(BaseModel):
@@ -49,6 +50,7 @@ class ServeOptions(BaseModel):
     num_cpus: dict[str, float] = Field(default_factory=lambda: {
         "ApiIngress": 0.2, "CTPreprocess": 0.4, "XrayPreprocess": 0.4, "CTModel": 0.4, "XrayModel": 0.3,
         "PVFModel": 0.3, "GeneratorModel": 0.3, "RiskAggregator": 0.1, "JobStore": 0.1})
+    preprocess_max_replicas: int = Field(2, ge=1, description="preprocessing replicas autoscale 1..N on queue length")
     num_gpus: dict[str, float] = Field(default_factory=dict, description="e.g. {'CTModel': 0.5} on GPU nodes")
 
     @field_validator("names")
