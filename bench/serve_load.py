@@ -96,7 +96,7 @@ def serve_app(registry: str, port: int, max_batch_size: int) -> None:
 
     from raypipe.serving.app import build_app
 
-    opts = {"batch": {"max_batch_size": max_batch_size, "batch_wait_timeout_s": 0.02}, "max_request_bytes": 1 << 28}
+    opts = {"batch": {"max_batch_size": max_batch_size, "batch_wait_timeout_s": 0.0}, "max_request_bytes": 1 << 28}
     serve.run(build_app(registry, options=opts), name="raypipe", route_prefix="/")
 
 
@@ -149,6 +149,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         xray(), ct()  # warm-up
         results[f"serve_bs{bs}"] = {"xray": run_load(xray, a.xray_requests, a.clients)}
         if bs == 8:
+            results["serve_1client"] = {"xray": run_load(xray, max(8, a.xray_requests // 4), 1),
+                                        "ct": run_load(ct, max(2, a.ct_requests // 4), 1)}
             results["serve_bs8"]["ct"] = run_load(ct, a.ct_requests, a.clients)
             model = serve.get_deployment_handle("XrayModel", app_name="raypipe")
             sizes = model.batch_sizes.remote().result()
@@ -162,7 +164,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "throughput_ratio_serve_vs_direct": s8[k]["throughput_rps"] / d[k]["throughput_rps"]} for k in ("xray", "ct")}
     results["batching_gain_xray_throughput_bs8_vs_bs1"] = s8["xray"]["throughput_rps"] / s1["xray"]["throughput_rps"]
     results["load_average_end"] = os.getloadavg()
-    for name in ("serve_bs8", "serve_bs1", "direct"):
+    c1 = results["serve_1client"]
+    lines = [("load_average_start", results["load_average_start"][0], "1-min load"), ("cores", os.cpu_count(), "cores")]
+    for k in ("xray", "ct"):
+        lines += [(f"{k}_p50_inprocess_1client", d[k]["p50_ms"], "ms"), (f"{k}_p50_served_1client", c1[k]["p50_ms"], "ms"),
+                  (f"{k}_p50_served_over_inprocess_1client", c1[k]["p50_ms"] / d[k]["p50_ms"], "x"),
+                  (f"{k}_rps_inprocess_1client", d[k]["throughput_rps"], "req/s"),
+                  (f"{k}_rps_served_{a.clients}clients", s8[k]["throughput_rps"], "req/s"),
+                  (f"{k}_rps_served_{a.clients}clients_over_inprocess_1client", s8[k]["throughput_rps"] / d[k]["throughput_rps"], "x"),
+                  (f"{k}_p99_over_p50_served_{a.clients}clients", s8[k]["p99_ms"] / s8[k]["p50_ms"], "x")]
+    lines += [("xray_batching_gain_bs8_vs_bs1", results["batching_gain_xray_throughput_bs8_vs_bs1"], "x"),
+              ("xray_mean_batch_size_bs8", s8["xray_batch_sizes"]["mean"], "requests"),
+              ("load_average_end", results["load_average_end"][0], "1-min load")]
+    for name, value, unit in lines:  # JSON lines: one figure each
+        print(json.dumps({"name": name, "value": round(float(value), 4), "unit": unit}), flush=True)
+    for name in ("serve_bs8", "serve_bs1", "serve_1client", "direct"):
         for k, v in results[name].items():
             if isinstance(v, dict) and "throughput_rps" in v:
                 log.info("%-9s %-4s n=%3d clients=%2d  %.2f req/s  p50 %.0f ms  p99 %.0f ms  errors %d", name, k,

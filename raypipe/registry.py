@@ -83,7 +83,10 @@ def _sha256(path: Path) -> str:
 
 
 def list_versions(registry: str | Path, name: str) -> list[str]:
-    """Published versions of a model, oldest first (v1, v2, ...)."""
+    """Published versions of a model, oldest first (v1, v2, ...); a name that is not one folder name is an error."""
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or len(name) > 128:
+        raise RegistryError(f"invalid model name {str(name)[:80]!r}: letters, digits, '_', '.', '-' only",
+                            path=str(registry), field="name", value=name)
     d = Path(registry) / name
     if not d.is_dir():
         return []
@@ -96,7 +99,8 @@ def list_models(registry: str | Path) -> dict[str, list[str]]:
     r = Path(registry)
     if not r.is_dir():
         return {}
-    return {p.name: list_versions(r, p.name) for p in sorted(r.iterdir()) if p.is_dir() and list_versions(r, p.name)}
+    names = [p.name for p in sorted(r.iterdir()) if p.is_dir() and _NAME_RE.fullmatch(p.name)]  # skips .jobs etc.
+    return {n: list_versions(r, n) for n in names if list_versions(r, n)}
 
 
 def publish(run_dir: str | Path, registry: str | Path, name: str, card_notes: str = "") -> ModelVersion:

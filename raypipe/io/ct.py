@@ -24,7 +24,12 @@ from raypipe.io.errors import ImageReadError, ImageReadWarning
 logger = logging.getLogger(__name__)
 
 CANONICAL_ORIENTATION = "LPS"
-VOLUME_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+# Only NIfTI volumes are read, and only when their header says so: MetaImage (.mhd/.mha) and NRRD
+# (.nhdr/.nrrd) headers can name any file on the machine as their data, so they are never opened.
+VOLUME_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii")
+MAX_SPACING_MM = 20.0  # CT voxels are at most a few mm; larger values make resampling allocate without bound
+MIN_SPACING_MM = 0.01
+MAX_EXTENT_MM = 2000.0
 _IDENTITY: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 _DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 _SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # (FFFE,E0DD), length 0
@@ -60,8 +65,37 @@ class CTVolume:
 
 
 def is_volume_file(path: PathLike) -> bool:
-    """True for NIfTI/NRRD/MetaImage names, which SimpleITK reads as one 3-D volume."""
+    """True for NIfTI names (`.nii`, `.nii.gz`); the content is checked again before reading (`is_nifti_file`)."""
     return str(path).lower().endswith(VOLUME_SUFFIXES)
+
+
+def is_nifti_file(path: PathLike) -> bool:
+    """True when the file's header is NIfTI-1/2 (plain or gzip-compressed), whatever its name."""
+    import gzip
+    import zlib
+
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(544)
+        if head[:2] == b"\x1f\x8b":
+            with gzip.open(path, "rb") as gz:
+                head = gz.read(544)
+    except (OSError, EOFError, zlib.error):
+        return False
+    return (len(head) >= 348 and head[344:347] in (b"n+1", b"ni1")) or (len(head) >= 540 and head[4:7] in (b"n+2", b"ni2"))
+
+
+def check_geometry(image: sitk.Image, path: PathLike) -> None:
+    """Refuse spacing/extent no CT has (NaN, 0, metres): they would make resampling allocate without bound."""
+    spacing = np.asarray(image.GetSpacing(), dtype=float)
+    extent = spacing * np.asarray(image.GetSize(), dtype=float)
+    if not (np.all(np.isfinite(spacing)) and np.all(spacing >= MIN_SPACING_MM) and np.all(spacing <= MAX_SPACING_MM)):
+        raise ImageReadError(path, f"implausible voxel spacing {tuple(round(float(s), 4) for s in spacing)} mm "
+                                   f"(expected {MIN_SPACING_MM}..{MAX_SPACING_MM} mm)", field="spacing")
+    if np.any(extent > MAX_EXTENT_MM):
+        raise ImageReadError(path, f"implausible field of view {tuple(round(float(e)) for e in extent)} mm", field="spacing")
+    if not all(np.isfinite(v) for v in (*image.GetOrigin(), *image.GetDirection())):
+        raise ImageReadError(path, "non-finite origin or direction in the image header", field="orientation")
 
 
 def orientation_code(image: sitk.Image) -> str:
@@ -76,9 +110,12 @@ def read_ct(path: PathLike, series_uid: str | None = None) -> CTVolume:
 
 def ct_from_image(image: sitk.Image, path: PathLike) -> CTVolume:
     """Reorient a SimpleITK CT image to canonical LPS and wrap it as a `CTVolume`."""
+    check_geometry(image, path)
     source = orientation_code(image)
     canonical = sitk.DICOMOrient(image, CANONICAL_ORIENTATION)
     hu = sitk.GetArrayFromImage(canonical).astype(np.float32, copy=False)
+    if not np.isfinite(hu).all():
+        raise ImageReadError(path, "CT holds NaN or infinite voxel values", field="voxels")
     return CTVolume(
         hu=hu,
         spacing=tuple(float(s) for s in canonical.GetSpacing()),  # type: ignore[arg-type]
@@ -97,7 +134,7 @@ def read_ct_image(path: PathLike, series_uid: str | None = None) -> sitk.Image:
         raise ImageReadError(p, "no such file or folder")
     if p.is_dir():
         return _read_dicom_folder(p, series_uid)
-    if is_volume_file(p):
+    if is_volume_file(p) or is_nifti_file(p):
         return _read_volume_file(p)
     problem = _truncation(p)
     if problem is not None:
@@ -168,6 +205,7 @@ def _read_dicom_folder(folder: Path, series_uid: str | None) -> sitk.Image:
 
 def _read_dicom_files(where: Path, files: Sequence[str]) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
+    reader.SetImageIO("GDCMImageIO")  # never let a file's name pick another reader
     reader.SetFileNames(list(files))
     reader.MetaDataDictionaryArrayUpdateOn()
     try:
@@ -178,7 +216,7 @@ def _read_dicom_files(where: Path, files: Sequence[str]) -> sitk.Image:
             if problem is not None:
                 raise ImageReadError(f, problem) from exc
             try:
-                sitk.ReadImage(f)
+                sitk.ReadImage(f, imageIO="GDCMImageIO")
             except RuntimeError as exc_one:
                 raise ImageReadError(f, f"SimpleITK cannot read this DICOM file: {_first_line(exc_one)}") from exc
         raise ImageReadError(where, f"SimpleITK cannot read the DICOM series: {_first_line(exc)}") from exc
@@ -214,8 +252,11 @@ def _check_slice_spacing(where: Path, reader: sitk.ImageSeriesReader, image: sit
 
 
 def _read_volume_file(path: Path) -> sitk.Image:
+    if not is_nifti_file(path):
+        raise ImageReadError(path, "not a NIfTI file (volumes are identified by their header; MetaImage and NRRD "
+                                   "files are not read because they can reference other files)")
     try:
-        image = sitk.ReadImage(str(path))
+        image = sitk.ReadImage(str(path), imageIO="NiftiImageIO")
     except RuntimeError as exc:
         raise ImageReadError(path, f"cannot read image file: {_first_line(exc)}") from exc
     if image.GetNumberOfComponentsPerPixel() != 1:
@@ -300,14 +341,13 @@ def _dicom_problem(path: Path) -> str | None:
     sop_class = str(getattr(getattr(header, "file_meta", None), "MediaStorageSOPClassUID", ""))
     if sop_class == _DICOMDIR_SOP_CLASS or "Rows" not in header:
         return None
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            ds = pydicom.dcmread(path)
-        except (InvalidDicomError, EOFError, OSError, ValueError, KeyError) as exc:
-            return f"broken DICOM file: {exc}"
-    # pydicom returns an empty dataset (with a warning) when encapsulated pixel data is cut short.
-    if any("end of file" in str(w.message).lower() for w in caught) or "PixelData" not in ds:
+    try:
+        ds = pydicom.dcmread(path)
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError) as exc:
+        return f"broken DICOM file: {exc}"
+    # pydicom returns a dataset without PixelData (and warns) when encapsulated pixel data is cut short;
+    # the structure is checked, not the warning (`catch_warnings` is not thread-safe).
+    if "PixelData" not in ds:
         return "truncated DICOM file: pixel data missing or cut short"
     if not ds.file_meta.get("TransferSyntaxUID", pydicom.uid.ImplicitVRLittleEndian).is_compressed:
         expected = (
@@ -334,18 +374,15 @@ def read_ct_series_pydicom(folder: PathLike, series_uid: str | None = None) -> C
         raise ImageReadError(root, "not a folder" if root.exists() else "no such file or folder")
     by_series: dict[str, list[pydicom.Dataset]] = {}
     for f in sorted(f for f in root.iterdir() if f.is_file() and not f.name.startswith(".")):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                ds = pydicom.dcmread(f)
-            except InvalidDicomError:
-                continue
-        if caught or "Rows" not in ds or "PixelData" not in ds:
-            problem = _dicom_problem(f)
-            if problem is not None:
-                raise ImageReadError(f, problem)
-            if "Rows" not in ds or "PixelData" not in ds:
-                continue
+        try:
+            ds = pydicom.dcmread(f)
+        except InvalidDicomError:
+            continue
+        problem = _truncation(f) or _dicom_problem(f)  # structure, not warnings: no catch_warnings races
+        if problem is not None:
+            raise ImageReadError(f, problem)
+        if "Rows" not in ds or "PixelData" not in ds:
+            continue
         ds.filename = str(f)
         by_series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append(ds)
     if not by_series:

@@ -20,7 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from raypipe import storage
-from raypipe.io.ct import CANONICAL_ORIENTATION, VOLUME_SUFFIXES, CTVolume, is_volume_file
+from raypipe.io.ct import CANONICAL_ORIENTATION, VOLUME_SUFFIXES, CTVolume, is_nifti_file, is_volume_file
 from raypipe.io.errors import ImageReadWarning, MaskError
 
 logger = logging.getLogger(__name__)
@@ -231,10 +231,16 @@ def _label_summary(values: Iterable[object]) -> str:
 
 
 def _read_label_image(path: Path) -> sitk.Image:
+    if not is_nifti_file(path):
+        raise MaskError(path, "not a NIfTI mask file (masks are identified by their header; MetaImage and NRRD "
+                              "files are not read because they can reference other files)")
     try:
-        image = sitk.ReadImage(str(path))
+        image = sitk.ReadImage(str(path), imageIO="NiftiImageIO")
     except RuntimeError as exc:
         raise MaskError(path, f"cannot read mask file: {str(exc).strip().splitlines()[-1]}") from exc
+    geometry = (*image.GetSpacing(), *image.GetOrigin(), *image.GetDirection())
+    if not all(np.isfinite(v) for v in geometry) or min(image.GetSpacing()) <= 0:
+        raise MaskError(path, "mask header has non-finite or non-positive spacing/origin/direction")
     if image.GetDimension() == 4 and image.GetSize()[3] == 1:
         image = image[:, :, :, 0]
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
@@ -257,7 +263,10 @@ def _same_grid(image: sitk.Image, reference: CTVolume) -> bool:
 
 def _on_reference(image: sitk.Image, reference: CTVolume, path: Path) -> np.ndarray:
     """The label image as a (z, y, x) array on the reference grid (nearest neighbour when grids differ)."""
-    canonical = sitk.DICOMOrient(image, CANONICAL_ORIENTATION)
+    try:
+        canonical = sitk.DICOMOrient(image, CANONICAL_ORIENTATION)
+    except RuntimeError as exc:
+        raise MaskError(path, f"cannot reorient mask: {str(exc).strip().splitlines()[-1][:200]}") from exc
     if _same_grid(canonical, reference):
         return sitk.GetArrayFromImage(canonical)
     fg_before = _foreground_box(image)

@@ -35,6 +35,9 @@ logger = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
 RASTER_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+# Raster formats are recognised by their magic bytes, never by the file name.
+_RASTER_MAGIC: tuple[bytes, ...] = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"BM")
+MAX_PIXELS = 25 * 1024 * 1024  # rows x cols x frames x samples decoded at most (a 5k x 5k radiograph)
 
 
 @dataclass(frozen=True, eq=False)
@@ -54,21 +57,29 @@ class Radiograph:
 
 
 def is_raster_file(path: PathLike) -> bool:
-    """True for PNG/JPEG/TIFF names, which are read with Pillow instead of pydicom."""
-    return str(path).lower().endswith(RASTER_SUFFIXES)
+    """True when the file starts with PNG/JPEG/TIFF/BMP magic bytes (read with Pillow instead of pydicom)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError:
+        return False
+    return head.startswith(_RASTER_MAGIC)
 
 
 @storage.localized("path")  # DICOM/PNG on object stores: fetched to a task-local temp dir
-def read_radiograph(path: PathLike) -> Radiograph:
-    """Read a DICOM or PNG/JPEG radiograph into [0, 1] float32 with bone bright (see module docstring)."""
+def read_radiograph(path: PathLike, max_pixels: int = MAX_PIXELS) -> Radiograph:
+    """Read a DICOM or PNG/JPEG radiograph into [0, 1] float32 with bone bright (see module docstring).
+
+    The image size declared in the header is checked against `max_pixels` before any pixel is decoded.
+    """
     p = Path(path)
     if not p.exists():
         raise ImageReadError(p, "no such file")
     if p.is_dir():
         raise ImageReadError(p, "expected a radiograph file, got a folder")
     if is_raster_file(p):
-        return _read_raster(p)
-    return _read_dicom_radiograph(p)
+        return _read_raster(p, max_pixels)
+    return _read_dicom_radiograph(p, max_pixels)
 
 
 def read_dicom_header(path: PathLike) -> Dataset:
@@ -124,11 +135,14 @@ def window_to_unit(values: np.ndarray, center: float, width: float, function: st
     return np.clip((x - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
 
 
-def _read_raster(path: Path) -> Radiograph:
+def _read_raster(path: Path, max_pixels: int = MAX_PIXELS) -> Radiograph:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
+        with Image.open(path, formats=["PNG", "JPEG", "TIFF", "BMP"]) as img:
+            w, h = img.size
+            if w * h * max(1, len(img.getbands())) > max_pixels:
+                raise ImageReadError(path, f"image has {w}x{h} pixels; at most {max_pixels} allowed", field="pixels")
             img.load()
             mode = img.mode
             if mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -140,30 +154,31 @@ def _read_raster(path: Path) -> Radiograph:
             else:
                 arr = np.asarray(img.convert("L")).astype(np.float64)
                 top = 255.0
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise ImageReadError(path, f"cannot read image: {exc}") from exc
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
+        raise ImageReadError(path, f"cannot read image: {type(exc).__name__}") from exc
     pixels = np.clip(arr / top, 0.0, 1.0).astype(np.float32)
+    if not np.isfinite(pixels).all():
+        raise ImageReadError(path, "image holds NaN or infinite values", field="pixels")
     return Radiograph(pixels=pixels, pixel_spacing=None, photometric="MONOCHROME2", path=str(path))
 
 
-def _read_dicom_radiograph(path: Path) -> Radiograph:
+def _read_dicom_radiograph(path: Path, max_pixels: int = MAX_PIXELS) -> Radiograph:
     import pydicom
     from pydicom.dataset import FileMetaDataset
     from pydicom.errors import InvalidDicomError
     from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            ds = pydicom.dcmread(path, force=True)
-        except (InvalidDicomError, EOFError, OSError, ValueError, KeyError) as exc:
-            raise ImageReadError(path, f"not a readable DICOM file: {exc}") from exc
-    if any("end of file" in str(w.message).lower() for w in caught):
-        raise ImageReadError(path, "truncated DICOM file: pixel data missing or cut short")
+    # Truncation is detected from the dataset's structure, not from warnings: `warnings.catch_warnings`
+    # is process-global, so under concurrent requests one file's warning could fail another's read.
+    try:
+        ds = pydicom.dcmread(path, force=True)
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types on damaged headers
+        raise ImageReadError(path, f"not a readable DICOM file ({type(exc).__name__})") from exc
     if "PixelData" not in ds:
         if len(ds) == 0 or "Rows" not in ds:
             raise ImageReadError(path, "not a DICOM image (no header or no pixel data); truncated?")
-        raise ImageReadError(path, "DICOM file has no pixel data")
+        raise ImageReadError(path, "DICOM file has no pixel data (truncated?)")
+    _check_declared_size(path, ds, max_pixels)
     meta = getattr(ds, "file_meta", None)
     if meta is None:
         ds.file_meta = meta = FileMetaDataset()
@@ -173,11 +188,21 @@ def _read_dicom_radiograph(path: Path) -> Radiograph:
         meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit in (True, None) else ExplicitVRLittleEndian
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     try:
+        if int(str(ds.get("NumberOfFrames", 1) or 1)) > 1:
+            ds.pixel_array_options(index=0)  # decode the frame used, not all of them
         raw = ds.pixel_array
     except Exception as exc:  # decoder plugins raise many exception types
-        raise ImageReadError(path, f"cannot decode pixel data ({meta.TransferSyntaxUID.name}): {exc}") from exc
+        raise ImageReadError(path, f"cannot decode pixel data ({type(exc).__name__}); truncated?") from exc
     raw = _single_grey_frame(path, raw, ds, photometric)
-    pixels = _to_display(path, raw, ds)
+    try:
+        pixels = _to_display(path, raw, ds)
+    except ImageReadError:
+        raise
+    except (ValueError, TypeError, IndexError, KeyError, AttributeError, OverflowError, ZeroDivisionError) as exc:
+        raise ImageReadError(path, f"unusable rescale / Modality LUT / VOI LUT in the header ({type(exc).__name__})",
+                             field="lut") from exc
+    if not np.isfinite(pixels).all():
+        raise ImageReadError(path, "rescale or LUT gives non-finite pixel values", field="lut")
     if photometric == "MONOCHROME1":
         pixels = 1.0 - pixels
     return Radiograph(
@@ -189,12 +214,32 @@ def _read_dicom_radiograph(path: Path) -> Radiograph:
     )
 
 
+def _check_declared_size(path: Path, ds: Dataset, max_pixels: int) -> None:
+    """Rows x Columns x frames x samples from the header against `max_pixels`, before decoding (ImageReadError)."""
+    try:
+        rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+        frames = int(str(ds.get("NumberOfFrames", 1) or 1))
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ImageReadError(path, f"non-numeric image dimensions or rescale in the header ({type(exc).__name__})",
+                             field="header") from exc
+    if rows < 1 or cols < 1 or frames < 1 or samples < 1:
+        raise ImageReadError(path, "empty image dimensions in the header", field="header")
+    if rows * cols * samples > max_pixels or frames > 4096:  # one frame is decoded
+        raise ImageReadError(path, f"image has {rows}x{cols}x{samples} pixels x {frames} frames; "
+                                   f"at most {max_pixels} pixels allowed", field="pixels")
+    if not (np.isfinite(slope) and np.isfinite(intercept) and slope != 0 and abs(slope) < 1e6 and abs(intercept) < 1e9):
+        raise ImageReadError(path, "implausible RescaleSlope/RescaleIntercept", field="rescale")
+
+
 def _single_grey_frame(path: Path, raw: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     if frames > 1:
         warnings.warn(f"{path}: {frames} frames, using the first", ImageReadWarning, stacklevel=4)
-        raw = raw[0]
+        if raw.ndim == (4 if samples > 1 else 3):  # decoders that ignore the frame index
+            raw = raw[0]
     if samples > 1 or raw.ndim == 3:
         warnings.warn(f"{path}: colour image ({photometric}), converted to grey", ImageReadWarning, stacklevel=4)
         rgb = raw.astype(np.float64)

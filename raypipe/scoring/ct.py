@@ -130,6 +130,13 @@ class CTPredictor:
         meta = version.meta
         self.horizons = list(meta.get("horizons_years") or [])
         self.score_kind = str(meta.get("score_kind") or "probability")
+        self.device = "cpu"
+
+    def to(self, device: str) -> "CTPredictor":
+        """Move the model to `device` (e.g. "cuda" on a GPU replica); inputs follow it in `predict_batch`."""
+        self.model.to(device)
+        self.device = device
+        return self
 
     @classmethod
     def from_registry(cls, registry: str | Path, name: str = "ct", version: str = "latest",
@@ -158,11 +165,12 @@ class CTPredictor:
         if not inputs:
             return []
         want = [bool(gradcam)] * len(inputs) if isinstance(gradcam, bool) else [bool(g) for g in gradcam]
-        x = torch.from_numpy(np.stack([i.x for i in inputs]).astype(np.float32))
+        dev = self.device
+        x = torch.from_numpy(np.stack([i.x for i in inputs]).astype(np.float32)).to(dev)
         cl = stack_optional([i.clinical for i in inputs])
-        clinical = None if cl is None else torch.from_numpy(cl)
+        clinical = None if cl is None else torch.from_numpy(cl).to(dev)
         with torch.inference_mode():
-            prob = self._probabilities(self.model(x, clinical)).numpy()
+            prob = self._probabilities(self.model(x, clinical)).cpu().numpy()
         preds = [CTPrediction(float(p), self.info, i.qc) for p, i in zip(prob, inputs)]
         for k, (inp, pred) in enumerate(zip(inputs, preds)):
             if want[k]:
@@ -182,9 +190,9 @@ class CTPredictor:
         layer = getattr(self.model, "gradcam_layer", None)
         if layer is None:
             return []
-        x = torch.from_numpy(inp.x[None].astype(np.float32))
-        kw = {} if inp.clinical is None else {"clinical": torch.from_numpy(inp.clinical[None])}
-        cams = grad_cam(self.model, layer, x, target=lambda out: self._logit(out), **kw)[0].numpy()
+        x = torch.from_numpy(inp.x[None].astype(np.float32)).to(self.device)
+        kw = {} if inp.clinical is None else {"clinical": torch.from_numpy(inp.clinical[None]).to(self.device)}
+        cams = grad_cam(self.model, layer, x, target=lambda out: self._logit(out), **kw)[0].cpu().numpy()
         return [png_bytes(overlay(inp.x[s, 0], cams[s])) for s in range(cams.shape[0])]
 
     def _logit(self, out: Any) -> Any:

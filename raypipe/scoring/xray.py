@@ -195,6 +195,13 @@ class XrayPredictor:
         self.uses_image = uses_image(version)
         self.image_size = version.meta.get("image_size")  # the trainer resizes shard images on the fly to this
         self.preprocessor = XrayPreprocessor(version, pvf, keypoints)
+        self.device = "cpu"
+
+    def to(self, device: str) -> "XrayPredictor":
+        """Move the model to `device` (e.g. "cuda" on a GPU replica); inputs follow it in `predict_batch`."""
+        self.model.to(device)
+        self.device = device
+        return self
 
     @classmethod
     def from_registry(cls, registry: str | Path, name: str = "xray", version: str = "latest",
@@ -230,13 +237,13 @@ class XrayPredictor:
 
         x = None
         if self.uses_image:
-            x = torch.from_numpy(np.stack([i.image for i in inputs]).astype(np.float32))
+            x = torch.from_numpy(np.stack([i.image for i in inputs]).astype(np.float32)).to(self.device)
             if self.image_size and tuple(x.shape[-2:]) != (int(self.image_size),) * 2:
                 x = F.interpolate(x, size=(int(self.image_size),) * 2, mode="bilinear", align_corners=False,
                                   antialias=True)
         cl = stack_optional([i.clinical for i in inputs])
         with torch.inference_mode():
-            r = self.model(x, None if cl is None else torch.from_numpy(cl)).float().numpy()
+            r = self.model(x, None if cl is None else torch.from_numpy(cl).to(self.device)).float().cpu().numpy()
         out = []
         for lr in r:
             surv, risk5 = self.survival(float(lr))
@@ -257,6 +264,13 @@ class PVFPredictor:
         self.model = build_module(version, threads)
         self.info = model_info(version)
         self.size = self.input_size(version)
+        self.device = "cpu"
+
+    def to(self, device: str) -> "PVFPredictor":
+        """Move the model to `device` (e.g. "cuda" on a GPU replica); inputs follow it in `predict_batch`."""
+        self.model.to(device)
+        self.device = device
+        return self
 
     @staticmethod
     def input_size(version: ModelVersion) -> tuple[int, int]:
@@ -288,9 +302,9 @@ class PVFPredictor:
 
         if not len(images):
             return []
-        x = torch.from_numpy(np.stack(images).astype(np.float32))
+        x = torch.from_numpy(np.stack(images).astype(np.float32)).to(self.device)
         with torch.inference_mode():
-            return [float(v) for v in torch.sigmoid(self.model(x).float()).numpy()]
+            return [float(v) for v in torch.sigmoid(self.model(x).float()).cpu().numpy()]
 
     def score(self, pixels: np.ndarray) -> float:
         """pVF score of one radiograph."""

@@ -6,9 +6,12 @@ failure a client can cause is a 4xx JSON `{"error", "field", "status", "request_
 is a 500 JSON with only the request id. Logs carry request ids, routes, sizes, statuses and timings,
 never file names, form values or DICOM header fields.
 
-Retry contract: the ingress and the aggregator retry a call whose replica died (scoring is pure, so
-repeating it is safe), so a replica killed mid-request costs latency, not the request. If retries
-run out the answer is 503 with `Retry-After`; clients retry on 503 only (never on other statuses).
+Retry contract: the ingress and the aggregator retry a model call whose replica died (the inputs are
+already-checked arrays and scoring is pure, so repeating it is safe), so a model replica killed
+mid-request costs latency, not the request. If retries run out the answer is 503 with `Retry-After`;
+clients retry on 503 only (never on other statuses). Calls that parse uploaded bytes (preprocessing)
+are never retried: when such a replica dies the upload itself may be the cause, so the answer is 422
+naming the field, and one hostile upload cannot take down replica after replica.
 """
 import hmac
 import json
@@ -33,6 +36,7 @@ from raypipe.serving.deployments import (
     call,
 )
 from raypipe.serving.options import ServeOptions
+from raypipe.serving.payloads import check_clinical_ranges, first_non_finite, int_list, loads_bounded
 from raypipe.serving.problems import ServingError, as_serving_error
 from raypipe.serving.uploads import (
     DICOM_TYPES,
@@ -41,7 +45,6 @@ from raypipe.serving.uploads import (
     NIFTI_TYPES,
     ZIP_TYPES,
     BodyTooLarge,
-    UploadError,
     check_content_type,
 )
 
@@ -133,6 +136,14 @@ async def _send_json(send: Any, status: int, body: dict, extra: list | None = No
     await send({"type": "http.response.body", "body": data})
 
 
+class SafeJSONResponse(JSONResponse):
+    """JSON that never fails to render: ASCII escapes (lone surrogates survive) and NaN refused upstream."""
+
+    def render(self, content: Any) -> bytes:
+        """Serialise with ensure_ascii (no UnicodeEncodeError) and allow_nan=False (strict JSON)."""
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 # ------------------------------------------------------------------------------------------ FastAPI app
 api = FastAPI(
     title="raypipe scoring API",
@@ -145,8 +156,8 @@ api.add_middleware(GuardMiddleware, api=api)
 def _problem(status: int, message: str, field: str | None, request: Request,
              headers: dict[str, str] | None = None) -> JSONResponse:
     rid = request.scope.get("state", {}).get("request_id")
-    return JSONResponse({"error": message, "field": field, "status": status, "request_id": rid}, status_code=status,
-                        headers=headers)
+    return SafeJSONResponse({"error": message, "field": field, "status": status, "request_id": rid},
+                            status_code=status, headers=headers)
 
 
 @api.exception_handler(Exception)
@@ -161,8 +172,12 @@ async def _respond(request: Request, work: Any) -> JSONResponse:
     """Run an endpoint body; input errors -> 4xx JSON, dead replicas -> 503 + Retry-After, bugs -> 500 JSON."""
     try:
         status, body = await work
+        bad = first_non_finite(body)
+        if bad is not None:  # e.g. extreme inputs overflowing the model: never a NaN in a response
+            raise ServingError(422, f"the inputs give a non-finite result ({bad}); check the image and clinical values",
+                               "body")
         rid = request.scope.get("state", {}).get("request_id")
-        return JSONResponse({"request_id": rid, **body}, status_code=status)
+        return SafeJSONResponse({"request_id": rid, **body}, status_code=status)
     except BodyTooLarge as e:
         return _problem(413, str(e), "body", request)
     except ServingError as e:
@@ -182,6 +197,15 @@ async def _respond(request: Request, work: Any) -> JSONResponse:
         if isinstance(e, HTTPException) and 400 <= e.status_code < 500:  # Starlette's own form errors
             return _problem(e.status_code, f"malformed multipart body: {e.detail}", "body", request)
         return await _unexpected(request, e)
+
+
+def _client_key(request: Request, token: str | None) -> str:
+    """Who submits a job, for per-client quotas: the peer address plus a hash of the bearer token used."""
+    import hashlib
+
+    peer = request.client.host if request.client else "?"
+    auth = request.headers.get("authorization", "") if token else ""
+    return hashlib.sha256(f"{peer}|{auth}".encode("utf-8", "replace")).hexdigest()[:16]
 
 
 def _caused_by(exc: BaseException, kind: type) -> bool:
@@ -225,23 +249,18 @@ async def _json_field(form: Any, field: str) -> Any:
     if part is None or part == "":
         return None
     if isinstance(part, str):
-        raw = part.encode()
+        raw: bytes | str = part
     else:
         check_content_type(field, part.content_type, JSON_TYPES)
-        raw = await part.read()
-    if len(raw) > 1 << 20:
-        raise ServingError(413, "JSON field larger than 1 MiB", field)
-    try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ServingError(400, f"invalid JSON ({e.__class__.__name__}: {str(e)[:80]})", field) from None
+        raw = await part.read((1 << 20) + 1)
+    return loads_bounded(raw, field)
 
 
 def _clinical(value: Any) -> dict[str, Any]:
     from raypipe.scoring.common import ClinicalInputError, parse_clinical
 
     try:
-        return parse_clinical(value)
+        return check_clinical_ranges(parse_clinical(value))
     except ClinicalInputError as e:
         raise ServingError(422, e.reason, e.field) from None
 
@@ -261,16 +280,7 @@ def _int_list(form: Any, field: str, default: list[int] | None, lo: int, hi: int
         if default is None:
             raise ServingError(400, f"missing field {field!r}", field)
         return default
-    if not isinstance(v, str):
-        raise ServingError(400, f"{field} must be text", field)
-    try:
-        parsed = json.loads(v) if v.strip().startswith("[") else [int(x) for x in v.split(",") if x.strip()]
-        vals = [int(x) for x in parsed]
-    except (ValueError, TypeError, json.JSONDecodeError):
-        raise ServingError(400, f"{field} must be comma-separated integers", field) from None
-    if not vals or len(vals) > max_len or any(not lo <= x <= hi for x in vals):
-        raise ServingError(422, f"{field} must hold 1..{max_len} integers in [{lo}, {hi}]", field)
-    return vals
+    return int_list(v, field, lo, hi, max_len)
 
 
 _STUDY_DOC = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
@@ -314,20 +324,17 @@ class ApiIngress:
 
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
-        """200 when every deployment answers (models may be disabled: listed with the reason)."""
+        """Public: 200 {"ready": true} when every deployment answers, else 503 {"ready": false}; nothing else."""
         import asyncio
 
-        async def one(name: str, h: Any) -> tuple[str, Any]:
+        async def one(h: Any) -> bool:
             try:
-                return name, await asyncio.wait_for(h.status.remote(), timeout=10)
-            except Exception as e:  # noqa: BLE001
-                return name, {"ready": False, "reason": type(e).__name__}
+                return bool((await asyncio.wait_for(h.status.remote(), timeout=10)).get("ready"))
+            except Exception:  # noqa: BLE001 - any failure is simply "not ready"
+                return False
 
-        results = dict(await asyncio.gather(*[one(n, h) for n, h in self.handles.items()]))
-        ok = all(r.get("ready") for r in results.values())
-        return JSONResponse({"status": "ok" if ok else "degraded", "deployments": results,
-                             "disabled": {r: a["reason"] for r, a in self.available.items() if not a.get("ok")}},
-                            status_code=200 if ok else 503)
+        ok = all(await asyncio.gather(*[one(h) for h in self.handles.values()]))
+        return SafeJSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> JSONResponse:
@@ -357,9 +364,9 @@ class ApiIngress:
                     raise ServingError(422, "mask_labels must be verse, totalseg or a JSON label map", "mask_labels")
                 gradcam = _bool_field(form, "gradcam")
             log.info("request %s ct: study=%d masks=%d bytes", request.scope["state"]["request_id"], len(study), len(masks))
-            r = self.opts.handle_retries
-            inp = await call(self.ct_pre.preprocess, study, masks, body, labels or None, clinical, retries=r)
-            out = await call(self.ct_model.score, (inp, gradcam), retries=r)
+            inp = await call(self.ct_pre.preprocess, study, masks, body, labels or None, clinical, retries=0,
+                             lost_field="study")
+            out = await call(self.ct_model.score, (inp, gradcam), retries=self.opts.handle_retries)
             resp = {"probability": out["probability"], "horizon_years": 5, "model": out["model"], "qc": out["qc"]}
             if gradcam:
                 resp["gradcam_png"] = out["gradcam_png"]
@@ -395,7 +402,9 @@ class ApiIngress:
             image, keypoints, clinical, extra = await self._xray_form(request)
             years = _int_list(extra, "years", [1, 5, 10], 1, self.opts.max_years, 10)
             seeds_raw = extra.get("seeds")
-            if isinstance(seeds_raw, str) and seeds_raw.strip().isdigit():
+            if isinstance(seeds_raw, str) and seeds_raw.strip().isascii() and seeds_raw.strip().isdigit():
+                if len(seeds_raw.strip()) > 6:
+                    raise ServingError(422, f"seeds must be 1..{self.opts.max_seeds}", "seeds")
                 n = int(seeds_raw)
                 if not 1 <= n <= self.opts.max_seeds:
                     raise ServingError(422, f"seeds must be 1..{self.opts.max_seeds}", "seeds")
@@ -407,12 +416,12 @@ class ApiIngress:
                 raise ServingError(422, "clinical.age (years) is required for generation", "clinical.age")
             if str(sex).upper()[:1] not in ("F", "M"):
                 raise ServingError(422, "clinical.sex (F or M) is required for generation", "clinical.sex")
-            r = self.opts.handle_retries
-            inp, pixels = await call(self.xray_pre.preprocess, image, keypoints, clinical, False, True, retries=r)
+            inp, pixels = await call(self.xray_pre.preprocess, image, keypoints, clinical, False, True, retries=0,
+                                     lost_field="image")
             spec = {"pixels": pixels, "pvf_input": inp.pvf_image, "age": float(age), "sex": str(sex).upper()[:1],
                     "years": years, "seeds": seeds,
                     "models": {k: self.available[k]["info"] for k in ("ldm", "pvf")}}
-            job = await call(self.jobs.submit, spec, retries=0)
+            job = await call(self.jobs.submit, spec, _client_key(request, self.opts.api_token), retries=0)
             return 202, {**job, "years": years, "seeds": seeds, "location": f"/v1/jobs/{job['job_id']}"}
         return await _respond(request, work())
 
@@ -449,7 +458,9 @@ def resolve_models(registry: str, options: ServeOptions) -> dict[str, dict[str, 
             v = load_version(registry, name, options.versions.get(role, "latest"))
             out[role] = {"ok": True, "name": name, "version": v.version, "info": model_info(v), "reason": None}
         except Exception as e:  # noqa: BLE001
-            out[role] = {"ok": False, "name": name, "version": None, "reason": f"cannot load {name!r}: {getattr(e, 'reason', e)}"}
+            log.warning("model %r cannot be loaded: %s", name, getattr(e, "reason", e))  # details stay server-side
+            out[role] = {"ok": False, "name": name, "version": None,
+                         "reason": f"model {name!r} cannot be loaded ({type(e).__name__}); see the server log"}
     if out["ldm"]["ok"]:
         import importlib.util
 
@@ -474,7 +485,7 @@ def build_app(registry: str, names: dict[str, str | None] | None = None,
     names_r = {r: a["name"] for r, a in available.items()}
     vers = {r: a["version"] for r, a in available.items()}
     limits = {"max_zip_files": opts.max_zip_files, "max_unpacked_bytes": opts.max_unpacked_bytes,
-              "max_voxels": 1024 ** 3, "max_pixels": 64 * 1024 * 1024}
+              "max_voxels": opts.max_voxels, "max_pixels": opts.max_pixels}
     batch = opts.batch.model_dump()
     threads = opts.torch_threads
 
@@ -483,6 +494,10 @@ def build_app(registry: str, names: dict[str, str | None] | None = None,
         actor = {"num_cpus": opts.num_cpus.get(name, 0.1)}
         if opts.num_gpus.get(name):
             actor["num_gpus"] = opts.num_gpus[name]
+        if name in ("CTPreprocess", "XrayPreprocess") and opts.preprocess_max_replicas > 1:
+            return dep.options(ray_actor_options=actor, autoscaling_config={
+                "min_replicas": 1, "initial_replicas": 1, "max_replicas": opts.preprocess_max_replicas,
+                "target_ongoing_requests": 2, "upscale_delay_s": 2.0})
         return dep.options(ray_actor_options=actor)
 
     ct_pre = o(CTPreprocess).bind(registry, names_r["ct"], vers["ct"], limits)
@@ -494,7 +509,8 @@ def build_app(registry: str, names: dict[str, str | None] | None = None,
                                        {"max_batch_size": min(2, batch["max_batch_size"]),
                                         "batch_wait_timeout_s": batch["batch_wait_timeout_s"]})
     aggregator = o(RiskAggregator).bind(xray_pre, xray_model, pvf_model, available, opts.handle_retries)
-    jobs = o(JobStore).bind(generator, pvf_model, opts.job_ttl_s, opts.max_jobs, opts.handle_retries)
+    jobs = o(JobStore).bind(generator, pvf_model, opts.job_ttl_s, opts.max_jobs, opts.handle_retries,
+                            opts.max_jobs_per_client, opts.job_dir or str(Path(registry) / ".jobs"))
     handles = {"CTPreprocess": ct_pre, "XrayPreprocess": xray_pre, "CTModel": ct_model, "XrayModel": xray_model,
                "PVFModel": pvf_model, "GeneratorModel": generator, "RiskAggregator": aggregator, "JobStore": jobs}
     return o(ApiIngress).bind(ct_pre, ct_model, aggregator, xray_pre, pvf_model, jobs, handles, available,

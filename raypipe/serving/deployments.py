@@ -20,20 +20,13 @@ import numpy as np
 from ray import serve
 
 from raypipe.serving.problems import ServingError, as_serving_error, unwrap
+from raypipe.serving.intake import Limits, Redactor
 from raypipe.serving.uploads import (
     UploadError,
-    check_dicom_image_size,
-    check_nifti_header,
     check_raster_size,
-    gunzip_limited,
-    is_dicom,
-    is_gzip,
-    is_nifti1,
     is_png_or_jpeg,
-    is_zip,
+    quiet_replica,
     request_workdir,
-    safe_extract_zip,
-    series_folder,
 )
 
 log = logging.getLogger("ray.serve.raypipe")  # a child of Serve's logger: lands in the replica logs
@@ -49,8 +42,12 @@ def _replica_gone(exc: BaseException) -> bool:
     return isinstance(exc, (RayActorError, ActorUnavailableError)) and not isinstance(unwrap(exc), ServingError)
 
 
-async def call(method: Any, *args: Any, retries: int = 3, **kwargs: Any) -> Any:
-    """`await handle.method.remote(...)`, retrying when the target replica died; ServingErrors pass through."""
+async def call(method: Any, *args: Any, retries: int = 3, lost_field: str | None = None, **kwargs: Any) -> Any:
+    """`await handle.method.remote(...)`, retrying when the target replica died; ServingErrors pass through.
+
+    `lost_field` marks a call that parses that uploaded field: it must use retries=0, and a replica
+    lost under it answers 422 for the field (the upload may have killed it), not 503 (which clients retry).
+    """
     for attempt in range(retries + 1):
         try:
             result = await method.remote(*args, **kwargs)
@@ -62,6 +59,10 @@ async def call(method: Any, *args: Any, retries: int = 3, **kwargs: Any) -> Any:
                 log.warning("replica lost (%s); retry %d/%d", type(e).__name__, attempt + 1, retries)
                 await asyncio.sleep(0.5 * 2 ** attempt)
                 continue
+            if _replica_gone(e) and lost_field is not None:
+                log.warning("replica lost while parsing an upload (%s); not retried", type(e).__name__)
+                raise ServingError(422, "the worker processing this upload stopped; the upload is not retried "
+                                        "(too large or malformed?)", lost_field) from None
             if _replica_gone(e):
                 raise ServingError(503, "a model replica restarted while serving this request; retry") from None
             raise
@@ -97,6 +98,14 @@ def _set_threads(n: int) -> None:
     import torch
 
     torch.set_num_threads(max(1, int(n)))
+
+
+def replica_device() -> str:
+    """"cuda" when Ray gave this replica a GPU (num_gpus in its actor options) and torch sees it, else "cpu"."""
+    import ray
+    import torch
+
+    return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
 
 
 def b64png(data: bytes) -> str:
@@ -159,7 +168,7 @@ class _Batched(_Disabled):
 
 
 # ------------------------------------------------------------------------------------------ preprocessing
-@serve.deployment(name="CTPreprocess", max_ongoing_requests=2, health_check_period_s=HEALTH_CHECK_PERIOD_S)
+@serve.deployment(name="CTPreprocess", max_ongoing_requests=4, health_check_period_s=HEALTH_CHECK_PERIOD_S)
 class CTPreprocess(_Disabled):
     """Uploaded CT (DICOM zip or NIfTI) + masks (zip or NIfTI multilabel) -> 14-slice crops + QC; no weights."""
 
@@ -167,52 +176,44 @@ class CTPreprocess(_Disabled):
         from raypipe.scoring.ct import CTPreprocessor
         from raypipe.scoring.common import model_info
 
+        from raypipe.preprocess.config import LEVEL_ORDER
+        from raypipe.scoring.ct import MASK_NAMES_EXTRA
+
+        quiet_replica()
         v, self.error = _open(registry, name, version)
         self.pre = CTPreprocessor(v) if v is not None else None
         self.info = model_info(v) if v is not None else None
-        self.limits = limits
-
-    def _volume(self, data: bytes, workdir: Path, field: str) -> Path:
-        """Materialise a CT or mask upload: a zip (DICOM series / mask folder / one NIfTI) or a NIfTI file."""
-        lim = self.limits
-        if is_zip(data):
-            files = safe_extract_zip(data, workdir / field, field, lim["max_zip_files"], lim["max_unpacked_bytes"])
-            nifti = [f for f in files if f.name.lower().endswith((".nii", ".nii.gz"))]
-            if field == "study" and len(nifti) == 1 and len(files) == 1:
-                return nifti[0]
-            if field == "masks" and len(files) == 1 and nifti:
-                return nifti[0]
-            return series_folder(files, workdir / field) if field == "study" else _mask_root(files, workdir / field)
-        if is_gzip(data):
-            raw = gunzip_limited(data, field, lim["max_unpacked_bytes"])
-        elif is_nifti1(data):
-            raw = data
-        else:
-            kind = "a zip of a DICOM series or a NIfTI file" if field == "study" else "a zip of mask files or a NIfTI file"
-            raise UploadError(415, field, f"expected {kind} (.zip, .nii, .nii.gz)")
-        check_nifti_header(raw, field, lim["max_voxels"])
-        path = workdir / f"{field}.nii"
-        path.write_bytes(raw)
-        return path
+        self.limits = Limits.from_dict(limits)
+        self.mask_names = {f"vertebrae_{lvl}" for lvl in LEVEL_ORDER} | set(MASK_NAMES_EXTRA)
 
     def _preprocess(self, study: bytes, masks: bytes, body_mask: bytes | None, mask_labels: Any,
                     clinical: dict[str, Any]) -> Any:
+        from raypipe.serving.intake import materialise_masks, materialise_study, new_budget
+
+        lim, redactor = self.limits, Redactor()
+        budget = new_budget(lim)
         with request_workdir() as wd:
+            field = "study"
             try:
-                ct_path = self._volume(study, wd, "study")
-                masks_path = self._volume(masks, wd, "masks")
-                body_path = self._volume(body_mask, wd, "body_mask") if body_mask else None
+                ct_path = materialise_study(study, wd, lim, redactor, budget)
+                field = "masks"
+                masks_path = materialise_masks(masks, wd, "masks", self.mask_names, lim, redactor, budget)
+                body_path = None
+                if body_mask:
+                    field = "body_mask"
+                    body_path = materialise_masks(body_mask, wd, "body_mask", {"vertebral_body"}, lim, redactor, budget)
                 labels = mask_labels
                 if isinstance(mask_labels, dict):
                     import json
 
                     labels = str(wd / "mask_labels.json")
                     Path(labels).write_text(json.dumps(mask_labels))
+                field = "study"
                 return self.pre.from_files(ct_path, masks_path, body_path, labels, clinical)
             except Exception as e:  # noqa: BLE001
-                problem = as_serving_error(e, wd, "study")
+                problem = as_serving_error(e, wd, field)
                 if problem is not None:
-                    raise problem from None
+                    raise ServingError(problem.status, redactor.redact(problem.message), problem.field) from None
                 raise
 
     async def preprocess(self, study: bytes, masks: bytes, body_mask: bytes | None, mask_labels: Any,
@@ -223,15 +224,7 @@ class CTPreprocess(_Disabled):
         return await run_guarded(self._preprocess, study, masks, body_mask, mask_labels, clinical)
 
 
-def _mask_root(files: list[Path], root: Path) -> Path:
-    """Folder of extracted TotalSegmentator masks (the one holding vertebrae_*.nii.gz)."""
-    for f in files:
-        if f.name.startswith("vertebrae_"):
-            return f.parent
-    return series_folder(files, root)
-
-
-@serve.deployment(name="XrayPreprocess", max_ongoing_requests=2, health_check_period_s=HEALTH_CHECK_PERIOD_S)
+@serve.deployment(name="XrayPreprocess", max_ongoing_requests=4, health_check_period_s=HEALTH_CHECK_PERIOD_S)
 class XrayPreprocess(_Disabled):
     """Uploaded radiograph -> keypoints (request or keypoint model) -> aligned patches + pVF input."""
 
@@ -241,41 +234,47 @@ class XrayPreprocess(_Disabled):
         from raypipe.scoring.xray import KeypointModel, XrayPreprocessor
 
         _set_threads(threads)
+        quiet_replica()
         xray, self.error = _open(registry, names.get("xray"), versions.get("xray"))
         pvf, _ = _open(registry, names.get("pvf"), versions.get("pvf"))
         kp_version, self.keypoint_error = _open(registry, names.get("keypoints"), versions.get("keypoints"))
         kp = KeypointModel(kp_version, threads) if kp_version is not None else None
         self.pre = XrayPreprocessor(xray, pvf, kp)
         self.info = model_info(kp_version) if kp_version is not None else None
-        self.limits = limits
+        self.limits = Limits.from_dict(limits)
         if xray is None and pvf is not None:
             self.error = None  # the pVF path still works
 
-    def _radiograph(self, data: bytes, wd: Path) -> Any:
+    def _radiograph(self, data: bytes, wd: Path, redactor: Redactor) -> Any:
         from raypipe.io.radiograph import read_radiograph
+        from raypipe.serving.intake import dicom_header, dicom_pixels
 
         if is_png_or_jpeg(data):
-            check_raster_size(data, "image", self.limits["max_pixels"])
-            path = wd / "image.png"
-        elif is_dicom(data):
-            check_dicom_image_size(data, "image", self.limits["max_pixels"])
-            path = wd / "image.dcm"
+            check_raster_size(data, "image", self.limits.max_pixels)
+            path = wd / "image.img"
         else:
-            raise UploadError(415, "image", "expected a DICOM, PNG or JPEG radiograph")
+            ds = dicom_header(data)
+            if ds is None:
+                raise UploadError(415, "image", "expected a DICOM, PNG or JPEG radiograph (identified by content)")
+            redactor.add_dataset(ds)
+            if dicom_pixels(ds, "image") > self.limits.max_pixels * 4096:
+                raise UploadError(413, "image", "DICOM image declares too many pixels x frames")
+            path = wd / "image.dcm"
         path.write_bytes(data)
-        return read_radiograph(path)
+        return read_radiograph(path, self.limits.max_pixels)
 
     def _preprocess(self, image: bytes, keypoints: dict | None, clinical: dict[str, Any], need_survival: bool,
                     keep_pixels: bool) -> Any:
+        redactor = Redactor()
         with request_workdir() as wd:
             try:
-                rad = self._radiograph(image, wd)
+                rad = self._radiograph(image, wd, redactor)
                 inp = self.pre.from_radiograph(rad, keypoints, clinical, need_survival)
                 return (inp, rad.pixels) if keep_pixels else inp
             except Exception as e:  # noqa: BLE001
                 problem = as_serving_error(e, wd, "image")
                 if problem is not None:
-                    raise problem from None
+                    raise ServingError(problem.status, redactor.redact(problem.message), problem.field) from None
                 raise
 
     async def preprocess(self, image: bytes, keypoints: dict | None, clinical: dict[str, Any],
@@ -301,7 +300,7 @@ class CTModel(_Batched):
 
         _set_threads(threads)
         v, self.error = _open(registry, name, version)
-        self.predictor = CTPredictor(v, threads) if v is not None else None
+        self.predictor = CTPredictor(v, threads).to(replica_device()) if v is not None else None
         self.info = self.predictor.info if self.predictor else None
         self._init_batching(batch)
 
@@ -310,7 +309,7 @@ class CTModel(_Batched):
         return [{"probability": p.probability, "model": p.model, "qc": p.qc,
                  "gradcam_png": [b64png(b) for b in p.gradcam_png]} for p in preds]
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def predict(self, items: list[tuple[Any, bool]]) -> list[Any]:
         """(CTInput, gradcam) per request -> probability, model, QC, Grad-CAM PNGs (base64)."""
         self._require()
@@ -332,7 +331,7 @@ class XrayModel(_Batched):
 
         _set_threads(threads)
         v, self.error = _open(registry, name, version)
-        self.predictor = XrayPredictor(v, None, None, threads) if v is not None else None
+        self.predictor = XrayPredictor(v, None, None, threads).to(replica_device()) if v is not None else None
         self.info = self.predictor.info if self.predictor else None
         self._init_batching(batch)
 
@@ -340,7 +339,7 @@ class XrayModel(_Batched):
         return [{"log_risk": p.log_risk, "survival": p.survival, "risk_5y": p.risk_5y, "model": p.model,
                  "warnings": p.warnings} for p in self.predictor.predict_batch(items)]
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def predict(self, items: list[Any]) -> list[Any]:
         """XrayInput per request -> DeepSurv outputs."""
         self._require()
@@ -362,11 +361,11 @@ class PVFModel(_Batched):
 
         _set_threads(threads)
         v, self.error = _open(registry, name, version)
-        self.predictor = PVFPredictor(v, threads) if v is not None else None
+        self.predictor = PVFPredictor(v, threads).to(replica_device()) if v is not None else None
         self.info = self.predictor.info if self.predictor else None
         self._init_batching(batch)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def predict(self, images: list[np.ndarray]) -> list[Any]:
         """Prepared (1, rows, cols) inputs -> pVF scores."""
         self._require()
@@ -408,7 +407,7 @@ class GeneratorModel(_Batched):
     def _run(self, items: list[dict[str, Any]]) -> list[list[Any]]:
         return [self.generator.generate(i["pixels"], i["age"], i["sex"], i["years"], i["seeds"]) for i in items]
 
-    @serve.batch(max_batch_size=2, batch_wait_timeout_s=0.05)
+    @serve.batch(max_batch_size=2, batch_wait_timeout_s=0.0)
     async def predict(self, items: list[dict[str, Any]]) -> list[Any]:
         """Generation requests -> lists of `GeneratedImage` (one per year x seed)."""
         self._require()
@@ -438,7 +437,7 @@ class RiskAggregator(_Disabled):
             return e
 
     async def _score_xray(self, image: bytes, keypoints: dict | None, clinical: dict[str, Any]) -> dict[str, Any]:
-        inp = await call(self.xray_pre.preprocess, image, keypoints, clinical, True, retries=self.retries)
+        inp = await call(self.xray_pre.preprocess, image, keypoints, clinical, True, retries=0, lost_field="image")
         surv = call(self.xray_model.score, inp, retries=self.retries)
         has_pvf = self.available.get("pvf", {}).get("ok") and inp.pvf_image is not None
         pvf = call(self.pvf_model.score, inp.pvf_image, retries=self.retries) if has_pvf else None
@@ -460,30 +459,52 @@ class RiskAggregator(_Disabled):
 @serve.deployment(name="JobStore", num_replicas=1, max_ongoing_requests=256,
                   health_check_period_s=HEALTH_CHECK_PERIOD_S)
 class JobStore(_Disabled):
-    """Generation jobs: run in the background, results kept until fetched once or `ttl_s` after finishing.
+    """Generation jobs, durable: spec, status and result live in `state_dir` (the registry's storage).
 
-    One replica holds the state (jobs are lost if it dies: clients then get 404 and resubmit).
+    Results are kept until fetched once or `ttl_s` after finishing. A replica that replaces a dead one
+    runs the dead one's queued/running jobs again from their stored spec (deterministic given the seeds),
+    so a client polling `/v1/jobs/{id}` through the restart still gets its result. Per-client quota:
+    `max_per_client` unfinished or unfetched jobs.
     """
 
     def __init__(self, generator: Any, pvf_model: Any, ttl_s: float = 3600.0, max_jobs: int = 64,
-                 retries: int = 3) -> None:
+                 retries: int = 3, max_per_client: int = 4, state_dir: str | None = None) -> None:
+        import tempfile
+
+        from raypipe.serving.jobs import JobFiles
+
         self.generator, self.pvf_model = generator, pvf_model
-        self.ttl_s, self.max_jobs, self.retries = float(ttl_s), int(max_jobs), retries
-        self.jobs: dict[str, dict[str, Any]] = {}
+        self.max_jobs, self.retries, self.max_per_client = int(max_jobs), retries, int(max_per_client)
+        self.files = JobFiles(state_dir or tempfile.mkdtemp(prefix="raypipe-jobs-"), ttl_s)
         self.tasks: dict[str, asyncio.Task] = {}
+        self.files.expire()
+        self._resumed = False
 
-    def _expire(self) -> None:
-        now = time.time()
-        for jid in [j for j, rec in self.jobs.items() if rec.get("finished") and now - rec["finished"] > self.ttl_s]:
-            self.jobs.pop(jid, None)
+    def _resume(self) -> None:
+        """Once per replica, on its event loop: run again the jobs a dead replica left queued or running."""
+        if self._resumed:
+            return
+        self._resumed = True
+        for jid in self.files.unfinished():
+            if jid not in self.tasks:
+                log.info("job %s resumed after a restart", jid)
+                self.tasks[jid] = asyncio.get_running_loop().create_task(self._run(jid, self.files.spec(jid)))
 
-    async def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
-        """Queue a job; spec = pixels, pvf_input, age, sex, years, seeds, models. 429 when the store is full."""
-        self._expire()
-        if len(self.jobs) >= self.max_jobs:
-            raise ServingError(429, f"too many generation jobs pending ({self.max_jobs}); fetch results or retry later")
+    def _live(self) -> list[dict[str, Any]]:
+        self.files.expire()
+        return [st for st in (self.files.state(j) for j in self.files.ids()) if st is not None]
+
+    async def submit(self, spec: dict[str, Any], client: str = "") -> dict[str, Any]:
+        """Queue a job; spec = pixels, pvf_input, age, sex, years, seeds, models. 429 when the store or the client is full."""
+        self._resume()
+        live = await asyncio.to_thread(self._live)
+        if sum(1 for st in live if st.get("client") == client) >= self.max_per_client:
+            return ServingError(429, f"this client has {self.max_per_client} generation jobs pending; fetch results first",
+                                "client")
+        if len(live) >= self.max_jobs:
+            return ServingError(429, f"too many generation jobs pending ({self.max_jobs}); fetch results or retry later")
         jid = uuid.uuid4().hex
-        self.jobs[jid] = {"status": "queued", "created": time.time(), "finished": None}
+        await asyncio.to_thread(self.files.create, jid, spec, client)
         self.tasks[jid] = asyncio.get_running_loop().create_task(self._run(jid, spec))
         return {"job_id": jid, "status": "queued"}
 
@@ -491,8 +512,8 @@ class JobStore(_Disabled):
         from raypipe.scoring.common import png_bytes
         from raypipe.scoring.future import summarise_future
 
-        rec = self.jobs[jid]
-        rec["status"] = "running"
+        state = self.files.state(jid) or {}
+        self.files.set_state(jid, {**state, "status": "running"})
         bpvf_call = asyncio.ensure_future(call(self.pvf_model.score, spec["pvf_input"], retries=self.retries))
         try:
             images = await call(self.generator.generate, {k: spec[k] for k in ("pixels", "age", "sex", "years", "seeds")},
@@ -501,43 +522,44 @@ class JobStore(_Disabled):
                                             for g in images])
             bpvf = await bpvf_call
             gpvf: dict[float, list[float]] = {}
-            for g, s in zip(images, scores):
-                gpvf.setdefault(float(g.year), []).append(float(s))
+            for g, sc in zip(images, scores):
+                gpvf.setdefault(float(g.year), []).append(float(sc))
             summary = summarise_future(bpvf, gpvf)
-            summary["images"] = [{"year": g.year, "seed": g.seed, "pvf_score": float(s), "png": b64png(png_bytes(np.round(np.clip(g.pixels, 0, 1) * 255).astype(np.uint8)))}
-                                 for g, s in zip(images, scores)]
+            summary["images"] = [{"year": g.year, "seed": g.seed, "pvf_score": float(sc),
+                                  "png": b64png(png_bytes(np.round(np.clip(g.pixels, 0, 1) * 255).astype(np.uint8)))}
+                                 for g, sc in zip(images, scores)]
             summary["models"] = spec.get("models", {})
-            rec.update(status="done", result=summary)
+            await asyncio.to_thread(self.files.finish, jid, "done", summary)
         except Exception as e:  # noqa: BLE001 - a failed job reports why; it must not take the store down
             problem = as_serving_error(unwrap(e))
-            rec.update(status="failed", error=problem.message if problem else f"generation failed ({type(e).__name__})")
+            self.files.finish(jid, "failed", error=problem.message if problem else f"generation failed ({type(e).__name__})")
             if problem is None:
                 log.exception("job %s failed", jid)
         finally:
             if not bpvf_call.done():
                 bpvf_call.cancel()
-            rec["finished"] = time.time()
             self.tasks.pop(jid, None)
 
     async def get(self, job_id: str) -> dict[str, Any] | None:
         """Status; a finished job's result is returned once and then removed. None for unknown or expired ids."""
-        self._expire()
-        rec = self.jobs.get(job_id)
-        if rec is None:
+        self._resume()
+        self.files.expire()
+        st = self.files.state(job_id)
+        if st is None:
             return None
-        out = {"job_id": job_id, "status": rec["status"]}
-        if rec["status"] == "done":
-            out.update(rec["result"])
-            self.jobs.pop(job_id, None)
-        elif rec["status"] == "failed":
-            out["error"] = rec.get("error")
-            self.jobs.pop(job_id, None)
+        out = {"job_id": job_id, "status": st["status"]}
+        if st["status"] == "done":
+            out.update(await asyncio.to_thread(self.files.result, job_id))
+            self.files.remove(job_id)
+        elif st["status"] == "failed":
+            out["error"] = st.get("error")
+            self.files.remove(job_id)
         return out
 
     async def stats(self) -> dict[str, int]:
-        """Jobs by status (for /healthz and tests)."""
-        self._expire()
+        """Jobs by status (for tests and operators)."""
+        self._resume()
         counts: dict[str, int] = {}
-        for rec in self.jobs.values():
-            counts[rec["status"]] = counts.get(rec["status"], 0) + 1
+        for st in await asyncio.to_thread(self._live):
+            counts[st["status"]] = counts.get(st["status"], 0) + 1
         return counts

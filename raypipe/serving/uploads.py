@@ -6,6 +6,7 @@ Pure functions (no Ray, no FastAPI) so the rules are testable on their own; ever
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import stat
 import tempfile
@@ -123,14 +124,59 @@ def safe_extract_zip(data: bytes, dest: Path, field: str, max_files: int = MAX_Z
     return out
 
 
+WORKDIR_PREFIX = "raypipe-req-"
+
+
 @contextmanager
 def request_workdir() -> Iterator[Path]:
-    """A private temporary folder for one request, always removed afterwards."""
-    d = Path(tempfile.mkdtemp(prefix="raypipe-req-"))
+    """A private temporary folder for one request (named after the replica's pid), always removed afterwards."""
+    d = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-"))
     try:
         yield d
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_workdirs(root: Path | None = None, max_age_s: float = 3600.0) -> int:
+    """Remove request folders left by replicas that died (their pid is gone); run at replica start. Returns the count."""
+    import time
+
+    base = Path(root or tempfile.gettempdir())
+    removed = 0
+    for d in base.glob(f"{WORKDIR_PREFIX}*"):
+        pid_text = d.name[len(WORKDIR_PREFIX):].split("-", 1)[0]
+        try:
+            stale = not _pid_alive(int(pid_text)) if pid_text.isdigit() else time.time() - d.stat().st_mtime > max_age_s
+        except OSError:
+            continue
+        if stale and d.is_dir() and not d.is_symlink():
+            shutil.rmtree(d, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+def quiet_replica() -> None:
+    """Set once at replica start: library warnings are not printed (they can quote header values or names).
+
+    Nothing here is per request: the global warning filter is set before any request thread runs, and
+    request code never uses `warnings.catch_warnings` (process-global, not thread-safe).
+    """
+    import logging
+    import warnings
+
+    warnings.simplefilter("ignore")
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+    sweep_stale_workdirs()
 
 
 # ------------------------------------------------------------------ size guards before decoding (serving)
