@@ -7,11 +7,11 @@ Reads top to bottom:
    (SD also uses LPIPS and a patch GAN; neither is available offline for grey radiographs, so they are
    left out); LDMs = DDPM noise-prediction MSE with SD's noise schedule, both UNets on the same noisy
    latent and prompt, the structure UNet also seeing the low-resolution image.
-3. `train_epoch`: one pass over batches for one stage, shared by the Ray worker loop and
-   `train_local` (tests, notebooks), so both run the same code.
-4. `train_loop_ldm` (every Ray Train worker): epochs 1..vae_epochs train the VAE, the rest the two
+3. `train_epoch`: one pass over batches for one stage, for `train_local` (tests, notebooks, no Ray).
+4. `LDMWorkerTask` / `train_loop_ldm` (every Ray Train worker, on the shared skeleton
+   `raypipe.train.loop`): epochs 1..vae_epochs train the VAE, the rest the two
    UNets (+ the small text encoder unless a pretrained CLIP is configured, which stays frozen); DDP
-   through `prepare_model`, bf16 autocast on CUDA, EMA of the LDM weights (diffusers' `EMAModel`,
+   over the stage's `Objective`, bf16 autocast on CUDA, EMA of the LDM weights (diffusers' `EMAModel`,
    saved in the checkpoint), one checkpoint per epoch and resume via `raypipe.train.common`.
    The latent scaling factor (1 / SD of the training latents) is measured once after the VAE stage.
 5. `fit_ldm` on the driver: manifest -> Ray Data (radiographs read and resized on the fly) -> train ->
@@ -36,19 +36,15 @@ from torch import Tensor, nn
 from raypipe.train.common import (
     TrainState,
     all_reduce_mean,
-    broadcast_from_rank0,
     autocast,
     per_worker_batch,
     read_checkpoint,
-    report_epoch,
     seed_everything,
     select_device,
-    to_device_model,
     unwrap,
-    world_rank,
-    world_size,
 )
 from raypipe.train.config import RayRunConfig
+from raypipe.train.loop import WorkerTask, run_worker_loop
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +85,11 @@ class LDMTrainConfig(RayRunConfig):
     @property
     def name(self) -> str:
         return self.display_name
+
+    @property
+    def epochs(self) -> int:
+        """All epochs of the run: the VAE's, then the LDM's."""
+        return self.vae_epochs + self.unet_epochs
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -361,75 +362,123 @@ def _shard_batches(name: str, batch_size: int, seed: int) -> Iterable[tuple[Tens
 
 
 # ---------------------------------------------------------------------------------------------- worker loop
-def train_loop_ldm(loop_config: dict) -> None:
-    """Ray Train worker loop: VAE epochs, then LDM epochs; checkpoint + report every epoch."""
-    import ray.train
-    import ray.train.torch
+class LDMWorkerTask(WorkerTask):
+    """Hooks of the shared worker loop for Diff-X: VAE epochs, then LDM epochs (own optimiser, EMA, latent scale).
 
-    from raypipe.models.ldm.schedule import ddpm_scheduler
-    from raypipe.train.common import load_checkpoint
+    DDP wraps the `Objective` (the stage's loss), checkpoints hold the model itself; on resume the optimiser
+    state is reloaded only when it belongs to the stage being resumed.
+    """
 
-    cfg = LDMTrainConfig.model_validate(loop_config["config"])
-    rank, n_workers = world_rank(), world_size()
-    if cfg.torch_threads:
-        torch.set_num_threads(cfg.torch_threads)
-    seed_everything(cfg.seed)
-    setup = select_device(cfg.amp)
-    model = build(cfg)
-    set_trainable(model, not cfg.model_kwargs.get("text_encoder_path"))
-    model = to_device_model(model, setup)
-    scheduler = ddpm_scheduler()
+    prepare_kwargs = {"find_unused_parameters": True}
 
-    checkpoint = ray.train.get_checkpoint()
-    state, opt_state = TrainState(), None
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model)
-        opt_state = read_checkpoint(checkpoint).get("optimizer") or None
+    def __init__(self, cfg: LDMTrainConfig, loop_config: Mapping[str, Any]) -> None:
+        from raypipe.models.ldm.schedule import ddpm_scheduler
+
+        super().__init__(cfg, loop_config)
+        self.scheduler = ddpm_scheduler()
+        self.model: Any = None
+        self.stage: Stage | None = None
+        self.ema: Any = None
+        self.opt_state: dict[str, Any] | None = None
+        self.parts: dict[str, float] = {}
+        self.part_steps = 0
+
+    def build_model(self) -> nn.Module:
+        model = build(self.cfg)
+        set_trainable(model, not self.cfg.model_kwargs.get("text_encoder_path"))
+        self.model = model
+        return model
+
+    def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        return make_optimizer(model, self._stage_of(1), self.cfg)
+
+    def resume_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
+        import ray.train
+
+        from raypipe.train.common import load_checkpoint
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return TrainState()
+        state = load_checkpoint(checkpoint, model)  # the optimiser follows with its stage
+        self.opt_state = read_checkpoint(checkpoint).get("optimizer") or None
         log.info("resuming after epoch %d (stage %s)", state.epoch, state.extra.get("stage"))
-    objective = ray.train.torch.prepare_model(
-        Objective(model, scheduler, cfg.kl_weight, cfg.cond_drop_prob), move_to_device=False,
-        parallel_strategy_kwargs={"find_unused_parameters": True})
-    batch = per_worker_batch(cfg.batch_size, n_workers)
-    total = cfg.vae_epochs + cfg.unet_epochs
-    stage_now: Stage | None = None
-    optimizer, ema = None, None
-    for epoch in range(state.epoch + 1, total + 1):
-        stage: Stage = "vae" if epoch <= cfg.vae_epochs else "unet"
-        if stage != stage_now:
-            optimizer = make_optimizer(model, stage, cfg)
-            if opt_state and state.extra.get("stage") == stage:
-                optimizer.load_state_dict(opt_state)
-            if stage == "unet":
-                if not state.extra.get("latent_scale"):
-                    scale = measure_latent_scale(model, (x.to(setup.device) for x, _ in _islice(
-                        _shard_batches("train", batch, cfg.seed), cfg.latent_scale_batches)))
-                    model.vae.latent_scale.fill_(scale)
-                    state.extra["latent_scale"] = scale
-                    log.info("latent scale 1/SD = %.4f", scale)
-                ema = make_ema(model, cfg)
-                if ema is not None and state.extra.get("ema"):
-                    ema.load_state_dict(state.extra["ema"])
-                    ema.to(setup.device)
-            stage_now = stage
-        seed_everything(cfg.seed * 100_003 + epoch * 1_009 + rank)
-        stats = train_epoch(objective, optimizer, _shard_batches("train", batch, cfg.seed + epoch), stage, setup,
-                            cfg.grad_clip, ema, cfg.max_steps_per_epoch)
-        train_loss = all_reduce_mean(stats.get("loss", float("nan")), stats["steps"], setup.device)
-        val = broadcast_from_rank0(validation_loss(model, _shard_batches("val", batch, 0), stage, scheduler, setup,
-                                                   cfg.seed) if rank == 0 else None, setup.device)
-        state.epoch = epoch
-        row = {"epoch": epoch, "stage": 0.0 if stage == "vae" else 1.0, "train_loss": train_loss,
-               f"val_{stage}_loss": val, "steps": stats["steps"],
-               **{k: v for k, v in stats.items() if k.endswith("_loss") and k != "loss"}}
-        state.history.append(row)
-        state.extra["stage"] = stage
-        if ema is not None:
-            state.extra["ema"] = ema_state(ema)
-        if rank == 0:
-            log.info("epoch %d (%s): train %.4f, val %.4f", epoch, stage, train_loss, val)
-        report_epoch(row, model, optimizer, state, loop_config.get("metrics_csv"))
-        if cfg.stop_after_epoch is not None and epoch >= cfg.stop_after_epoch:
-            break
+        return state
+
+    def trainable(self, model: nn.Module) -> nn.Module:
+        return Objective(model, self.scheduler, self.cfg.kl_weight, self.cfg.cond_drop_prob)
+
+    def _stage_of(self, epoch: int) -> Stage:
+        return "vae" if epoch <= self.cfg.vae_epochs else "unet"
+
+    def optimizer_for_epoch(self, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
+                            state: TrainState) -> torch.optim.Optimizer:
+        stage = self._stage_of(epoch)
+        if stage == self.stage:
+            return optimizer
+        cfg, setup = self.cfg, self.setup
+        optimizer = make_optimizer(model, stage, cfg)
+        if self.opt_state and state.extra.get("stage") == stage:
+            optimizer.load_state_dict(self.opt_state)
+        if stage == "unet":
+            if not state.extra.get("latent_scale"):
+                batch = per_worker_batch(cfg.batch_size, self.world)
+                scale = measure_latent_scale(model, (x.to(setup.device) for x, _ in _islice(
+                    _shard_batches("train", batch, cfg.seed), cfg.latent_scale_batches)))
+                model.vae.latent_scale.fill_(scale)
+                state.extra["latent_scale"] = scale
+                log.info("latent scale 1/SD = %.4f", scale)
+            self.ema = make_ema(model, cfg)
+            if self.ema is not None and state.extra.get("ema"):
+                self.ema.load_state_dict(state.extra["ema"])
+                self.ema.to(setup.device)
+        self.stage = stage
+        return optimizer
+
+    def begin_epoch(self, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int) -> dict[str, float]:
+        self.parts, self.part_steps = {}, 0
+        return {"stage": 0.0 if self.stage == "vae" else 1.0}
+
+    def train_batches(self, epoch: int, batch_size: int) -> Any:
+        batches = _shard_batches("train", batch_size, self.cfg.seed + epoch)
+        cap = self.cfg.max_steps_per_epoch
+        return _islice(batches, cap) if cap is not None else batches
+
+    def train_step(self, model: nn.Module, batch: tuple[Tensor, list[str]]) -> tuple[Tensor, int]:
+        images, prompts = batch
+        with autocast(self.setup):
+            loss, parts = model(images.to(self.setup.device, non_blocking=True), prompts, self.stage)
+        for k, v in parts.items():
+            self.parts[k] = self.parts.get(k, 0.0) + v
+        self.part_steps += 1
+        return loss, int(images.shape[0])
+
+    def clip_parameters(self, model: nn.Module) -> Iterable[nn.Parameter]:
+        return stage_parameters(model, self.stage)
+
+    def after_step(self, model: nn.Module) -> None:
+        if self.ema is not None and self.stage == "unet":
+            self.ema.step(ldm_parameters(model))
+
+    def validate(self, model: nn.Module) -> dict[str, float]:
+        batch = per_worker_batch(self.cfg.batch_size, self.world)
+        val = validation_loss(self.model, _shard_batches("val", batch, 0), self.stage, self.scheduler, self.setup,
+                              self.cfg.seed)
+        return {f"val_{self.stage}_loss": val}
+
+    def epoch_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        return {**row, **{k: v / max(self.part_steps, 1) for k, v in self.parts.items()}}
+
+    def extra_state(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {"stage": self.stage}
+        if self.ema is not None:
+            extra["ema"] = ema_state(self.ema)
+        return extra
+
+
+def train_loop_ldm(loop_config: dict) -> None:
+    """Ray Train worker loop of Diff-X (the shared skeleton, `raypipe.train.loop`)."""
+    run_worker_loop(LDMWorkerTask(LDMTrainConfig.model_validate(loop_config["config"]), loop_config))
 
 
 def _islice(it: Iterable[Any], n: int) -> Iterable[Any]:

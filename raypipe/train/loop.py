@@ -83,6 +83,26 @@ class WorkerTask:
     def init_model(self, model: nn.Module) -> None:
         """Task-specific initialisation before a resume may overwrite it (e.g. an output bias)."""
 
+    def resume_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
+        """Model (and optimiser) from Ray's checkpoint when the run resumes, else a fresh state."""
+        return resume(model, optimizer)
+
+    def trainable(self, model: nn.Module) -> nn.Module:
+        """The module DDP wraps and `train_step` calls (default: the model; e.g. a loss wrapper)."""
+        return model
+
+    def optimizer_for_epoch(self, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
+                            state: TrainState) -> torch.optim.Optimizer:
+        """The optimiser of this epoch (default: the same one; a staged task may switch)."""
+        return optimizer
+
+    def clip_parameters(self, model: nn.Module) -> Iterable[nn.Parameter]:
+        """The parameters whose gradient norm `grad_clip` bounds."""
+        return model.parameters()
+
+    def after_step(self, model: nn.Module) -> None:
+        """Called after every optimiser step (e.g. an EMA update)."""
+
     def begin_epoch(self, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int) -> dict[str, float]:
         """Called after `model.train()`; returns extra per-epoch columns (e.g. the learning rate)."""
         return {}
@@ -128,9 +148,9 @@ def run_worker_loop(task: WorkerTask) -> TrainState:
     model = to_device_model(model, setup)
     optimizer = task.make_optimizer(model)
     task.init_model(model)
-    state = resume(model, optimizer)
-    model = ray.train.torch.prepare_model(model, move_to_device=False,
-                                          parallel_strategy_kwargs=dict(task.prepare_kwargs) or None)
+    state = task.resume_state(model, optimizer)
+    net = ray.train.torch.prepare_model(task.trainable(model), move_to_device=False,
+                                        parallel_strategy_kwargs=dict(task.prepare_kwargs) or None)
     batch = per_worker_batch(cfg.batch_size, task.world)
     monitor = getattr(cfg, "monitor", None)
     mode = getattr(cfg, "monitor_mode", "max")
@@ -140,28 +160,30 @@ def run_worker_loop(task: WorkerTask) -> TrainState:
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         if patience is not None and state.should_stop(patience):
             break
+        optimizer = task.optimizer_for_epoch(model, optimizer, epoch, state)
         seed_everything(cfg.seed * 100_003 + epoch * 1_009 + task.rank)
-        model.train()
+        net.train()
         if getattr(cfg, "freeze_batchnorm", False):
-            freeze_batchnorm(model)
-        extra = task.begin_epoch(model, optimizer, epoch)
+            freeze_batchnorm(net)
+        extra = task.begin_epoch(net, optimizer, epoch)
         total = torch.zeros((), dtype=torch.float64, device=setup.device)  # summed on the device: no per-step sync
         count, steps = 0, 0
         for b in task.train_batches(epoch, batch):
-            step = task.train_step(model, b)
+            step = task.train_step(net, b)
             if step is None:
                 continue
             loss, n = step
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if getattr(cfg, "grad_clip", None):
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                nn.utils.clip_grad_norm_(list(task.clip_parameters(model)), cfg.grad_clip)
             optimizer.step()
+            task.after_step(model)
             total += loss.detach().double() * n
             count, steps = count + n, steps + 1
         train_loss = all_reduce_mean(float(total) / max(count, 1), float(count), setup.device)
-        task.end_epoch(model, epoch, batch)
-        metrics = broadcast_from_rank0(task.validate(model) if task.rank == 0 else None)
+        task.end_epoch(net, epoch, batch)
+        metrics = broadcast_from_rank0(task.validate(net) if task.rank == 0 else None, setup.device)
         state.epoch = epoch
         row: dict[str, Any] = {"epoch": epoch, **extra, "train_loss": train_loss,
                                "train_samples": all_reduce_mean(float(count), 1.0, setup.device) * task.world,
@@ -183,6 +205,7 @@ def run_worker_loop(task: WorkerTask) -> TrainState:
         last = (epoch == cfg.epochs or stop_now or (patience is not None and state.should_stop(patience)))
         every = int(getattr(cfg, "checkpoint_every", 1) or 1)
         save = last or epoch % every == 0 or (monitor and row.get("improved") == 1) or not monitor
+        # the checkpoint holds the model itself (not a loss wrapper around it)
         report_epoch(report, model, optimizer, state, task.loop_config.get("metrics_csv"), checkpoint=bool(save))
         if stop_now:
             log.info("stop_after_epoch %d reached: ending this run (rerun to resume)", epoch)
