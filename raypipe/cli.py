@@ -69,6 +69,7 @@ def _cmd_synth(a: argparse.Namespace) -> int:
             raise UsageError("synth drr needs --ct, --masks and --out")
         from raypipe.data.drr import synth_drr_cli
 
+        a.overrides = parse_overrides(a.overrides)
         return synth_drr_cli(a)
     if a.out is None:
         raise UsageError("--out is required")
@@ -108,16 +109,21 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
 def _cmd_preprocess(a: argparse.Namespace) -> int:
     from raypipe.ray_utils import init_ray
 
+    from raypipe.config import load_config
+    from raypipe.preprocess.config import CTPreprocessConfig, XrayPreprocessConfig
+
     manifest = require_path(a.manifest, "--manifest")
+    cfg = load_config(CTPreprocessConfig if a.kind == "ct" else XrayPreprocessConfig, a.config,
+                      parse_overrides(a.overrides))
     init_ray(quiet=False)
     if a.kind == "ct":
         from raypipe.data.ct_pipeline import preprocess_ct
 
-        summary = preprocess_ct(manifest, a.out, config_path=a.config)
+        summary = preprocess_ct(manifest, a.out, config=cfg)
     else:
         from raypipe.data.xray_pipeline import preprocess_xray
 
-        summary = preprocess_xray(manifest, a.out, config_path=a.config)
+        summary = preprocess_xray(manifest, a.out, config=cfg)
     print(json.dumps({k: v for k, v in summary.items() if k != "parquet_files"}, indent=2, default=str))
     errors = int(summary.get("error", 0) or 0)
     if errors and not a.allow_errors:
@@ -185,7 +191,8 @@ def _cmd_generate_batch(a: argparse.Namespace) -> int:
     from raypipe.data.generate_pipeline import generate_cohort_cli
 
     return generate_cohort_cli(require_path(a.data, "--data"), require_path(a.model, "--model"), a.out,
-                               require_path(a.pvf, "--pvf") if a.pvf else None, a.config)
+                               require_path(a.pvf, "--pvf") if a.pvf else None, a.config,
+                               overrides=parse_overrides(a.overrides))
 
 
 def _cmd_publish(a: argparse.Namespace) -> int:
@@ -232,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = argparse.ArgumentParser(prog="raypipe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging, and tracebacks on errors")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one step of the pipeline")
 
     def cmd(name: str, help_text: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help_text, description=help_text, formatter_class=fmt)
@@ -247,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ct", type=str, help="(drr) CT volume: NIfTI or DICOM folder")
     s.add_argument("--masks", type=str, help="(drr) vertebra masks: TotalSegmentator folder or multilabel file")
     s.add_argument("--config", type=str, default=None, help="(drr) DRR geometry config YAML")
+    _add_set(s)
     s.set_defaults(func=_cmd_synth)
 
     s = cmd("validate", "check a cohort manifest; exit 1 listing every problem")
@@ -258,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rules = SelectionRules()
     s = sub.add_parser("manifest", help="build a cohort manifest from a DICOM export (docs/MANIFEST.md)")
-    b = s.add_subparsers(dest="manifest_command", required=True).add_parser(
+    b = s.add_subparsers(dest="manifest_command", required=True, metavar="STEP", help="build").add_parser(
         "build", help="DICOM export + clinical CSV (+ masks) -> manifest.csv + selection.csv, then validate")
     b.add_argument("export", help="folder of the DICOM export (any nesting and file names; non-DICOM files ignored)")
     b.add_argument("--clinical", required=True,
@@ -296,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", default=None, help="preprocessing config YAML (default: the papers' settings)")
     s.add_argument("--allow-errors", action="store_true",
                    help="exit 0 even when some studies failed (they are listed in qc.csv and left out)")
+    _add_set(s)
     s.set_defaults(func=_cmd_preprocess)
 
     tasks_help = "; ".join(f"{n}: {t.summary}" for n, t in TASKS.items())
@@ -337,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pvf", default=None, help="`raypipe train pvf` output or registry version folder")
     s.add_argument("--out", required=True, help="output folder (predictions.parquet, diffx_metrics.json, images)")
     s.add_argument("--config", default=None, help="generation YAML (jobs/configs/generate.yaml)")
+    _add_set(s)
     s.set_defaults(func=_cmd_generate_batch)
 
     s = cmd("publish", "copy a train/cv output folder into the model registry as a new version")
@@ -349,7 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = cmd("serve", "local Ray Serve app over the registry's latest models")
     s.add_argument("--registry", required=True, help="registry folder")
     s.add_argument("--port", type=int, default=8000, help="HTTP port")
-    s.add_argument("--host", default="127.0.0.1", help="bind address")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (not loopback: needs RAYPIPE_API_TOKEN)")
+    s.add_argument("--insecure-no-token", action="store_true",
+                   help="allow a non-loopback bind without RAYPIPE_API_TOKEN (anyone who reaches it can score)")
     s.set_defaults(func=_cmd_serve)
 
     s = cmd("evaluate", "metrics.json + report.html from prediction files")

@@ -35,6 +35,10 @@ def test_common_mistakes_name_what_to_fix(tmp_path: Path, capsys: pytest.Capture
                     "--manifest not found")
     _one_line_error(capsys, ["evaluate", str(tmp_path / "p.parquet"), "--out", str(tmp_path / "r")], "not found")
     _one_line_error(capsys, ["synth", "ct"], "--out is required")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("patient_id\n")
+    _one_line_error(capsys, ["preprocess", "ct", "--manifest", str(manifest), "--out", str(tmp_path / "o"),
+                             "--set", "n_slice=3"], "n_slice: unknown key")
 
 
 def test_required_options_and_help_on_every_option(capsys: pytest.CaptureFixture) -> None:
@@ -43,11 +47,18 @@ def test_required_options_and_help_on_every_option(capsys: pytest.CaptureFixture
     with pytest.raises(SystemExit):
         main(["train", "cnn-rnn"])
     assert "--data" in capsys.readouterr().err
-    parser = build_parser()
-    for action in parser._subparsers._group_actions[0].choices.values():
-        for opt in action._actions:
-            if opt.dest != "help":
-                assert opt.help, f"{action.prog}: {opt.dest} has no help"
+    import argparse
+
+    def walk(parser: argparse.ArgumentParser) -> None:
+        for opt in parser._actions:
+            if opt.dest == "help":
+                continue
+            assert opt.help, f"{parser.prog}: {opt.dest} has no help"
+            if isinstance(opt, argparse._SubParsersAction):
+                for sub in opt.choices.values():
+                    walk(sub)
+
+    walk(build_parser())
 
 
 def test_set_values_are_read_as_yaml() -> None:

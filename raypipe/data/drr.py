@@ -196,8 +196,7 @@ def synth_drr_cli(args: Any) -> int:
     """Entry for `raypipe synth drr --ct CT --masks DIR --out DIR` (args: ct, masks, out; optional config)."""
     from raypipe.config import load_config
 
-    cfg_path = getattr(args, "config", None)
-    cfg = load_config(DRRConfig, cfg_path) if cfg_path else DRRConfig()
+    cfg = load_config(DRRConfig, getattr(args, "config", None), getattr(args, "overrides", None) or {})
     result = synth_drr(args.ct, args.masks, args.out, cfg)
     log.info("wrote %s", json.dumps({k: result[k] for k in ("image", "keypoints", "manifest")}))
     return 0

@@ -368,13 +368,13 @@ def followup_agreement(frame: pd.DataFrame) -> dict[str, Any]:
     return out
 
 
-def generate_cohort_cli(manifest: str, model_dir: str, out_dir: str, pvf_dir: str | None, config_path: str | None
-                        ) -> int:
-    """`jobs/generate.py`: init Ray, run `generate_cohort`, log where things went."""
+def generate_cohort_cli(manifest: str, model_dir: str, out_dir: str, pvf_dir: str | None, config_path: str | None,
+                        overrides: dict[str, Any] | None = None) -> int:
+    """`raypipe generate-batch` (and jobs/generate.py): init Ray, run `generate_cohort`, log where things went."""
     from raypipe.config import load_config
     from raypipe.ray_utils import init_ray
 
-    cfg = load_config(GenerateJobConfig, config_path)
+    cfg = load_config(GenerateJobConfig, config_path, overrides)
     init_ray()
     res = generate_cohort(manifest, model_dir, out_dir, pvf_dir, cfg)
     log.info("%d studies; predictions %s", res["studies"], res["predictions"])
