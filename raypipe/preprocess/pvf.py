@@ -13,13 +13,17 @@ All take and return float arrays; images are [0, 1] bone bright (`raypipe.io.rad
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from raypipe.preprocess.xray import clahe, min_max
 
-__all__ = ["PVF_SIZE", "LDM_SIZE", "crop_ldm_content", "fit_box", "fit_to_canvas", "from_ldm_output", "ldm_input",
+__all__ = ["PVF_SIZE", "LDM_SIZE", "PVFPreprocess", "crop_ldm_content", "fit_box", "fit_to_canvas", "from_ldm_output", "ldm_input",
            "pvf_input"]
 
 PVF_SIZE: tuple[int, int] = (1024, 512)
@@ -71,6 +75,38 @@ def pvf_input(
     if clip_limit > 0 and min(h, w) >= 2:
         canvas[top:top + h, left:left + w] = clahe(content, clip_limit=clip_limit, tiles=tiles)
     return ((canvas - mean) / std)[None].astype(np.float32)
+
+
+@dataclass(frozen=True)
+class PVFPreprocess:
+    """The pVF classifier's input settings, defined once: training writes them into the run artifact
+    (`preprocess`), every scorer reads them back, so an image is scored as the training images were made."""
+
+    size: tuple[int, int] = PVF_SIZE
+    clip_limit: float = 0.01
+    tiles: tuple[int, int] = (8, 8)
+    mean: float = 0.5
+    std: float = 0.25
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> "PVFPreprocess":
+        """From a run artifact's `preprocess` block; missing keys keep the defaults above."""
+        d = dict(data or {})
+        base = cls()
+        return cls(size=tuple(int(v) for v in d.get("size", base.size)),  # type: ignore[arg-type]
+                   clip_limit=float(d.get("clip_limit", base.clip_limit)),
+                   tiles=tuple(int(v) for v in d.get("tiles", base.tiles)),  # type: ignore[arg-type]
+                   mean=float(d.get("mean", base.mean)), std=float(d.get("std", base.std)))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The artifact's `preprocess` block (JSON-friendly lists)."""
+        d = asdict(self)
+        return {**d, "size": list(self.size), "tiles": list(self.tiles)}
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        """`pvf_input` with these settings."""
+        return pvf_input(pixels, size=self.size, clip_limit=self.clip_limit, tiles=self.tiles, mean=self.mean,
+                         std=self.std)
 
 
 def ldm_input(pixels: np.ndarray, size: int = LDM_SIZE) -> np.ndarray:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from raypipe.preprocess.pvf import pvf_input
+from raypipe.preprocess.pvf import PVFPreprocess
 
 __all__ = ["PVFScorer", "load_pvf"]
 
@@ -30,10 +30,8 @@ class PVFScorer:
 
     def inputs(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """Classifier inputs (N, 1, rows, cols) for a list of 2-D images."""
-        p = self.preprocess
-        arrays = [pvf_input(img, size=tuple(p.get("size", (1024, 512))), clip_limit=p.get("clip_limit", 0.01),
-                            tiles=tuple(p.get("tiles", (8, 8))), mean=p.get("mean", 0.5), std=p.get("std", 0.25))
-                  for img in images]
+        prepare = PVFPreprocess.from_dict(self.preprocess)
+        arrays = [prepare(img) for img in images]
         return torch.from_numpy(np.stack(arrays))
 
     @torch.no_grad()

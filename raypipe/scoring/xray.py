@@ -140,7 +140,7 @@ class XrayPreprocessor:
                         clinical: Mapping[str, Any] | None = None, need_survival: bool = True) -> XrayInput:
         """Read radiograph -> DeepSurv input (keypoints checked first) and pVF input."""
         from raypipe.io.keypoints import LEVELS
-        from raypipe.preprocess.pvf import pvf_input
+        from raypipe.preprocess.pvf import PVFPreprocess, pvf_input
         from raypipe.preprocess.xray import preprocess_radiograph
 
         image, qc, vec, missing = None, {}, None, []
@@ -161,9 +161,9 @@ class XrayPreprocessor:
                     qc.setdefault("warnings", []).append(f"low keypoint confidence: {', '.join(low)}")
         pvf_img = None
         if self.pvf is not None:
-            p = self.pvf.meta.get("preprocess") or {}
-            pvf_img = pvf_input(rad.pixels, self.pvf_size, clip_limit=p.get("clip_limit", 0.01),
-                                tiles=tuple(p.get("tiles", (8, 8))), mean=p.get("mean", 0.5), std=p.get("std", 0.25))
+            prepare = PVFPreprocess.from_dict(self.pvf.meta.get("preprocess"))
+            pvf_img = pvf_input(rad.pixels, self.pvf_size, clip_limit=prepare.clip_limit, tiles=prepare.tiles,
+                                mean=prepare.mean, std=prepare.std)
         qc = {**{k: v for k, v in qc.items() if isinstance(v, (int, float, str, bool, list, type(None)))},
               "image_shape": list(rad.shape), "pixel_spacing_mm": list(rad.pixel_spacing) if rad.pixel_spacing else None,
               "clinical_missing": missing}
@@ -275,10 +275,10 @@ class PVFPredictor:
     @staticmethod
     def input_size(version: ModelVersion) -> tuple[int, int]:
         """(rows, cols) the classifier was trained on: model_meta `input_size`, preprocess.yaml `size`, else 1024 x 512."""
-        from raypipe.preprocess.pvf import PVF_SIZE
+        from raypipe.preprocess.pvf import PVFPreprocess
 
         size = (version.meta.get("input_size") or (version.meta.get("preprocess") or {}).get("size")
-                or (version.preprocess or {}).get("size") or PVF_SIZE)
+                or (version.preprocess or {}).get("size") or PVFPreprocess().size)
         rows, cols = (int(v) for v in size)
         return rows, cols
 
@@ -290,11 +290,10 @@ class PVFPredictor:
 
     def prepare(self, pixels: np.ndarray) -> np.ndarray:
         """Radiograph pixels in [0, 1] -> classifier input (1, rows, cols)."""
-        from raypipe.preprocess.pvf import pvf_input
+        from raypipe.preprocess.pvf import PVFPreprocess, pvf_input
 
-        p = self.version.meta.get("preprocess") or {}  # what `raypipe train pvf` records (raypipe.scoring.pvf)
-        return pvf_input(pixels, self.size, clip_limit=p.get("clip_limit", 0.01), tiles=tuple(p.get("tiles", (8, 8))),
-                         mean=p.get("mean", 0.5), std=p.get("std", 0.25))
+        p = PVFPreprocess.from_dict(self.version.meta.get("preprocess"))  # what `raypipe train pvf` records
+        return pvf_input(pixels, self.size, clip_limit=p.clip_limit, tiles=p.tiles, mean=p.mean, std=p.std)
 
     def predict_batch(self, images: Sequence[np.ndarray]) -> list[float]:
         """pVF scores for many prepared inputs (1, rows, cols) in one forward pass."""

@@ -27,11 +27,15 @@ from raypipe.config import ScaleRange
 from raypipe.losses import masked_bce
 from raypipe.metrics import auroc_or_nan
 from raypipe.models.pretrained import check_pretrained
+from raypipe.preprocess.pvf import PVFPreprocess
 from raypipe.train.common import autocast
 from raypipe.train.config import RayRunConfig
 from raypipe.train.loop import CHECKPOINT_SCORE, WorkerTask, run_worker_loop
 
 log = logging.getLogger(__name__)
+
+
+_PVF = PVFPreprocess()  # the one place the pVF input defaults live
 
 
 class PVFTrainConfig(RayRunConfig):
@@ -42,11 +46,11 @@ class PVFTrainConfig(RayRunConfig):
     display_name: str = "pvf"
     pretrained: Literal["imagenet", "none"] = Field("imagenet", description="imagenet: load pretrained_path (required, must exist); none: random init, stated explicitly")
     pretrained_path: str | None = Field(None, description="local ImageNet EfficientNet-B4 weights (torchvision or timm layout)")
-    input_size: tuple[int, int] = Field((1024, 512), description="rows x cols after fit-and-pad")
-    clip_limit: float = Field(0.01, ge=0, description="CLAHE clip limit (0 disables)")
-    tiles: tuple[int, int] = (8, 8)
-    norm_mean: float = 0.5
-    norm_std: float = Field(0.25, gt=0)
+    input_size: tuple[int, int] = Field(_PVF.size, description="rows x cols after fit-and-pad")
+    clip_limit: float = Field(_PVF.clip_limit, ge=0, description="CLAHE clip limit (0 disables)")
+    tiles: tuple[int, int] = Field(_PVF.tiles, description="CLAHE tile grid")
+    norm_mean: float = Field(_PVF.mean, description="input normalisation: (x - mean) / std")
+    norm_std: float = Field(_PVF.std, gt=0, description="input normalisation: (x - mean) / std")
     label: str = Field("prevalent_fracture", description="binary target column")
 
     optimizer: Literal["adam", "adamw"] = "adam"
@@ -84,9 +88,9 @@ class PVFTrainConfig(RayRunConfig):
         return self.display_name
 
     def preprocess(self) -> dict[str, Any]:
-        """`raypipe.preprocess.pvf.pvf_input` arguments, saved with the model for scoring."""
-        return {"size": list(self.input_size), "clip_limit": self.clip_limit, "tiles": list(self.tiles),
-                "mean": self.norm_mean, "std": self.norm_std}
+        """The input settings (`raypipe.preprocess.pvf.PVFPreprocess`), saved with the model for scoring."""
+        return PVFPreprocess(tuple(self.input_size), self.clip_limit, tuple(self.tiles), self.norm_mean,
+                             self.norm_std).to_dict()
 
 
 def model_kwargs(cfg: PVFTrainConfig) -> dict[str, Any]:
@@ -122,11 +126,9 @@ class PVFInputs:
         return read_radiograph(row["image_path"]).pixels
 
     def __call__(self, batch: pd.DataFrame) -> dict[str, np.ndarray]:
-        from raypipe.preprocess.pvf import pvf_input
-
         rows = batch.to_dict("records")
-        x = [pvf_input(self._pixels(r), size=tuple(self.p["size"]), clip_limit=self.p["clip_limit"],
-                       tiles=tuple(self.p["tiles"]), mean=self.p["mean"], std=self.p["std"]) for r in rows]
+        prepare = PVFPreprocess.from_dict(self.p)
+        x = [prepare(self._pixels(r)) for r in rows]
         y = pd.to_numeric(batch[self.label], errors="coerce").to_numpy(dtype=np.float32) \
             if self.label in batch.columns else np.full(len(rows), np.nan, np.float32)
         return {"study_id": batch["study_id"].astype(str).to_numpy(), "x": np.stack(x).astype(np.float32), "y": y}
