@@ -17,7 +17,7 @@ RUN apt-get update -q \
 
 USER 1000
 WORKDIR /home/ray/raypipe
-COPY --chown=1000:100 pyproject.toml Makefile README.md ./
+COPY --chown=1000:100 pyproject.toml constraints.txt Makefile README.md LICENSE ./
 COPY --chown=1000:100 raypipe ./raypipe
 COPY --chown=1000:100 jobs ./jobs
 COPY --chown=1000:100 serve ./serve

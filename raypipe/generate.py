@@ -241,10 +241,13 @@ def load_diffx(model_dir: str | Path, device: str | torch.device = "cpu") -> tup
         from raypipe.io.errors import RaypipeInputError
 
         raise RaypipeInputError("not a Diff-X model folder (needs model.pt and model_meta.json)", path=str(d))
-    meta = json.loads((d / "model_meta.json").read_text())
-    model = build_model(meta["builder"], **meta.get("kwargs", {}))
+    from raypipe.artifact import read_artifact
+
+    art = read_artifact(str(d))
+    meta = art.as_dict()
+    model = build_model(art.builder, **art.inference_kwargs())
     if not isinstance(model, DiffXModel):
-        raise TypeError(f"{d}: builder {meta['builder']!r} is not a Diff-X model")
+        raise TypeError(f"{d}: builder {art.builder!r} is not a Diff-X model")
     model.load_state_dict(torch.load(d / "model.pt", map_location="cpu", weights_only=True))
     return model.to(device).eval(), meta
 

@@ -5,7 +5,6 @@ scored exactly as the classifier's training images were prepared (`raypipe.prepr
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,10 +46,11 @@ class PVFScorer:
 
 def load_pvf(model_dir: str | Path, device: str | torch.device = "cpu") -> PVFScorer:
     """Rebuild the classifier from ``model_meta.json`` (builder + kwargs) and ``model.pt`` (weights_only)."""
+    from raypipe.artifact import read_artifact
     from raypipe.models.registry import build_model
 
     d = Path(model_dir)
-    meta = json.loads((d / "model_meta.json").read_text())
-    model = build_model(meta["builder"], **meta.get("kwargs", {}))
+    art = read_artifact(str(d))
+    model = build_model(art.builder, **art.inference_kwargs())
     model.load_state_dict(torch.load(d / "model.pt", map_location="cpu", weights_only=True))
-    return PVFScorer(model.to(device).eval(), dict(meta.get("preprocess", {})))
+    return PVFScorer(model.to(device).eval(), dict(art.preprocess))
