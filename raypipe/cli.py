@@ -124,7 +124,7 @@ def _cmd_preprocess(a: argparse.Namespace) -> int:
         from raypipe.data.xray_pipeline import preprocess_xray
 
         summary = preprocess_xray(manifest, a.out, config=cfg)
-    print(json.dumps({k: v for k, v in summary.items() if k != "parquet_files"}, indent=2, default=str))
+    print(json.dumps(summary, indent=2, default=str))
     errors = int(summary.get("error", 0) or 0)
     if errors and not a.allow_errors:
         print(f"raypipe preprocess: {errors} stud{'y' if errors == 1 else 'ies'} failed (see qc.csv in {a.out}); "

@@ -84,7 +84,8 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     log = open(root / "weed.log", "w")
     proc = subprocess.Popen(
         [weed, "server", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3", f"-s3.port={s3}",
-         f"-s3.config={root / 'ids.json'}", f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}"],
+         f"-s3.config={root / 'ids.json'}", f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
+         "-s3.port.iceberg=0", "-s3.port.lance=0"],  # catalogs on fixed ports 8181 / 9101: off
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=root)
     endpoint = f"http://127.0.0.1:{s3}"
     env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret,

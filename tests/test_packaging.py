@@ -37,11 +37,19 @@ def _constraints() -> dict[str, str]:
     return pins
 
 
+# Pinned exactly everywhere: the CUDA wheels of torch on local disk; a range could pull gigabytes (README).
+EXACT = {"torch", "torchvision"}
+
+
 def test_dependencies_are_ranges_pinned_exactly_in_constraints() -> None:
     pins = _constraints()
     reqs = [Requirement(r) for r in _project()["dependencies"] + _project()["optional-dependencies"]["test"]]
     for req in reqs:
         specs = {s.operator for s in req.specifier}
+        name = canonicalize_name(req.name)
+        if name in EXACT:
+            assert specs == {"=="} and req.specifier.contains(pins[name]), f"{req}: pinned exactly like constraints"
+            continue
         assert "==" not in specs and ">=" in specs, f"{req}: a range with a tested lower bound, not a pin"
         name = canonicalize_name(req.name)
         assert name in pins, f"{req.name} missing from constraints.txt"
