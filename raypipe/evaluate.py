@@ -246,13 +246,13 @@ def evaluate_frame(
             notes.append(f"CT comparison tables skipped: {exc}")
     xray: list[Any] = []
     if extra_tables:
-        from raypipe.report.xray_tables import xray_tables
+        from raypipe.report.diffx_tables import layout_diffx_tables
+        from raypipe.report.xray_tables import layout_xray_tables
 
         try:
-            xray = xray_tables(df, results, split, n_boot=n_boot, seed=seed)
-            from raypipe.report.diffx_tables import diffx_tables
-
-            xray += diffx_tables(df)  # the thesis's Diff-X tables (raypipe.metrics.diffx computes them)
+            c_rows, women = xray_c_index_rows(df, split, n_boot=n_boot, seed=seed)
+            xray = layout_xray_tables(results, c_rows, split, n_boot, women)
+            xray += layout_diffx_tables(diffx_numbers(df))  # the thesis's Diff-X tables
         except (ValueError, ArithmeticError) as exc:  # the extra tables must not break the report
             logger.warning("X-ray comparison tables skipped: %s", exc)
             notes.append(f"X-ray comparison tables skipped: {exc}")
@@ -702,3 +702,93 @@ def paper_ct_tables(df: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> list
         return []
     sets = evaluate_sets(df, models=models, reference=reference, n_boot=n_boot, seed=seed, survival=False)
     return layout_ct_tables(sets, models, reference, n_boot)
+
+
+XRAY_CLINICAL_MODELS = (1, 2, 3)
+XRAY_FAMILIES = (("coxph_m{k}", "CoxPH"), ("deepsurv_noimg_m{k}", "DeepSurv without images"),
+                 ("deepsurv_img_m{k}", "DeepSurv with images"))
+XRAY_EXTRA_MODELS = (("deepsurv_imgonly", "DeepSurv image only"), ("frax_mof", "FRAX (MOF)"))
+
+
+def xray_c_index_rows(df: pd.DataFrame, split: str, n_boot: int = 1000, seed: int = 0
+                      ) -> tuple[list[dict[str, Any]], bool]:
+    """papers/001's C-index comparison: per CoxPH/DeepSurv model, Harrell C with CI and the paired bootstrap
+    p against CoxPH of the same clinical model, for all patients and (when sex is known) women; and whether
+    the women column exists. Empty when those model names are absent."""
+    if not {"time_days", "event"} <= set(df.columns):
+        return [], False
+    rows_df = df[df["split"] == split]
+    present = set(rows_df["model"])
+    lines: list[tuple[str, str, str]] = []  # (clinical model, method, model name)
+    for k in XRAY_CLINICAL_MODELS:
+        lines += [(f"Model {k}", label, pattern.format(k=k)) for pattern, label in XRAY_FAMILIES
+                  if pattern.format(k=k) in present]
+    lines += [("\u2013", label, name) for name, label in XRAY_EXTRA_MODELS if name in present]
+    if not lines or not any(name.startswith(("coxph_m", "deepsurv_")) for _, _, name in lines):
+        return [], False
+    women = rows_df["sex"].astype(str).str.upper().str.startswith("F") if "sex" in rows_df.columns else None
+    out = []
+    for clin, method, name in lines:
+        m = rows_df[rows_df["model"] == name]
+        ref_name = f"coxph_m{name[-1]}" if name[-1].isdigit() else None
+        ref = rows_df[rows_df["model"] == ref_name] if ref_name in present and ref_name != name else None
+        subsets = []
+        for subset in ([None] if women is None else [None, women]):
+            sel = m if subset is None else m[subset.loc[m.index].to_numpy()]
+            if ref is None:
+                p: Any = "reference" if ref_name == name else None
+            else:
+                r = ref if subset is None else ref[subset.loc[ref.index].to_numpy()]
+                p = _paired_c_index_p(sel, r, n_boot, seed)
+            subsets.append({"c_index": _c_index_entry(sel, n_boot, seed), "p_vs_coxph": p})
+        out.append({"clinical": clin, "method": method, "model": name, "subsets": subsets})
+    return out, women is not None
+
+
+def _c_index_entry(rows: pd.DataFrame, n_boot: int, seed: int) -> dict[str, Any] | None:
+    """Harrell's C with a patient-level bootstrap CI (None without events)."""
+    if rows.empty or rows["event"].sum() == 0:
+        return None
+    return M.concordance_ci(rows["time_days"].to_numpy(float), rows["event"].to_numpy(int),
+                            rows["score"].to_numpy(float), n_boot=n_boot, seed=seed,
+                            groups=rows["patient_id"].astype(str).to_numpy()).to_dict()
+
+
+def _paired_c_index_p(a: pd.DataFrame, b: pd.DataFrame, n_boot: int, seed: int) -> float | None:
+    """Paired bootstrap p of the difference in Harrell's C on the studies both models scored."""
+    both = a.merge(b[["study_id", "score"]], on="study_id", suffixes=("", "_b"))
+    if len(both) < 10 or both["event"].sum() == 0:
+        return None
+    t, e = both["time_days"].to_numpy(float), both["event"].to_numpy(int)
+    sa, sb = both["score"].to_numpy(float), both["score_b"].to_numpy(float)
+    return M.paired_bootstrap_p(lambda i: M.c_index(t[i], e[i], sa[i]).value - M.c_index(t[i], e[i], sb[i]).value,
+                                e, both["patient_id"].astype(str).to_numpy(), n_boot, seed)
+
+
+DIFFX_MODEL = "diffx"
+
+
+def diffx_numbers(df: pd.DataFrame) -> dict[str, Any]:
+    """The thesis's Diff-X analyses of the ``diffx`` rows (one per participant) from `raypipe.metrics.diffx`:
+    Table 4, Table 5, pairwise log-rank, fracture-score models; a block that cannot be computed holds its error."""
+    from raypipe.metrics.diffx import fracture_score_models, pairwise_logrank, table4, table5
+
+    if "model" not in df.columns or "bpvf" not in df.columns:
+        return {}
+    rows = df[df["model"] == DIFFX_MODEL].dropna(subset=["time_days", "event", "bpvf", "score"])
+    if rows.empty:
+        return {}
+    if rows["patient_id"].duplicated().any():
+        raise ValueError("diffx predictions hold several rows for one participant; the tables need one each")
+    rows = rows.assign(gpvf=rows["gpvf"] if "gpvf" in rows.columns else rows["score"])
+    t, e = rows["time_days"].to_numpy(float), rows["event"].to_numpy(int)
+    blocks = {"table4": lambda: table4(rows), "table5": lambda: table5(rows),
+              "logrank": lambda: pairwise_logrank(t, e, rows["group"].astype(str)),
+              "score_models": lambda: fracture_score_models(rows)}
+    out: dict[str, Any] = {}
+    for key, compute in blocks.items():
+        try:
+            out[key] = compute()
+        except (ValueError, ArithmeticError, np.linalg.LinAlgError) as exc:  # a small cohort must not break the report
+            out[key] = exc
+    return out

@@ -1,6 +1,7 @@
 """papers/001 tables: Table 2 (six preprocessing variants) and the C-index comparisons (Figs. 3-4).
 
-`raypipe evaluate` adds them when the prediction files hold the X-ray model names:
+`raypipe evaluate` computes the numbers (`xray_c_index_rows`) and this module lays them out, when the
+prediction files hold the X-ray model names:
 - Table 2: one row per image model named `..._{variant}` (variant in `raypipe.preprocess.xray.VARIANTS`,
   e.g. `deepsurv_imgonly_patches_l1l5`): AUROC, sensitivity, specificity, PPV and NPV of the 5-year fracture
   label with 95% CIs, as `raypipe.evaluate` computed them (threshold: Youden index of the validation rows).
@@ -12,18 +13,12 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import pandas as pd
-
 log = logging.getLogger(__name__)
 
-CLINICAL_MODEL_IDS = (1, 2, 3)
-FAMILIES = (("coxph_m{k}", "CoxPH"), ("deepsurv_noimg_m{k}", "DeepSurv without images"),
-            ("deepsurv_img_m{k}", "DeepSurv with images"))
-EXTRA_MODELS = (("deepsurv_imgonly", "DeepSurv image only"), ("frax_mof", "FRAX (MOF)"))
 TABLE2_METRICS = ("auroc", "sensitivity", "specificity", "ppv", "npv")
 VARIANT_NAMES = {
     "full_l1l5": "L1-L5 without masks", "full_l1l5_masked": "L1-L5 with masks",
@@ -71,66 +66,22 @@ def table2(results: Sequence[Any]) -> XrayTable | None:
                      "of its validation rows when present).")
 
 
-def _c_cell(rows: pd.DataFrame, n_boot: int, seed: int) -> tuple[str, dict[str, Any] | None]:
-    """Harrell's C with a bootstrap CI on the rows (or a dash without events)."""
-    from raypipe import metrics as M
-
-    if rows.empty or rows["event"].sum() == 0:
-        return "\u2013", None
-    ci = M.concordance_ci(rows["time_days"].to_numpy(float), rows["event"].to_numpy(int),
-                          rows["score"].to_numpy(float), n_boot=n_boot, seed=seed,
-                          groups=rows["patient_id"].astype(str).to_numpy())
-    entry = ci.to_dict()
-    return _fmt(entry), entry
-
-
-def _p_vs(a: pd.DataFrame, b: pd.DataFrame, n_boot: int, seed: int) -> str:
-    """Paired bootstrap p-value of the difference in Harrell's C on the studies both models scored."""
-    from raypipe import metrics as M
+def c_index_table(rows: Sequence[Mapping[str, Any]], split: str, n_boot: int, women: bool) -> XrayTable | None:
+    """The paper's C-index comparison laid out from `raypipe.evaluate.xray_c_index_rows` (None when empty)."""
     from raypipe.report.html import fmt_p
 
-    both = a.merge(b[["study_id", "score"]], on="study_id", suffixes=("", "_b"))
-    if len(both) < 10 or both["event"].sum() == 0:
-        return "\u2013"
-    t, e = both["time_days"].to_numpy(float), both["event"].to_numpy(int)
-    sa, sb = both["score"].to_numpy(float), both["score_b"].to_numpy(float)
-    p = M.paired_bootstrap_p(lambda i: M.c_index(t[i], e[i], sa[i]).value - M.c_index(t[i], e[i], sb[i]).value, e,
-                            both["patient_id"].astype(str).to_numpy(), n_boot, seed)
-    return fmt_p(p)
-
-
-def c_index_table(df: pd.DataFrame, split: str, n_boot: int = 1000, seed: int = 0) -> XrayTable | None:
-    """The paper's C-index comparison (all patients and women) when CoxPH/DeepSurv model names are present."""
-    if not {"time_days", "event"} <= set(df.columns):
+    if not rows:
         return None
-    rows_df = df[df["split"] == split]
-    present = set(rows_df["model"])
-    lines: list[tuple[str, str, str]] = []  # (clinical model, method, model name)
-    for k in CLINICAL_MODEL_IDS:
-        lines += [(f"Model {k}", label, pattern.format(k=k)) for pattern, label in FAMILIES
-                  if pattern.format(k=k) in present]
-    lines += [("\u2013", label, name) for name, label in EXTRA_MODELS if name in present]
-    if not lines or not any(name.startswith(("coxph_m", "deepsurv_")) for _, _, name in lines):
-        return None
-    women = rows_df["sex"].astype(str).str.upper().str.startswith("F") if "sex" in rows_df.columns else None
     out = []
-    for clin, method, name in lines:
-        m = rows_df[rows_df["model"] == name]
-        ref_name = f"coxph_m{name[-1]}" if name[-1].isdigit() else None
-        ref = rows_df[rows_df["model"] == ref_name] if ref_name in present and ref_name != name else None
-        cells = [clin, method, name]
-        for subset in ([None] if women is None else [None, women]):
-            sel = m if subset is None else m[subset.loc[m.index].to_numpy()]
-            text, _ = _c_cell(sel, n_boot, seed)
-            cells.append(text)
-            if ref is None:
-                cells.append("Reference" if ref_name == name else "\u2013")
-            else:
-                r = ref if subset is None else ref[subset.loc[ref.index].to_numpy()]
-                cells.append(_p_vs(sel, r, n_boot, seed))
+    for r in rows:
+        cells = [r["clinical"], r["method"], r["model"]]
+        for part in r["subsets"]:
+            cells.append(_fmt(part["c_index"]) if part["c_index"] else "\u2013")
+            p = part["p_vs_coxph"]
+            cells.append("Reference" if p == "reference" else ("\u2013" if p is None else fmt_p(p)))
         out.append(tuple(cells))
     header = ["Clinical model", "Method", "Model", "C-index, all (95% CI)", "P vs CoxPH"]
-    if women is not None:
+    if women:
         header += ["C-index, women (95% CI)", "P vs CoxPH"]
     note = ("Harrell's C on the evaluated split with a patient-level percentile bootstrap CI "
             f"({n_boot} resamples); P: paired bootstrap of the difference in C against CoxPH with the same "
@@ -140,10 +91,10 @@ def c_index_table(df: pd.DataFrame, split: str, n_boot: int = 1000, seed: int = 
                      tuple(out), note)
 
 
-def xray_tables(df: pd.DataFrame, results: Sequence[Any], split: str, n_boot: int = 1000,
-                seed: int = 0) -> list[XrayTable]:
-    """The papers/001 tables that the predictions allow (empty when no X-ray model names are present)."""
-    tables = [table2(results), c_index_table(df, split, n_boot, seed)]
+def layout_xray_tables(results: Sequence[Any], c_rows: Sequence[Mapping[str, Any]], split: str, n_boot: int,
+                       women: bool) -> list[XrayTable]:
+    """The papers/001 tables the evaluation allows (empty when no X-ray model names are present)."""
+    tables = [table2(results), c_index_table(c_rows, split, n_boot, women)]
     return [t for t in tables if t is not None]
 
 
