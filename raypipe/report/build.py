@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import datetime as _dt
 import logging
 import os
@@ -152,15 +154,18 @@ def _characteristics_html(t: CharacteristicsTable) -> str:
     return H.table(header, rows, caption=t.title, note=note)
 
 
+def _add_figure(figs: list[str], out_dir: str, png: bytes | None, name: str, caption: str) -> None:
+    """Save one plot's PNG in `out_dir` and append its embedded <figure> (nothing when there is no plot)."""
+    if png is None:
+        return
+    storage.atomic_write_bytes(storage.join(out_dir, name), png)
+    figs.append(H.figure(png, caption, filename=name))
+
+
 def _figures(ev: Evaluation, out_dir: str) -> list[str]:
     """Render every plot, save each PNG in `out_dir`, return the embedded <figure> elements."""
     figs: list[str] = []
-
-    def add(png: bytes | None, name: str, caption: str) -> None:
-        if png is None:
-            return
-        storage.atomic_write_bytes(storage.join(out_dir, name), png)
-        figs.append(H.figure(png, caption, filename=name))
+    add = functools.partial(_add_figure, figs, out_dir)
 
     rocs = [r.roc for r in ev.models if r.roc is not None]
     if rocs:
@@ -182,12 +187,7 @@ def _figures(ev: Evaluation, out_dir: str) -> list[str]:
 def _clinical_figures(ev: Evaluation, out_dir: str) -> list[str]:
     """Kaplan-Meier with bands and numbers at risk, calibration at each horizon, decision curve (saved + embedded)."""
     figs: list[str] = []
-
-    def add(png: bytes | None, name: str, caption: str) -> None:
-        if png is None:
-            return
-        storage.atomic_write_bytes(storage.join(out_dir, name), png)
-        figs.append(H.figure(png, caption, filename=name))
+    add = functools.partial(_add_figure, figs, out_dir)
 
     for r in ev.models:
         if r.km_fits:
