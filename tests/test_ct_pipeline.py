@@ -123,3 +123,6 @@ def test_training_batches_from_ray_dataset(run, ray_local):
     assert centred["x"].shape == (4, 14, 1, 96, 96)
     n = int(np.asarray(batch["bone"][0]).shape[0]) if np.asarray(batch["bone"][0]).dtype != object else len(batch["bone"][0])
     assert n >= 14 and other["x"].shape == b1["x"].shape
+    moved = SliceBatch("bone_muscle", 14, True, seed=0, epoch=1, clinical=None, targets=[], flip_prob=1.0,
+                       shift_fraction=0.0)(batch)
+    assert torch.equal(moved["x"], torch.flip(b1["x"], dims=[-1]))  # same slices, every one flipped

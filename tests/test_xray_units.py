@@ -211,3 +211,44 @@ def test_duration_index_of_all_censored_and_empty_batches():
     censored = duration_index(cuts, t[1:3], e[1:3])
     np.testing.assert_array_equal(censored, mixed[1:3])
     assert duration_index(cuts, np.array([]), np.array([])).shape == (0,)
+
+
+def test_flip_shift_moves_each_sample_as_asked() -> None:
+    """flip_shift: per-sample left-right flip and (dy, dx) translation of a whole batch, border replicated."""
+    from raypipe.preprocess.augment import draw_flip_shift, flip_shift
+
+    x = np.arange(2 * 3 * 5 * 6, dtype=np.float32).reshape(2, 3, 5, 6)  # (B, channels/slices, H, W)
+    y = flip_shift(x, np.array([False, True]), np.array([[1, -2], [0, 0]]))
+    assert y.shape == x.shape and y.dtype == x.dtype
+    np.testing.assert_array_equal(y[0, :, 1:, :4], x[0, :, :4, 2:])  # content moved down 1, left 2
+    np.testing.assert_array_equal(y[0, :, 0, :4], x[0, :, 0, 2:])  # top row replicated
+    np.testing.assert_array_equal(y[0, :, 1:, 4:], np.repeat(x[0, :, :4, 5:], 2, axis=-1))  # right edge replicated
+    np.testing.assert_array_equal(y[1], x[1, :, :, ::-1])  # flipped, every channel alike
+    np.testing.assert_array_equal(flip_shift(x, np.zeros(2, bool), np.zeros((2, 2), int)), x)
+    with pytest.raises(ValueError, match="does not fit"):
+        flip_shift(x, np.zeros(2, bool), np.array([[5, 0], [0, 0]]))
+    with pytest.raises(ValueError, match="B flips"):
+        flip_shift(x, np.zeros(3, bool), np.zeros((2, 2), int))
+    rng = np.random.default_rng(0)
+    draws = [draw_flip_shift(rng, 0.5, 3) for _ in range(200)]
+    assert {d[0] for d in draws} == {False, True}
+    assert max(abs(d[1]) for d in draws) == 3 and max(abs(d[2]) for d in draws) == 3
+    assert draw_flip_shift(rng, 0.0, 0) == (False, 0, 0)
+
+
+def test_deepsurv_batches_augment_training_only() -> None:
+    """XrayBatch flips/shifts per (seed, epoch, study) when asked; the scoring collate leaves the input alone."""
+    import torch
+
+    from raypipe.train.deepsurv import XrayBatch
+
+    rng = np.random.default_rng(1)
+    batch = {"study_id": np.array(["A", "B", "C", "D"]), "image": rng.random((4, 5, 32, 32)).astype(np.float32),
+             "time_days": np.array([100.0, 200, 300, 400]), "event": np.array([1.0, 0, 1, 0])}
+    plain = XrayBatch(None, True, None)(batch)["x"]
+    assert torch.equal(plain, torch.from_numpy(batch["image"]))
+    aug = XrayBatch(None, True, None, flip_prob=0.5, shift_fraction=0.1, seed=0, epoch=1)
+    a1, a2 = aug(batch)["x"], aug(batch)["x"]
+    assert torch.equal(a1, a2) and not torch.equal(a1, plain)  # seeded per study and epoch
+    other = XrayBatch(None, True, None, flip_prob=0.5, shift_fraction=0.1, seed=0, epoch=2)(batch)["x"]
+    assert not torch.equal(other, a1)

@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 
 from raypipe.clinical import ClinicalEncoder
+from raypipe.preprocess.augment import draw_flip_shift, flip_shift
 
 
 def study_rng(seed: int, epoch: int, study_id: object) -> np.random.Generator:
@@ -51,26 +52,35 @@ def clinical_tensor(batch: Mapping[str, Any], encoder: ClinicalEncoder | None) -
 class SliceBatch:
     """collate_fn for CT shards: rows -> x (B, n, 1, H, W) float32, clinical, targets.
 
-    Training draws `n_slices` equidistant slices with a random start per (seed, epoch, study); evaluation
-    takes the centred ones (`raypipe.preprocess.ct.sample_slices`).
+    Training draws `n_slices` equidistant slices with a random start per (seed, epoch, study) and, when
+    `flip_prob` / `shift_fraction` are set, flips and translates each study's slices together
+    (`raypipe.preprocess.augment.flip_shift`); evaluation takes the centred slices, unaugmented
+    (`raypipe.preprocess.ct.sample_slices`).
     """
 
     def __init__(self, image: str, n_slices: int, train: bool, seed: int, epoch: int,
-                 clinical: ClinicalEncoder | None, targets: Sequence[str]) -> None:
+                 clinical: ClinicalEncoder | None, targets: Sequence[str], flip_prob: float = 0.0,
+                 shift_fraction: float = 0.0) -> None:
         self.image, self.n_slices, self.train, self.seed, self.epoch = image, n_slices, train, seed, epoch
         self.clinical = clinical
         self.targets = tuple(targets)
+        self.flip_prob, self.shift_fraction = float(flip_prob), float(shift_fraction)
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
         """Sample and stack one batch."""
         from raypipe.preprocess.ct import sample_slices
 
-        images = []
+        images, moves = [], []
         for i, cell in enumerate(batch[self.image]):
             vol = stack_cells(cell)
             rng = study_rng(self.seed, self.epoch, batch["study_id"][i]) if self.train else None
             images.append(vol[sample_slices(vol.shape[0], self.n_slices, rng)].astype(np.float32))
-        out = {"x": torch.from_numpy(np.stack(images)[:, :, None])}
+            if rng is not None:
+                moves.append(draw_flip_shift(rng, self.flip_prob, round(self.shift_fraction * vol.shape[-1])))
+        x = np.stack(images)[:, :, None]
+        if moves and any(f or dy or dx for f, dy, dx in moves):
+            x = flip_shift(x, np.array([m[0] for m in moves]), np.array([m[1:] for m in moves]))
+        out = {"x": torch.from_numpy(np.ascontiguousarray(x))}
         clinical = clinical_tensor(batch, self.clinical)
         if clinical is not None:
             out["clinical"] = clinical

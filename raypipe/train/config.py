@@ -74,6 +74,10 @@ class CTTrainConfig(RayRunConfig):
     epochs: int = Field(50, ge=1)
     grad_clip: float | None = Field(None, gt=0, description="max gradient norm; None disables")
     shuffle_buffer: int = Field(256, ge=0, description="per-worker local shuffle buffer (rows); 0 disables")
+    augment_flip: float = Field(0.0, ge=0, le=1, description="training: probability of a left-right flip of a study's "
+                                "slices (paper: none; the random slice start is its only augmentation)")
+    augment_shift: float = Field(0.0, ge=0, lt=0.5, description="training: largest in-plane translation of a study's "
+                                 "slices, as a fraction of the crop width (paper: none)")
 
     # labels, validation and early stopping
     label: str = Field("fracture_5y", description="binary target column; rows where it is missing are not trained on")

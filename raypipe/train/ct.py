@@ -115,7 +115,8 @@ class CTWorkerTask(WorkerTask):
         import ray.train
 
         cfg = self.cfg
-        collate = SliceBatch(cfg.input, cfg.n_slices, True, cfg.seed, epoch, self.clinical, self.targets)
+        collate = SliceBatch(cfg.input, cfg.n_slices, True, cfg.seed, epoch, self.clinical, self.targets,
+                             cfg.augment_flip, cfg.augment_shift)
         return ray.train.get_dataset_shard("train").iter_torch_batches(
             batch_size=batch_size, collate_fn=collate, device="cpu",
             local_shuffle_buffer_size=cfg.shuffle_buffer or None, local_shuffle_seed=cfg.seed + epoch,

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from raypipe.clinical import ClinicalEncoder
-from raypipe.data.collate import clinical_tensor, float_column, stack_cells
+from raypipe.data.collate import clinical_tensor, float_column, stack_cells, study_rng
+from raypipe.preprocess.augment import draw_flip_shift, flip_shift
 from raypipe.metrics import c_index_or_nan
 from raypipe.train.common import DeviceSetup, autocast, select_device, unwrap
 from raypipe.train.fold import FoldTask
@@ -48,12 +49,18 @@ _IMAGE_COLUMNS = ("image", "keypoints")
 
 # ---------------------------------------------------------------------------------------------- batches
 class XrayBatch:
-    """collate_fn for `iter_torch_batches`: shard rows -> x (B, C, H, W), clinical, time_days, event, idx."""
+    """collate_fn for `iter_torch_batches`: shard rows -> x (B, C, H, W), clinical, time_days, event, idx.
+
+    For training, `flip_prob` / `shift_fraction` flip and translate each study's L1-L5 channels together, drawn
+    per (seed, epoch, study) (`raypipe.preprocess.augment.flip_shift`); scoring passes neither.
+    """
 
     def __init__(self, image_size: int | None, uses_image: bool, clinical: ClinicalEncoder | None,
-                 cuts: Sequence[float] | None = None) -> None:
+                 cuts: Sequence[float] | None = None, *, flip_prob: float = 0.0, shift_fraction: float = 0.0,
+                 seed: int = 0, epoch: int = 0) -> None:
         self.image_size, self.uses_image, self.clinical = image_size, uses_image, clinical
         self.cuts = None if cuts is None else np.asarray(cuts, dtype=np.float64)
+        self.flip_prob, self.shift_fraction, self.seed, self.epoch = float(flip_prob), float(shift_fraction), seed, epoch
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
         """Stack one batch; missing time/event become NaN (scoring rows need none)."""
@@ -64,6 +71,8 @@ class XrayBatch:
             if self.image_size and tuple(x.shape[-2:]) != (self.image_size, self.image_size):
                 x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
                                   align_corners=False, antialias=True)
+            if self.flip_prob > 0 or self.shift_fraction > 0:
+                x = self._augment(x, batch["study_id"])
             out["x"] = x
         clinical = clinical_tensor(batch, self.clinical)
         if clinical is not None:
@@ -73,6 +82,14 @@ class XrayBatch:
         if self.cuts is not None and batch.get("time_days") is not None:
             out["idx"] = torch.from_numpy(duration_index(self.cuts, out["time_days"].numpy(), out["event"].numpy()))
         return out
+
+
+    def _augment(self, x: torch.Tensor, study_ids: Sequence[Any]) -> torch.Tensor:
+        """Each study's flip and shift from its own (seed, epoch, study) generator."""
+        max_shift = round(self.shift_fraction * x.shape[-1])
+        moves = [draw_flip_shift(study_rng(self.seed, self.epoch, sid), self.flip_prob, max_shift) for sid in study_ids]
+        moved = flip_shift(x.numpy(), np.array([m[0] for m in moves]), np.array([m[1:] for m in moves]))
+        return torch.from_numpy(np.ascontiguousarray(moved))
 
 
 def duration_index(cuts: np.ndarray, time: np.ndarray, event: np.ndarray) -> np.ndarray:
@@ -245,7 +262,8 @@ class DeepSurvWorkerTask(WorkerTask):
         import ray.train
 
         cfg = self.cfg
-        collate = XrayBatch(cfg.image_size, cfg.uses_image, self.clinical, self.labels.get("cuts"))
+        collate = XrayBatch(cfg.image_size, cfg.uses_image, self.clinical, self.labels.get("cuts"),
+                            flip_prob=cfg.augment_flip, shift_fraction=cfg.augment_shift, seed=cfg.seed, epoch=epoch)
         return ray.train.get_dataset_shard("train").iter_torch_batches(
             batch_size=batch_size, collate_fn=collate, device="cpu",
             local_shuffle_buffer_size=cfg.shuffle_buffer or None, local_shuffle_seed=cfg.seed + epoch,

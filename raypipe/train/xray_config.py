@@ -103,6 +103,10 @@ class DeepSurvConfig(RayRunConfig):
     epochs: int = Field(100, ge=1)
     grad_clip: float | None = Field(5.0, gt=0)
     shuffle_buffer: int = Field(256, ge=0)
+    augment_flip: float = Field(0.0, ge=0, le=1, description="training: probability of a left-right flip of a study's "
+                                "L1-L5 input (paper: not stated)")
+    augment_shift: float = Field(0.0, ge=0, lt=0.5, description="training: largest translation of the input, as a "
+                                 "fraction of its side (paper: not stated)")
     freeze_batchnorm: bool = False
 
     label: str = Field("fracture_5y", description="binary label reported with the predictions")
