@@ -8,7 +8,9 @@ learning test; pure pandas/numpy on a run's `predictions.parquet` and the cohort
 
 Which truth is each model's ceiling: an image-only model -> `true_image_lp` (the planted terms rendered in the
 image of that modality); a model that also sees clinical variables -> `true_lp` (all planted terms); the
-prevalent-fracture classifier -> `deformity` (its label is `deformity >= 0.20`, so that AUROC is 1).
+prevalent-fracture classifier -> `deformity` (its label is `deformity >= 0.20`, so that AUROC is 1). Reported
+beside them: `visible_lp` = `true_clinical_lp + true_image_lp`, the planted terms a model of that study's modality
+can see at all (a radiograph does not show the CT's muscle fat), a tighter bound for X-ray models than `true_lp`.
 """
 from __future__ import annotations
 
@@ -21,8 +23,8 @@ from raypipe.metrics.binary import auroc_ci
 from raypipe.metrics.survival import concordance_ci
 
 CHANCE = 0.5
-TRUTH_COLUMNS = ("study_id", "patient_id", "modality", "true_lp", "true_image_lp", "deformity", "time_days", "event",
-                 "fracture_5y", "prevalent_fracture")
+TRUTH_COLUMNS = ("study_id", "patient_id", "modality", "true_lp", "true_image_lp", "true_clinical_lp", "deformity",
+                 "time_days", "event", "fracture_5y", "prevalent_fracture")
 ROWS_OF_SPLIT = {"val": "out-of-fold", "external": "external", "test": "test"}
 
 
@@ -78,6 +80,7 @@ def truth_table(manifest: pd.DataFrame) -> pd.DataFrame:
         raise ValueError(f"the manifest has no planted truth (missing {missing}): ceilings exist only for cohorts "
                          f"from `raypipe synth`")
     t = manifest[list(TRUTH_COLUMNS)].copy()
+    t["visible_lp"] = t["true_clinical_lp"] + t["true_image_lp"]
     t["study_id"] = t["study_id"].astype(str)
     t["patient_id"] = t["patient_id"].astype(str)
     return t
@@ -137,7 +140,7 @@ def compare(predictions: pd.DataFrame, manifest: pd.DataFrame, model: str, kind:
     if ceiling not in ("true_lp", "true_image_lp", "deformity"):
         raise ValueError(f"ceiling must be true_lp, true_image_lp or deformity, got {ceiling!r}")
     truth = truth_table(manifest)
-    scores = ["score", "true_lp", "true_image_lp"] + (["deformity"] if ceiling == "deformity" else [])
+    scores = ["score", "true_lp", "true_image_lp", "visible_lp"] + (["deformity"] if ceiling == "deformity" else [])
     comparisons: list[Comparison] = []
     figures: list[Figure] = []
     for split in splits:
