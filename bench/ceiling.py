@@ -24,7 +24,6 @@ skips steps whose output folder already exists in `--out` (resume an interrupted
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import subprocess
@@ -37,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from _report import figure
 
 from raypipe.metrics.binary import auroc_ci
 from raypipe.metrics.survival import concordance_ci
@@ -191,30 +191,30 @@ def run(args: argparse.Namespace) -> list[Figure]:
 
 
 def report(figs: Sequence[Figure], args: argparse.Namespace) -> None:
-    """JSON lines {"name","value","unit"} and a readable table (model, ceilings, chance on the same rows)."""
+    """JSON lines {"name","value","unit"} on stdout and a readable table on stderr (model, ceilings, chance)."""
     for f in figs:
         base = f"ceiling/{f.model}/{f.rows}/{f.score}"
         unit = "auroc" if f.metric == "AUROC" else "c_index"
-        print(json.dumps({"name": base, "value": round(f.value, 4), "unit": unit}))
-        print(json.dumps({"name": f"{base}/ci_low", "value": round(f.ci_low, 4), "unit": unit}))
-        print(json.dumps({"name": f"{base}/ci_high", "value": round(f.ci_high, 4), "unit": unit}))
+        figure(base, f.value, unit)
+        figure(f"{base}/ci_low", f.ci_low, unit)
+        figure(f"{base}/ci_high", f.ci_high, unit)
     groups: dict[tuple[str, str], dict[str, Figure]] = {}
     for f in figs:
         groups.setdefault((f.model, f.rows), {})[f.score] = f
-    print(f"\ncohort: {args.patients} patients, seed {args.seed}, {args.folds}-fold CV; 95 % CI: patient-level bootstrap")
+    print(f"\ncohort: {args.patients} patients, seed {args.seed}, {args.folds}-fold CV; 95 % CI: patient-level bootstrap",
+          file=sys.stderr)
     print(f"{'model':<11} {'rows':<12} {'metric':<9} {'n (pos/events)':>15} {'model [95% CI]':>22} "
-          f"{'true_lp':>8} {'true_img':>8} {'gap':>6} {'chance':>6}")
+          f"{'true_lp':>8} {'true_img':>8} {'gap':>6} {'chance':>6}", file=sys.stderr)
     for (model, rows), d in groups.items():
         m = d["model"]
         ceiling = d.get(CEILING_OF[model], m)
         print(f"{model:<11} {rows:<12} {m.metric:<9} {f'{m.n} ({m.n_pos})':>15} "
               f"{f'{m.value:.3f} [{m.ci_low:.3f}, {m.ci_high:.3f}]':>22} {d['true_lp'].value:>8.3f} "
-              f"{d['true_image_lp'].value:>8.3f} {ceiling.value - m.value:>6.3f} {CHANCE:>6.2f}")
-        json_gap = {"name": f"ceiling/{model}/{rows}/gap_to_ceiling", "value": round(ceiling.value - m.value, 4),
-                    "unit": "auroc" if m.metric == "AUROC" else "c_index"}
-        print(json.dumps(json_gap))
+              f"{d['true_image_lp'].value:>8.3f} {ceiling.value - m.value:>6.3f} {CHANCE:>6.2f}", file=sys.stderr)
+        figure(f"ceiling/{model}/{rows}/gap_to_ceiling", ceiling.value - m.value,
+               "auroc" if m.metric == "AUROC" else "c_index")
     print("gap: ceiling - model; ceiling = true_image_lp for the image-only CNN-RNN, true_lp for DeepSurv image + "
-          "clinical, deformity for pVF (its label is deformity >= 0.20, AUROC 1); chance = 0.5")
+          "clinical, deformity for pVF (its label is deformity >= 0.20, AUROC 1); chance = 0.5", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
