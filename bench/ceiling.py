@@ -24,7 +24,6 @@ skips steps whose output folder already exists in `--out` (resume an interrupted
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import subprocess
@@ -35,6 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
+from _report import figure
 
 from raypipe.data.synth.ceiling import Comparison, Figure, compare, json_lines
 
@@ -113,12 +113,13 @@ def run(args: argparse.Namespace) -> tuple[list[Comparison], list[Figure]]:
 
 
 def report(comps: Sequence[Comparison], figs: Sequence[Figure], args: argparse.Namespace) -> None:
-    """JSON lines {"name","value","unit"}, then one line per model and rows: figure, ceiling, chance."""
+    """JSON lines {"name","value","unit"} on stdout, then one line per model and rows on stderr: figure, ceiling, chance."""
     for rec in json_lines(figs, comps):
-        print(json.dumps(rec))
-    print(f"\ncohort: {args.patients} patients, seed {args.seed}, {args.folds}-fold CV; 95 % CI: patient-level bootstrap")
+        figure(str(rec["name"]), float(rec["value"]), str(rec["unit"]))
+    print(f"\ncohort: {args.patients} patients, seed {args.seed}, {args.folds}-fold CV; 95 % CI: patient-level bootstrap",
+          file=sys.stderr)
     for c in comps:
-        print(c.line() + f"  gap {c.gap:.3f}")
+        print(c.line() + f"  gap {c.gap:.3f}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,6 +1,7 @@
 """Loopback load on the Serve app: throughput and p50/p99 latency, overhead vs in-process predictors, batching gain.
 
-Usage: `python bench/serve_load.py [--registry DIR] [--clients 16] [--xray-requests 96] [--ct-requests 16]`.
+Usage: `python bench/serve_load.py [--registry DIR] [--clients 16] [--xray-requests 96] [--ct-requests 16]`;
+`--quick`: X-ray only, one client, served p50 vs in-process p50 (the GPU check's serving line).
 Without --registry, tiny random-init models are published to a temp registry (timings then measure the
 serving machinery, not a paper-sized model). Ratios are measured side by side in one run; absolute numbers
 depend on the machine and its load, which is logged. Writes bench/out/serve_load.json.
@@ -20,6 +21,8 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
+
+from _report import figure, ratio
 
 log = logging.getLogger("bench.serve_load")
 
@@ -70,7 +73,7 @@ def direct_baselines(registry: str, n_xray: int, n_ct: int) -> dict[str, dict[st
     torch.set_num_threads(1)
     xp = XrayPredictor.from_registry(registry, keypoints_name=None)
     pvf = PVFPredictor.from_registry(registry)
-    ct = CTPredictor.from_registry(registry)
+    ct = CTPredictor.from_registry(registry) if n_ct else None
     img = SHARED / "xray/fo_dicom/GH342.dcm"
     d = SHARED / "ct/totalseg_example"
 
@@ -87,7 +90,10 @@ def direct_baselines(registry: str, n_xray: int, n_ct: int) -> dict[str, dict[st
         return 200
 
     xray_once()
-    return {"xray": run_load(xray_once, n_xray, 1), "ct": run_load(ct_once, n_ct, 1)}
+    out = {"xray": run_load(xray_once, n_xray, 1)}
+    if n_ct:
+        out["ct"] = run_load(ct_once, n_ct, 1)
+    return out
 
 
 def serve_app(registry: str, port: int, max_batch_size: int) -> None:
@@ -98,6 +104,24 @@ def serve_app(registry: str, port: int, max_batch_size: int) -> None:
 
     opts = {"batch": {"max_batch_size": max_batch_size, "batch_wait_timeout_s": 0.0}, "max_request_bytes": 1 << 28}
     serve.run(build_app(registry, options=opts), name="raypipe", route_prefix="/")
+
+
+def quick(registry: str, port: int, client: Any, xray: Callable[[], int], n: int) -> dict[str, Any]:
+    """Served (max_batch_size 8) vs in-process p50 for one X-ray client, side by side; print the figures."""
+    from ray import serve
+
+    load = os.getloadavg()[0]
+    serve_app(registry, port, 8)
+    xray()  # warm-up
+    served = run_load(xray, n, 1)
+    client.close()
+    serve.shutdown()
+    direct = direct_baselines(registry, n, 0)["xray"]
+    figure("serve_quick/xray_p50_served_1client", served["p50_ms"], "ms", requests=n, errors=served["errors"],
+           load_avg_1min_at_start=round(load, 2))
+    figure("serve_quick/xray_p50_inprocess_1client", direct["p50_ms"], "ms", requests=n)
+    ratio("serve_quick/xray_p50_served_over_inprocess", served["p50_ms"], direct["p50_ms"])
+    return {"served": served, "direct": direct}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -114,6 +138,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--xray-requests", type=int, default=96)
     p.add_argument("--ct-requests", type=int, default=16)
     p.add_argument("--out", default=str(ROOT / "bench/out/serve_load.json"))
+    p.add_argument("--quick", action="store_true", help="X-ray, 1 client: served vs in-process p50 only")
+    p.add_argument("--quick-requests", type=int, default=16)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     registry = a.registry or str(Path(tempfile.mkdtemp(prefix="raypipe-bench-")) / "registry")
@@ -142,6 +168,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            data={"clinical": json.dumps(CLINICAL)}).status_code
 
     results: dict[str, Any] = {"load_average_start": os.getloadavg(), "clients": a.clients}
+    if a.quick:
+        return quick(registry, port, client, xray, a.quick_requests)
     for bs in (8, 1):
         t = time.perf_counter()
         serve_app(registry, port, bs)
@@ -177,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               ("xray_mean_batch_size_bs8", s8["xray_batch_sizes"]["mean"], "requests"),
               ("load_average_end", results["load_average_end"][0], "1-min load")]
     for name, value, unit in lines:  # JSON lines: one figure each
-        print(json.dumps({"name": name, "value": round(float(value), 4), "unit": unit}), flush=True)
+        figure(name, value, unit)
     for name in ("serve_bs8", "serve_bs1", "serve_1client", "direct"):
         for k, v in results[name].items():
             if isinstance(v, dict) and "throughput_rps" in v:

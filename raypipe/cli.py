@@ -228,7 +228,8 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParse
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's sampler setting)")
     p.add_argument("--eta", type=float, default=None, help="DDIM eta, 0 = deterministic (default: the model's)")
     p.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: CUDA when present)")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: on for a GPU, fp32 on CPU; --no-bf16 for fp32 on a GPU)")
     return p
 
 

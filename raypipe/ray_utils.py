@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -18,6 +19,19 @@ MIN_LOCAL_CPUS = 4
 # Keep idle worker processes around instead of killing them after 1 s: every epoch starts new Ray Data
 # tasks, and a fresh Python worker costs seconds of CPU on a small machine (a tiny CT fit: 114 s -> 60 s).
 LOCAL_SYSTEM_CONFIG = {"num_workers_soft_limit": 32, "idle_worker_killing_time_threshold_ms": 60_000}
+# Thread-count variables of the native libraries raypipe's workers use (OpenMP, MKL, OpenBLAS, ITK).
+THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")
+
+
+@dataclass
+class LocalRay:
+    """The local Ray this process started: its GCS address and logical CPUs per core (see `cpu_worker_slots`)."""
+
+    address: str | None = None
+    overcommit: int = 1
+
+
+_LOCAL = LocalRay()
 
 
 @dataclass(frozen=True)
@@ -29,10 +43,45 @@ class WorkerResources:
     data_cpus_reserved: float
 
 
+def physical_cores() -> int:
+    """Cores this process may run on (its CPU affinity)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def local_num_cpus() -> int:
     """Logical CPUs to give a local Ray: at least 4, twice the cores (see module docstring)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(MIN_LOCAL_CPUS, cores * LOGICAL_CPUS_PER_CORE)
+    return max(MIN_LOCAL_CPUS, physical_cores() * LOGICAL_CPUS_PER_CORE)
+
+
+def cpu_worker_slots(cpus_per_worker: float) -> int:
+    """How many CPU-bound workers of `cpus_per_worker` CPUs the cluster runs without oversubscribing cores.
+
+    A local Ray started by `init_ray` advertises more logical CPUs than cores (module docstring); that
+    overcommit is divided out here, so a 2-core machine gets 2 one-CPU preprocessing workers, not 4.
+    """
+    import ray
+
+    total = float(ray.cluster_resources().get("CPU", physical_cores()))
+    factor = _LOCAL.overcommit if _LOCAL.address == ray.get_runtime_context().gcs_address else 1
+    return max(1, int(total / factor / float(cpus_per_worker)))
+
+
+def limit_threads(n: int) -> None:
+    """Pin this process's native thread pools (OpenMP/BLAS, ITK, torch) to `n` threads, as Ray gives a worker.
+
+    Sets the environment variables for libraries not loaded yet and resizes the pools already loaded.
+    """
+    if n < 1:
+        raise ValueError(f"threads must be >= 1, got {n}")
+    for var in THREAD_ENV_VARS:
+        os.environ[var] = str(n)
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=n)
+    if "SimpleITK" in sys.modules:
+        sys.modules["SimpleITK"].ProcessObject.SetGlobalDefaultNumberOfThreads(n)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
 
 
 def init_ray(num_cpus: int | None = None, quiet: bool = False, **kwargs) -> None:
@@ -59,6 +108,7 @@ def init_ray(num_cpus: int | None = None, quiet: bool = False, **kwargs) -> None
     log.info("starting local Ray with %d logical CPUs", n)
     # address="local": never attach to some other `ray start` cluster on this host by accident.
     ray.init(address="local", num_cpus=n, _system_config=LOCAL_SYSTEM_CONFIG, **common)
+    _LOCAL.address, _LOCAL.overcommit = ray.get_runtime_context().gcs_address, max(1, n // physical_cores())
     configure_data()
 
 

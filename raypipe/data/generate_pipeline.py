@@ -63,7 +63,7 @@ class GenerateJobConfig(StrictModel):
                                     "the maximum over years of the seed means (option)")
     gpvf_horizon_years: float = Field(10.0, gt=0, description="the GpVF year (thesis: 10, as FRAX); must be in years")
     write_images: bool = True
-    bf16: bool = Field(True, description="bf16 autocast on GPUs")
+    bf16: bool = Field(True, description="bf16 autocast on GPUs (fp32 on CPU either way); false: fp32 on GPUs too")
     split: str | None = Field(None, description="only studies of this manifest split (None: all)")
     concurrency: int | None = Field(None, ge=1, description="replicas (None: one per GPU, else 1 on CPU)")
     clinical_prompts: bool | None = Field(

@@ -212,8 +212,18 @@ def _study_key(r: dict[str, Any]) -> str:
     return f"{r['study_id']}|{r.get('image_path')}|{r.get('keypoints_path')}"
 
 
+def warm_up(cfg: XrayPreprocessConfig) -> None:
+    """Import what `process_study` needs, once per writer actor; the keypoint model loads on first use."""
+    import raypipe.io.keypoints  # noqa: F401
+    import raypipe.io.radiograph  # noqa: F401
+    import raypipe.preprocess.xray  # noqa: F401
+
+    if cfg.qc_pictures:
+        import raypipe.preprocess.qc_png  # noqa: F401
+
+
 XRAY_SPEC = ShardSpec(kind="X-ray", config_cls=XrayPreprocessConfig, process_study=process_study,
-                      records_to_table=records_to_table, qc_frame=qc_frame, study_key=_study_key)
+                      records_to_table=records_to_table, qc_frame=qc_frame, study_key=_study_key, warm_up=warm_up)
 
 
 def preprocess_xray(
