@@ -337,6 +337,8 @@ def diffx_metrics(frame: pd.DataFrame, cfg: GenerateJobConfig | None = None) -> 
     out["table4"] = _guard(lambda: table4(df))
     out["table5"] = _guard(lambda: table5(df))
     out["fracture_score_models"] = _guard(lambda: fracture_score_models(df, folds=5, seed=cfg.seed))
+    out["fracture_score_models_deepsurv"] = _guard(lambda: fracture_score_models(df, folds=5, seed=cfg.seed,
+                                                                                 method="deepsurv"))
     quality = image_quality_summary(frame)
     if quality:
         out["image_quality"] = quality

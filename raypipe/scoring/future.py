@@ -36,6 +36,7 @@ class GeneratedImage:
     year: float
     seed: int
     pixels: np.ndarray
+    prompt: str = ""
 
 
 def summarise_future(bpvf: float, gpvf: Mapping[float, Sequence[float]], low: float = 0.5,
@@ -70,9 +71,11 @@ class FutureGenerator:
         return cls(v, _adapt(gen, v))
 
     def generate(self, pixels: np.ndarray, age: float, sex: str, years: Sequence[float],
-                 seeds: Sequence[int]) -> list[GeneratedImage]:
-        """One image per (year, seed) for a radiograph in [0, 1]."""
-        return self._generate(pixels=pixels, age=age, sex=sex, years=list(years), seeds=list(seeds))
+                 seeds: Sequence[int], clinical: Mapping[str, Any] | None = None) -> list[GeneratedImage]:
+        """One image per (year, seed) for a radiograph in [0, 1]; the prompts carry the clinical attributes
+        (`raypipe.generate.CLINICAL_PROMPT_KEYS` found in `clinical`) when the model was trained with them."""
+        return self._generate(pixels=pixels, age=age, sex=sex, years=list(years), seeds=list(seeds),
+                              clinical=dict(clinical or {}))
 
 
 def _adapt(gen: Any, version: ModelVersion) -> Callable[..., list[GeneratedImage]]:
@@ -86,15 +89,17 @@ def _adapt(gen: Any, version: ModelVersion) -> Callable[..., list[GeneratedImage
     except Exception as e:  # noqa: BLE001 - an incompatible model disables generation, not the app
         raise GeneratorUnavailable(f"cannot load the Diff-X pipeline ({type(e).__name__}: {e})", field="ldm") from e
 
-    def call(pixels: np.ndarray, age: float, sex: str, years: list[float], seeds: list[int]) -> list[GeneratedImage]:
+    def call(pixels: np.ndarray, age: float, sex: str, years: list[float], seeds: list[int],
+             clinical: dict[str, Any]) -> list[GeneratedImage]:
         ys = [float(y) for y in years]
-        base, prompts = gen.future_prompts(age, sex, ys)
+        # the training prompt: clinical attributes exactly when the model was trained with them (model_meta.json)
+        base, prompts = gen.future_prompts(age, sex, ys, clinical if pipe.clinical_prompts else None)
         image = torch.from_numpy(ldm_input(pixels, pipe.model.image_size))[None]
         with torch.no_grad():
             images = pipe(image, base, [prompts[y] for y in ys], [int(s) for s in seeds])
         grey = from_ldm_output(images[:, :, 0].float().numpy())  # (years, seeds, S, S) in [0, 1]
         # cut back to the radiograph's own box in the padded square: GpVF is scored on BpVF's geometry
-        return [GeneratedImage(y, int(s), crop_ldm_content(grey[i, j], pixels.shape))
+        return [GeneratedImage(y, int(s), crop_ldm_content(grey[i, j], pixels.shape), prompts[y])
                 for i, y in enumerate(ys) for j, s in enumerate(seeds)]
 
     return call

@@ -299,7 +299,11 @@ _XRAY_DOC = {"requestBody": {"required": True, "content": {"multipart/form-data"
     "type": "object", "required": ["image"], "properties": _XRAY_PROPS}}}}}
 _FUTURE_DOC = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["image", "clinical"], "properties": {
-        **_XRAY_PROPS, "years": {"type": "string", "description": "comma-separated horizons, e.g. 1,5,10"},
+        **_XRAY_PROPS,
+        "clinical": {"type": "string", "description": "JSON object: age and sex (required); when the Diff-X model "
+                     "was trained with clinical prompts also bmi, prevalent_fracture, glucocorticoid, prior_fracture, "
+                     "rheumatoid_arthritis, secondary_osteoporosis, written into the prompts as in training"},
+        "years": {"type": "string", "description": "comma-separated horizons, e.g. 1,5,10"},
         "seeds": {"type": "string", "description": "number of seeds (e.g. 4) or a JSON list of seeds"}}}}}}}
 
 
@@ -420,6 +424,7 @@ class ApiIngress:
                                      lost_field="image")
             spec = {"pixels": pixels, "pvf_input": inp.pvf_image, "age": float(age), "sex": str(sex).upper()[:1],
                     "years": years, "seeds": seeds,
+                    "clinical": dict(clinical),  # the generator keeps the prompt attributes the model was trained with
                     "models": {k: self.available[k]["info"] for k in ("ldm", "pvf")}}
             job = await call(self.jobs.submit, spec, _client_key(request, self.opts.api_token), retries=0)
             return 202, {**job, "years": years, "seeds": seeds, "location": f"/v1/jobs/{job['job_id']}"}

@@ -405,7 +405,8 @@ class GeneratorModel(_Batched):
         self._init_batching(batch)
 
     def _run(self, items: list[dict[str, Any]]) -> list[list[Any]]:
-        return [self.generator.generate(i["pixels"], i["age"], i["sex"], i["years"], i["seeds"]) for i in items]
+        return [self.generator.generate(i["pixels"], i["age"], i["sex"], i["years"], i["seeds"], i.get("clinical"))
+                for i in items]
 
     @serve.batch(max_batch_size=2, batch_wait_timeout_s=0.0)
     async def predict(self, items: list[dict[str, Any]]) -> list[Any]:
@@ -516,8 +517,9 @@ class JobStore(_Disabled):
         self.files.set_state(jid, {**state, "status": "running"})
         bpvf_call = asyncio.ensure_future(call(self.pvf_model.score, spec["pvf_input"], retries=self.retries))
         try:
-            images = await call(self.generator.generate, {k: spec[k] for k in ("pixels", "age", "sex", "years", "seeds")},
-                                retries=self.retries)
+            item = {k: spec[k] for k in ("pixels", "age", "sex", "years", "seeds")}
+            item["clinical"] = spec.get("clinical") or {}
+            images = await call(self.generator.generate, item, retries=self.retries)
             scores = await asyncio.gather(*[call(self.pvf_model.score_pixels, g.pixels, retries=self.retries)
                                             for g in images])
             bpvf = await bpvf_call
@@ -525,6 +527,7 @@ class JobStore(_Disabled):
             for g, sc in zip(images, scores):
                 gpvf.setdefault(float(g.year), []).append(float(sc))
             summary = summarise_future(bpvf, gpvf)
+            summary["prompts"] = {str(g.year): g.prompt for g in images}
             summary["images"] = [{"year": g.year, "seed": g.seed, "pvf_score": float(sc),
                                   "png": b64png(png_bytes(np.round(np.clip(g.pixels, 0, 1) * 255).astype(np.uint8)))}
                                  for g, sc in zip(images, scores)]

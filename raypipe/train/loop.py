@@ -12,11 +12,17 @@ A task subclasses `WorkerTask` and fills in `build_model`, `train_batches`, `tra
 The config a task receives must carry the shared loop fields (`seed`, `epochs`, `patience`, `monitor`,
 `monitor_mode`, `min_delta`, `lr`, `weight_decay`, `optimizer`, `grad_clip`, `amp`, `torch_threads`,
 `freeze_batchnorm`, `stop_after_epoch`); tasks without early stopping set `monitor` to None.
+
+Backward, clipping and the step go through the hooks `prepare`, `step_context`, `backward`,
+`sync_gradients` and `clip_gradients`, so a task may run them through Hugging Face Accelerate (the LDM
+does): the optimiser steps, and gradients are cleared, only when `sync_gradients` says an accumulation
+window is complete; `optimizer_steps` per epoch counts those steps, `steps` the micro-batches.
 """
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -100,6 +106,30 @@ class WorkerTask:
         """The parameters whose gradient norm `grad_clip` bounds."""
         return model.parameters()
 
+    def prepare(self, module: nn.Module) -> nn.Module:
+        """Wrap the trainable module for data-parallel training (default: Ray's `prepare_model`, i.e. DDP)."""
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(module, move_to_device=False,
+                                            parallel_strategy_kwargs=dict(self.prepare_kwargs) or None)
+
+    def step_context(self, net: nn.Module) -> AbstractContextManager:
+        """Context around one micro-batch's forward and backward (e.g. Accelerate's `accumulate`)."""
+        return nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward pass of one micro-batch's loss."""
+        loss.backward()
+
+    def sync_gradients(self) -> bool:
+        """Whether this micro-batch ends an accumulation window, so the optimiser steps (default: every batch)."""
+        return True
+
+    def clip_gradients(self, model: nn.Module) -> None:
+        """Bound the gradient norm by the config's `grad_clip` (when set) before the optimiser step."""
+        if getattr(self.cfg, "grad_clip", None):
+            nn.utils.clip_grad_norm_(list(self.clip_parameters(model)), self.cfg.grad_clip)
+
     def after_step(self, model: nn.Module) -> None:
         """Called after every optimiser step (e.g. an EMA update)."""
 
@@ -133,8 +163,6 @@ def worker_logging() -> None:
 
 def run_worker_loop(task: WorkerTask) -> TrainState:
     """Run the task's epochs in this Ray Train worker (see module doc); returns the final state."""
-    import ray.train.torch
-
     worker_logging()
     cfg = task.cfg
     if getattr(cfg, "torch_threads", None):
@@ -149,14 +177,14 @@ def run_worker_loop(task: WorkerTask) -> TrainState:
     optimizer = task.make_optimizer(model)
     task.init_model(model)
     state = task.resume_state(model, optimizer)
-    net = ray.train.torch.prepare_model(task.trainable(model), move_to_device=False,
-                                        parallel_strategy_kwargs=dict(task.prepare_kwargs) or None)
+    net = task.prepare(task.trainable(model))
     batch = per_worker_batch(cfg.batch_size, task.world)
     monitor = getattr(cfg, "monitor", None)
     mode = getattr(cfg, "monitor_mode", "max")
     patience = getattr(cfg, "patience", None)
     if patience is not None and state.should_stop(patience):
         log.info("early stopping had already ended this run at epoch %d", state.epoch)
+    model.zero_grad(set_to_none=True)
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         if patience is not None and state.should_stop(patience):
             break
@@ -167,18 +195,20 @@ def run_worker_loop(task: WorkerTask) -> TrainState:
             freeze_batchnorm(net)
         extra = task.begin_epoch(net, optimizer, epoch)
         total = torch.zeros((), dtype=torch.float64, device=setup.device)  # summed on the device: no per-step sync
-        count, steps = 0, 0
+        count, steps, updates = 0, 0, 0
         for b in task.train_batches(epoch, batch):
-            step = task.train_step(net, b)
-            if step is None:
-                continue
-            loss, n = step
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if getattr(cfg, "grad_clip", None):
-                nn.utils.clip_grad_norm_(list(task.clip_parameters(model)), cfg.grad_clip)
-            optimizer.step()
-            task.after_step(model)
+            with task.step_context(net):
+                step = task.train_step(net, b)
+                if step is None:
+                    continue
+                loss, n = step
+                task.backward(loss)
+                if task.sync_gradients():  # gradients of the window are complete: clip, step, clear
+                    task.clip_gradients(model)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    task.after_step(model)
+                    updates += 1
             total += loss.detach().double() * n
             count, steps = count + n, steps + 1
         train_loss = all_reduce_mean(float(total) / max(count, 1), float(count), setup.device)
@@ -187,7 +217,7 @@ def run_worker_loop(task: WorkerTask) -> TrainState:
         state.epoch = epoch
         row: dict[str, Any] = {"epoch": epoch, **extra, "train_loss": train_loss,
                                "train_samples": all_reduce_mean(float(count), 1.0, setup.device) * task.world,
-                               "steps": steps, **metrics}
+                               "steps": steps, "optimizer_steps": updates, **metrics}
         if monitor:
             improved = state.update(metrics.get(monitor, float("nan")), mode, getattr(cfg, "min_delta", 0.0))
             row.update(best_epoch=state.best_epoch, improved=int(improved))
