@@ -34,4 +34,6 @@ def test_generation_prompt_repeats_the_training_prompt(tmp_path: Path, trained_w
                            5.0: "An image of 75 years old female, BMI 22.5, with glucocorticoid use"}
     else:
         assert prompts == {1.0: "An image of 71 years old female", 5.0: "An image of 75 years old female"}
-    assert all(g.pixels.shape == pixels.shape for g in images)
+    for g in images:  # cut back to ldm_input's content box: the source's aspect at the model's resolution
+        h, w = g.pixels.shape
+        assert abs(h / w - pixels.shape[0] / pixels.shape[1]) < 2 / min(h, w), (g.pixels.shape, pixels.shape)
