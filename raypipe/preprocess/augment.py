@@ -81,15 +81,6 @@ def augment(img: np.ndarray, keypoints: np.ndarray, matrix: np.ndarray) -> tuple
     return out, apply_affine(matrix, keypoints)
 
 
-def draw_flip_shift(rng: np.random.Generator, flip_prob: float, max_shift: int) -> tuple[bool, int, int]:
-    """One sample's flip and (dy, dx) shift in pixels, drawn from its own generator."""
-    flip = bool(rng.random() < flip_prob) if flip_prob > 0 else False
-    if max_shift <= 0:
-        return flip, 0, 0
-    dy, dx = rng.integers(-max_shift, max_shift + 1, size=2)
-    return flip, int(dy), int(dx)
-
-
 def flip_shift(x: np.ndarray, flips: np.ndarray, shifts: np.ndarray) -> np.ndarray:
     """Flip samples left-right where `flips` (B,) and translate each by `shifts` (B, 2) = (dy, dx) pixels.
 

@@ -170,6 +170,39 @@ def broadcast_from_rank0(obj: Any, device: torch.device | None = None) -> Any:
     return holder[0]
 
 
+def share_of(n: int, rank: int | None = None, world: int | None = None) -> np.ndarray:
+    """Positions 0..n-1 this rank handles when rows are dealt round-robin (rank, rank + world, ...)."""
+    rank = world_rank() if rank is None else rank
+    world = world_size() if world is None else world
+    return np.arange(rank, n, world, dtype=np.int64)
+
+
+def gather_shares(local: torch.Tensor, n: int, device: torch.device | None = None) -> torch.Tensor:
+    """All ranks' rows of a round-robin deal (`share_of`) back in their original order 0..n-1, on every rank.
+
+    `local` (rows of this rank's share, ...) must be on the training device; the result is on the CPU.
+    Identity with one process.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if local.shape[0] != n:
+            raise ValueError(f"a single rank holds {local.shape[0]} rows, expected {n}")
+        return local.cpu()
+    dev = collective_device(device)
+    world = dist.get_world_size()
+    longest = -(-n // world)
+    padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=dev)
+    padded[: local.shape[0]] = check_collective_tensor(local, dev)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    out = torch.empty((n, *local.shape[1:]), dtype=local.dtype)
+    for r, part in enumerate(parts):
+        pos = share_of(n, r, world)
+        out[torch.from_numpy(pos)] = part[: len(pos)].cpu()
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- state
 @dataclass
 class TrainState:

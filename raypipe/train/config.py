@@ -47,7 +47,16 @@ class RayRunConfig(StrictModel):
     n_boot: int = Field(1000, ge=0, description="bootstrap resamples for the CIs in metrics.json")
 
 
-class CTTrainConfig(RayRunConfig):
+class InputConfig(StrictModel):
+    """How a worker reads its training rows (CT and X-ray survival tasks): cached once or streamed."""
+
+    cache_train: bool = Field(
+        True, description="read the worker's training rows once (first epoch) and sample every epoch from memory; "
+                          "false streams them through Ray Data every epoch (rows larger than a worker's memory)")
+    prefetch_batches: int = Field(4, ge=1, description="batches prepared ahead of the training step")
+
+
+class CTTrainConfig(InputConfig, RayRunConfig):
     """One CNN-RNN training run on CT shards; defaults reproduce papers/000 (bone+muscle input)."""
 
     # model (kwargs go to raypipe.models.registry.build_model(model, **model_kwargs))
@@ -73,7 +82,9 @@ class CTTrainConfig(RayRunConfig):
     eval_batch_size: int = Field(32, ge=1, description="per-worker batch for validation and scoring")
     epochs: int = Field(50, ge=1)
     grad_clip: float | None = Field(None, gt=0, description="max gradient norm; None disables")
-    shuffle_buffer: int = Field(256, ge=0, description="per-worker local shuffle buffer (rows); 0 disables")
+    shuffle_buffer: int = Field(
+        256, ge=0, description="0: no shuffling; else rows are shuffled every epoch (cached: a full permutation of "
+                               "the worker's rows; streamed: a local shuffle buffer of this many rows)")
     augment_flip: float = Field(0.0, ge=0, le=1, description="training: probability of a left-right flip of a study's "
                                 "slices (paper: none; the random slice start is its only augmentation)")
     augment_shift: float = Field(0.0, ge=0, lt=0.5, description="training: largest in-plane translation of a study's "

@@ -3,9 +3,15 @@
 `run_worker_loop(task)` is what each Ray Train worker executes: set threads and seeds, build the model
 (identical initial weights on every rank), the optimiser, resume from Ray's checkpoint, wrap in DDP, then
 per epoch: re-seed, `begin_epoch`, stream the worker's shard through `train_step` (backward, clipping and
-the optimiser step happen here), average the loss over workers, `end_epoch`, validate on rank 0 and share
-the metrics with every rank (so early stopping agrees), update the early-stopping state, log one line and
-report (checkpoint + metrics) through `raypipe.train.common.report_epoch`.
+the optimiser step happen here), average the loss over workers, `end_epoch`, validate (split over every
+rank and gathered when the task sets `distributed_validation`; otherwise on rank 0, shared with every
+rank, so early stopping agrees), update the early-stopping state, log one line and report (checkpoint +
+metrics) through `raypipe.train.common.report_epoch`. The loss is summed on the device (no per-step sync).
+
+Each epoch row carries its time breakdown (`EpochTimer`): `time_step_s` (forward + backward + optimiser
+steps; CUDA events on a GPU, read once per epoch), `time_data_s` (waiting for batches), `time_val_s`,
+`time_epoch_s` (start of the epoch to its report) and `epoch_started` (Unix time; the difference of two
+consecutive starts is an epoch's full wall time, checkpoint included).
 
 A task subclasses `WorkerTask` and fills in `build_model`, `train_batches`, `train_step` and `validate`
 (the way Ray's training templates factor `train_epoch` / `eval_epoch`); the other hooks have defaults.
@@ -21,7 +27,8 @@ window is complete; `optimizer_steps` per epoch counts those steps, `steps` the 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -55,6 +62,8 @@ class WorkerTask:
 
     #: kwargs for `ray.train.torch.prepare_model` (e.g. find_unused_parameters)
     prepare_kwargs: Mapping[str, Any] = {}
+    #: True: every rank calls `validate` on its share of the validation rows and gets the gathered metrics
+    distributed_validation: bool = False
 
     def __init__(self, cfg: Any, loop_config: Mapping[str, Any]) -> None:
         self.cfg = cfg
@@ -76,7 +85,7 @@ class WorkerTask:
         raise NotImplementedError
 
     def validate(self, model: nn.Module) -> dict[str, float]:
-        """Validation metrics (rank 0 only; the loop shares them with the other ranks)."""
+        """Validation metrics (rank 0 only, shared by the loop; on every rank with `distributed_validation`)."""
         raise NotImplementedError
 
     # -- optional hooks
@@ -161,6 +170,56 @@ def worker_logging() -> None:
         logger.addHandler(handler)
 
 
+class EpochTimer:
+    """Time breakdown of one epoch: steps (CUDA events on a GPU, no per-step sync), waiting for data, validation."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = torch.device(device).type == "cuda"
+        self.started_unix, self.started = time.time(), time.perf_counter()
+        self.step_s, self.data_s, self.val_s = 0.0, 0.0, 0.0
+        self.events: list[tuple[Any, Any]] = []
+        self.t0 = 0.0
+
+    def batches(self, batches: Iterable[Any]) -> Iterator[Any]:
+        """The batches, timing how long the loop waits for each one."""
+        it = iter(batches)
+        while True:
+            t = time.perf_counter()
+            try:
+                b = next(it)
+            except StopIteration:
+                self.data_s += time.perf_counter() - t
+                return
+            self.data_s += time.perf_counter() - t
+            yield b
+
+    def step_started(self) -> None:
+        """Mark the start of a training step."""
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.events.append((ev, None))
+        else:
+            self.t0 = time.perf_counter()
+
+    def step_ended(self) -> None:
+        """Mark the end of the current training step."""
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.events[-1] = (self.events[-1][0], ev)
+        else:
+            self.step_s += time.perf_counter() - self.t0
+
+    def row(self) -> dict[str, float]:
+        """The epoch's timing columns (synchronises CUDA once to read the step events)."""
+        if self.cuda and self.events:
+            torch.cuda.synchronize()
+            self.step_s = sum(a.elapsed_time(b) for a, b in self.events) / 1e3
+        return {"time_step_s": self.step_s, "time_data_s": self.data_s, "time_val_s": self.val_s,
+                "time_epoch_s": time.perf_counter() - self.started, "epoch_started": self.started_unix}
+
+
 def run_worker_loop(task: WorkerTask) -> TrainState:
     """Run the task's epochs in this Ray Train worker (see module doc); returns the final state."""
     worker_logging()
@@ -193,13 +252,16 @@ def run_worker_loop(task: WorkerTask) -> TrainState:
         net.train()
         if getattr(cfg, "freeze_batchnorm", False):
             freeze_batchnorm(net)
+        timer = EpochTimer(setup.device)
         extra = task.begin_epoch(net, optimizer, epoch)
         total = torch.zeros((), dtype=torch.float64, device=setup.device)  # summed on the device: no per-step sync
         count, steps, updates = 0, 0, 0
-        for b in task.train_batches(epoch, batch):
+        for b in timer.batches(task.train_batches(epoch, batch)):
+            timer.step_started()
             with task.step_context(net):
                 step = task.train_step(net, b)
                 if step is None:
+                    timer.step_ended()
                     continue
                 loss, n = step
                 task.backward(loss)
@@ -211,13 +273,19 @@ def run_worker_loop(task: WorkerTask) -> TrainState:
                     updates += 1
             total += loss.detach().double() * n
             count, steps = count + n, steps + 1
+            timer.step_ended()
         train_loss = all_reduce_mean(float(total) / max(count, 1), float(count), setup.device)
         task.end_epoch(net, epoch, batch)
-        metrics = broadcast_from_rank0(task.validate(net) if task.rank == 0 else None, setup.device)
+        val_start = time.perf_counter()
+        if task.distributed_validation:
+            metrics = task.validate(net)
+        else:
+            metrics = broadcast_from_rank0(task.validate(net) if task.rank == 0 else None, setup.device)
+        timer.val_s = time.perf_counter() - val_start
         state.epoch = epoch
         row: dict[str, Any] = {"epoch": epoch, **extra, "train_loss": train_loss,
                                "train_samples": all_reduce_mean(float(count), 1.0, setup.device) * task.world,
-                               "steps": steps, "optimizer_steps": updates, **metrics}
+                               "steps": steps, "optimizer_steps": updates, **metrics, **timer.row()}
         if monitor:
             improved = state.update(metrics.get(monitor, float("nan")), mode, getattr(cfg, "min_delta", 0.0))
             row.update(best_epoch=state.best_epoch, improved=int(improved))
@@ -226,7 +294,7 @@ def run_worker_loop(task: WorkerTask) -> TrainState:
         state.extra = {**state.extra, **task.extra_state()}
         if task.rank == 0:
             log.info("epoch %d/%d: %s", epoch, cfg.epochs,
-                     ", ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)))
+                     ", ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float) and k != "epoch_started"))
         report = dict(row)
         if monitor:
             score = score_for_ranking(metrics.get(monitor), mode)

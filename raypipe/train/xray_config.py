@@ -16,7 +16,7 @@ from pydantic import Field, model_validator
 
 from raypipe.config import ScaleRange
 from raypipe.models.pretrained import check_pretrained
-from raypipe.train.config import RayRunConfig
+from raypipe.train.config import InputConfig, RayRunConfig
 
 # Paper 001: model 1 = age + sex, model 2 = + BMI, model 3 = + glucocorticoids + secondary osteoporosis.
 CLINICAL_MODELS: dict[int, tuple[str, ...]] = {
@@ -73,7 +73,7 @@ class KeypointTrainConfig(RayRunConfig):
         return self.display_name or self.model
 
 
-class DeepSurvConfig(RayRunConfig):
+class DeepSurvConfig(InputConfig, RayRunConfig):
     """DeepSurv on X-ray shards (papers/001); `variant` and `clinical_model` pick the paper's comparisons."""
 
     model: str = Field("deepsurv", description="registry name: deepsurv or deepsurv_tiny")
