@@ -62,6 +62,41 @@ def _add_set(p: argparse.ArgumentParser) -> None:
                         "repeatable")
 
 
+def _add_devices(p: argparse.ArgumentParser, unit: str = "worker") -> None:
+    """`--gpus N` / `--cpu` (mutually exclusive): the config's use_gpu, overridden from the command line."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--gpus", type=float, default=None, metavar="N",
+                   help=f"GPUs per {unit} (implies use_gpu; requested even before the cluster has GPU nodes)")
+    g.add_argument("--cpu", action="store_true",
+                   help="run on CPU only, whatever the config's use_gpu says (the only way to get CPU when it asks for GPUs)")
+
+
+def _add_mlflow(p: argparse.ArgumentParser) -> None:
+    """`--mlflow`: track the run (raypipe.tracking)."""
+    p.add_argument("--mlflow", action="store_true",
+                   help="track params, per-epoch metrics, final metrics and metrics.json/report.html in MLflow: "
+                        "MLFLOW_TRACKING_URI when set (then tracking is on even without this flag), else OUT/mlruns")
+
+
+def device_overrides(gpus: float | None, cpu: bool, key: str = "gpus_per_worker") -> dict[str, Any]:
+    """Config overrides of `--gpus N` (use_gpu + N GPUs per worker/replica) and `--cpu` (use_gpu false)."""
+    if gpus is not None and cpu:
+        raise UsageError("--gpus and --cpu exclude each other")
+    if cpu:
+        log.info("--cpu: CPU only, whatever the config's use_gpu says")
+        return {"use_gpu": False}
+    if gpus is not None:
+        if gpus <= 0:
+            raise UsageError(f"--gpus must be positive, got {gpus:g} (use --cpu for CPU only)")
+        return {"use_gpu": True, key: gpus}
+    return {}
+
+
+def _overrides(a: argparse.Namespace, key: str = "gpus_per_worker") -> dict[str, Any]:
+    """`--set` overrides, then `--gpus` / `--cpu` on top."""
+    return {**parse_overrides(a.overrides), **device_overrides(a.gpus, a.cpu, key)}
+
+
 # ---------------------------------------------------------------------------------------------- handlers
 def _cmd_synth(a: argparse.Namespace) -> int:
     if a.kind == "drr":
@@ -151,7 +186,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
 def _cmd_train(a: argparse.Namespace) -> int:
     from raypipe.train.run import train_task
 
-    out = train_task(a.model, a.config, require_path(a.data, "--data"), a.out, parse_overrides(a.overrides))
+    out = train_task(a.model, a.config, require_path(a.data, "--data"), a.out, _overrides(a), mlflow=a.mlflow)
     print(f"run written to {out}")
     return 0
 
@@ -161,7 +196,7 @@ def _cmd_cv(a: argparse.Namespace) -> int:
     from raypipe.tune.cv import cv_cli, summary_table
 
     data = require_path(a.data, "--data")
-    result = cv_cli(a.model, a.config, a.folds, data, a.out, overrides=parse_overrides(a.overrides))
+    result = cv_cli(a.model, a.config, a.folds, data, a.out, overrides=_overrides(a), mlflow=a.mlflow)
     if a.baselines:  # the clinical models on the very same folds (papers/000 Table 4)
         from raypipe.tune.baselines import run_clinical_cv
 
@@ -177,13 +212,26 @@ def _cmd_tune(a: argparse.Namespace) -> int:
     from raypipe.tune.search import tune_cli
 
     return tune_cli(a.model, require_path(a.config, "--config"), a.trials, require_path(a.data, "--data"), a.out,
-                    overrides=parse_overrides(a.overrides))
+                    overrides=_overrides(a), mlflow=a.mlflow)
 
 
 def _cmd_generate(a: argparse.Namespace) -> int:
     from raypipe.generate import generate_cli
 
     require_path(a.image, "--image")
+    if a.cpu or a.gpus is not None:
+        wanted = "cpu" if a.cpu else "cuda"
+        if a.gpus is not None and a.gpus != 1:
+            raise UsageError(f"--gpus {a.gpus:g}: one-patient generation runs on one device; use --gpus 1")
+        if a.device is not None and a.device.split(":")[0] != wanted:
+            raise UsageError(f"--device {a.device} contradicts {'--cpu' if a.cpu else '--gpus'}")
+        if wanted == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise UsageError("--gpus 1: torch sees no CUDA device on this machine (use --cpu)")
+        a.device = a.device or wanted
+    log.info("Diff-X generation on %s", a.device or "CUDA when present, else CPU (--gpus 1 / --cpu decide)")
     return generate_cli(a)
 
 
@@ -192,7 +240,7 @@ def _cmd_generate_batch(a: argparse.Namespace) -> int:
 
     return generate_cohort_cli(require_path(a.data, "--data"), require_path(a.model, "--model"), a.out,
                                require_path(a.pvf, "--pvf") if a.pvf else None, a.config,
-                               overrides=parse_overrides(a.overrides))
+                               overrides=_overrides(a, key="gpus_per_replica"))
 
 
 def _cmd_publish(a: argparse.Namespace) -> int:
@@ -316,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="; ".join(f"{n}: {DATA_HELP[t.data]}" for n, t in TASKS.items()))
     s.add_argument("--out", default=None, help="run folder (default: runs/<model name>); same folder resumes")
     _add_set(s)
+    _add_devices(s)
+    _add_mlflow(s)
     s.set_defaults(func=_cmd_train)
 
     s = cmd("cv", "k-fold cross-validation, patient-level, one Tune trial per fold (nested model selection)")
@@ -327,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--baselines", action="store_true",
                    help="also cross-validate the clinical models (A-D, FRAX) with the same folds into OUT/clinical")
     _add_set(s)
+    _add_devices(s)
+    _add_mlflow(s)
     s.set_defaults(func=_cmd_cv)
 
     s = cmd("tune", "Optuna TPE + ASHA over a search-space YAML")
@@ -336,9 +388,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, help="folder of preprocessed shards")
     s.add_argument("--out", default=None, help="search folder (default: runs/tune_<model>); same folder resumes")
     _add_set(s)
+    _add_devices(s)
+    _add_mlflow(s)
     s.set_defaults(func=_cmd_tune)
 
     s = add_generate_arguments(cmd("generate", "Diff-X: future radiographs of one patient + pVF risk group"))
+    _add_devices(s, unit="run (1: CUDA)")
     s.set_defaults(func=_cmd_generate)
 
     s = cmd("generate-batch", "Diff-X over a cohort manifest on Ray Data: BpVF, GpVF, risk groups, predictions")
@@ -348,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output folder (predictions.parquet, diffx_metrics.json, images)")
     s.add_argument("--config", default=None, help="generation YAML (jobs/configs/generate.yaml)")
     _add_set(s)
+    _add_devices(s, unit="model replica")
     s.set_defaults(func=_cmd_generate_batch)
 
     s = cmd("publish", "copy a train/cv output folder into the model registry as a new version")

@@ -3,6 +3,11 @@
 On small machines Ray's defaults starve Ray Data when training workers take every CPU (the run sits at
 0 rows with no error), so raypipe starts local Ray with more logical CPUs than cores and gives training
 workers a fraction of a CPU. `worker_resources()` is the single source of those numbers.
+
+GPUs are requested, never discovered: a config's `use_gpu` (or `--gpus N` / `--cpu`) decides, and the
+request goes to Ray as it is, so on an autoscaling cluster whose GPU nodes are not up yet the autoscaler
+sees the demand. Only a local Ray started by this process (which no autoscaler can grow) fails fast when
+it has fewer GPUs than asked for (`require_gpus`).
 """
 from __future__ import annotations
 
@@ -34,6 +39,9 @@ class LocalRay:
 _LOCAL = LocalRay()
 
 
+_STARTED_LOCAL = False  # True once init_ray started a local instance in this process (fixed resources)
+
+
 @dataclass(frozen=True)
 class WorkerResources:
     """Resources for one training worker and how many of them fit next to Ray Data."""
@@ -41,6 +49,11 @@ class WorkerResources:
     cpus_per_worker: float
     use_gpu: bool
     data_cpus_reserved: float
+    gpus_per_worker: float = 0.0
+
+    def as_ray(self) -> dict[str, float]:
+        """The worker's Ray resource request: CPU, plus GPU when use_gpu."""
+        return {"CPU": self.cpus_per_worker, **({"GPU": self.gpus_per_worker} if self.use_gpu else {})}
 
 
 def physical_cores() -> int:
@@ -92,6 +105,7 @@ def init_ray(num_cpus: int | None = None, quiet: bool = False, **kwargs) -> None
     """
     import ray
 
+    global _STARTED_LOCAL
     if ray.is_initialized():
         configure_data()  # e.g. inside a Tune trial, whose datasets are built in that worker process
         return
@@ -109,7 +123,15 @@ def init_ray(num_cpus: int | None = None, quiet: bool = False, **kwargs) -> None
     # address="local": never attach to some other `ray start` cluster on this host by accident.
     ray.init(address="local", num_cpus=n, _system_config=LOCAL_SYSTEM_CONFIG, **common)
     _LOCAL.address, _LOCAL.overcommit = ray.get_runtime_context().gcs_address, max(1, n // physical_cores())
+    _STARTED_LOCAL = True
     configure_data()
+
+
+def started_local_ray() -> bool:
+    """True when this process started its own local Ray (`init_ray` without RAY_ADDRESS): no autoscaler."""
+    import ray
+
+    return _STARTED_LOCAL and ray.is_initialized()
 
 
 def configure_data() -> None:
@@ -130,23 +152,59 @@ def configure_data() -> None:
         setattr(ctx, name, value)
 
 
-def worker_resources(num_workers: int, use_gpu: bool | None = None) -> WorkerResources:
-    """CPUs per training worker leaving at least one logical CPU (a quarter of the total) for Ray Data."""
+def worker_resources(num_workers: int, use_gpu: bool = False, gpus_per_worker: float = 1.0) -> WorkerResources:
+    """CPUs per training worker leaving at least one logical CPU (a quarter of the total) for Ray Data; GPUs as asked."""
     import ray
 
     if use_gpu is None:
-        use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+        raise TypeError("use_gpu must be true or false: GPUs are requested, not discovered from the cluster")
+    if use_gpu and gpus_per_worker <= 0:
+        raise ValueError(f"gpus_per_worker must be positive when use_gpu is true, got {gpus_per_worker}")
     total = float(ray.cluster_resources().get("CPU", local_num_cpus()))
     reserve = max(1.0, total / 4)
     per = max(0.25, min(2.0, (total - reserve - 1.0) / max(1, num_workers)))
     # Round down to a quarter CPU so placement is predictable.
     per = max(0.25, int(per * 4) / 4)
-    return WorkerResources(cpus_per_worker=per, use_gpu=bool(use_gpu), data_cpus_reserved=reserve)
+    return WorkerResources(cpus_per_worker=per, use_gpu=bool(use_gpu), data_cpus_reserved=reserve,
+                           gpus_per_worker=float(gpus_per_worker) if use_gpu else 0.0)
+
+
+def describe_devices(num_workers: int, use_gpu: bool, gpus_per_worker: float = 1.0, what: str = "training",
+                     unit: str = "worker") -> str:
+    """The start-of-run device line, e.g. "training on 2 workers x 1 GPU" or "training on 2 workers, CPU only"."""
+    units = f"{num_workers} {unit}{'s' if num_workers != 1 else ''}"
+    if not use_gpu:
+        return f"{what} on {units}, CPU only (use_gpu: false; --gpus N requests GPUs)"
+    g = f"{gpus_per_worker:g}"
+    return f"{what} on {units} x {g} GPU{'' if g == '1' else 's'}"
+
+
+def require_gpus(needed: float, what: str = "this run") -> None:
+    """Fail fast when a GPU request can never be met (a local Ray without them); on a cluster, log the wait.
+
+    A local Ray started by `init_ray` has fixed resources and no autoscaler: a request it cannot hold would
+    wait forever. A cluster (RAY_ADDRESS) may add GPU nodes on demand, so there the request stands.
+    """
+    import ray
+
+    if needed <= 0:
+        return
+    have = float(ray.cluster_resources().get("GPU", 0))
+    if have >= needed:
+        return
+    if started_local_ray():
+        raise ValueError(f"{what} asks for {needed:g} GPU(s) but the local Ray started by this command has "
+                           f"{have:g} and no autoscaler can add any: pass --cpu to run on CPU, or set RAY_ADDRESS "
+                           "to a cluster whose (autoscaling) nodes have GPUs")
+    log.warning("%s asks for %g GPU(s); the cluster has %g now: waiting for them (an autoscaling cluster adds GPU "
+                "nodes for this demand)", what, needed, have)
 
 
 def shutdown_ray() -> None:
     """Shut down Ray if this process started or connected to it."""
     import ray
 
+    global _STARTED_LOCAL
     if ray.is_initialized():
         ray.shutdown()
+    _STARTED_LOCAL = False

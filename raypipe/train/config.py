@@ -8,9 +8,10 @@ fracture detection and longitudinal prediction (Cox partial likelihood, c-index,
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from raypipe.config import StrictModel
 from raypipe.models.pretrained import check_pretrained
@@ -22,12 +23,17 @@ PAPER_CLINICAL_COLUMNS: tuple[str, ...] = (
     "t2dm", "hiv", "hcv", "renal_failure",
 )
 
+log = logging.getLogger(__name__)
+
 
 class RayRunConfig(StrictModel):
     """How a task runs on Ray, shared by every task's config: workers, GPUs, failures, storage, checkpoints."""
 
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks)")
-    use_gpu: bool | None = Field(None, description="None: use GPUs when the cluster has them")
+    use_gpu: bool = Field(
+        False, description="request gpus_per_worker GPUs per worker (Ray waits, or the autoscaler adds GPU nodes); "
+                           "false: CPU only. Never read from the cluster (`raypipe train --gpus N` / `--cpu` override)")
+    gpus_per_worker: float = Field(1.0, gt=0, description="GPUs per worker when use_gpu (fractions share a GPU)")
     resources_per_worker: dict[str, float] = Field(
         default_factory=dict, description="extra/overriding Ray resources per worker (e.g. a node-type label)")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] | None = Field(
@@ -45,6 +51,16 @@ class RayRunConfig(StrictModel):
     )
     seed: int = 0
     n_boot: int = Field(1000, ge=0, description="bootstrap resamples for the CIs in metrics.json")
+
+    @field_validator("use_gpu", mode="before")
+    @classmethod
+    def _gpu_null_is_cpu(cls, value: Any) -> Any:
+        """`use_gpu: null` (once "discover from the cluster") now means CPU only, said in the log."""
+        if value is None:
+            log.warning("use_gpu: null means false (CPU only): GPUs are requested, never discovered; set use_gpu: "
+                        "true (or pass --gpus N) to train on GPUs")
+            return False
+        return value
 
 
 class InputConfig(StrictModel):
