@@ -120,6 +120,20 @@ def test_missing_model_in_bucket_names_the_uri(s3_env: S3Server, capsys: pytest.
     assert rc == 1 and missing in capsys.readouterr().err
 
 
+def test_inspect_reads_from_the_bucket(s3_env: S3Server, capsys: pytest.CaptureFixture[str]) -> None:
+    """`raypipe inspect URI --json --png URI`: the image is fetched for the call, the picture uploaded."""
+    from raypipe import cli
+    from raypipe.io.radiograph import write_radiograph_png
+
+    prefix = f"inspect-{secrets.token_hex(4)}"
+    image = s3_env.uri(prefix, "x.png")
+    write_radiograph_png(image, np.tile(np.linspace(0, 1, 48), (64, 1)))
+    assert cli.main(["inspect", image, "--json", "--png", s3_env.uri(prefix, "qc.png")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["path"] == image and info["kind"] == "radiograph" and info["shape"] == [64, 48]
+    assert storage.read_bytes(s3_env.uri(prefix, "qc.png"))[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 # ------------------------------------------------------------------------------------------ slow: everything
 @pytest.fixture
 def two_node_cluster(s3_env: S3Server, monkeypatch: pytest.MonkeyPatch):
@@ -252,5 +266,6 @@ def test_pipeline_with_every_file_in_the_bucket_on_two_nodes(two_node_cluster: t
     top = {p.split("/")[0] for p in new_tmp}
     # Ray's session dir, per-process model copies (registry), torch's compile-cache dir; per-study fetches,
     # staged uploads and publish staging dirs are removed after use, so they must not be here
-    stray = sorted(t for t in top if t != "ray" and not t.startswith(("raypipe-registry-", "torchinductor_")))
+    stray = sorted(t for t in top if t not in ("ray", "_ray_lockfiles")  # Ray's session dir and its lock files
+                   and not t.startswith(("raypipe-registry-", "torchinductor_")))
     assert stray == [], f"written outside the bucket, Ray's session dir and the model caches: {stray}"
