@@ -2,7 +2,8 @@
 
 Model names come from the task registry (`raypipe.tasks`) and nowhere else. User errors (a missing file,
 a bad config key, an empty shard folder) end with one line naming what to fix and exit code 1; `-v`
-shows the traceback as well. Relative `--data`, `--manifest` and `--out` paths resolve under
+shows the traceback as well. Every path may be an `s3://` / `gs://` URI. Relative input paths (`--data`,
+`--manifest`, `RUN_DIR`, `--registry`, `--model`, `--pvf`, `--image`) and `--out` resolve under
 `RAYPIPE_STORAGE` when it is set (a bucket or a shared folder, as on a cluster) and the path is not here.
 """
 from __future__ import annotations
@@ -179,7 +180,9 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
                       horizons_years=horizons)
     for line in summary_lines(result):
         print(line)
-    print(f"report: {Path(a.out) / 'report.html'}")
+    from raypipe import storage
+
+    print(f"report: {storage.join(a.out, 'report.html')}")
     return 0
 
 
@@ -440,12 +443,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _resolve_storage(args: argparse.Namespace) -> None:
-    """Relative --data/--manifest/--out under RAYPIPE_STORAGE when set (see module doc)."""
+    """Relative input paths (--data, --manifest, RUN_DIR, --registry, --model, --pvf, --image) and --out under
+    RAYPIPE_STORAGE when set (see module doc)."""
     from raypipe.cluster import resolve_input, resolve_output, storage_root
 
     if not storage_root():
         return
-    for name in ("data", "manifest"):
+    inputs = ["data", "manifest", "run_dir", "registry", "pvf", "image"]
+    if args.command in ("generate", "generate-batch"):  # elsewhere MODEL is a task name, not a path
+        inputs.append("model")
+    for name in inputs:
         if getattr(args, name, None):
             setattr(args, name, resolve_input(getattr(args, name)))
     if getattr(args, "out", None) and args.command not in ("synth", "demo"):

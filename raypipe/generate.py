@@ -269,19 +269,22 @@ def load_diffx(model_dir: str | Path, device: str | torch.device = "cpu") -> tup
     """A `DiffXModel` from a `raypipe train ldm` folder or a registry version (model.pt + model_meta.json)."""
     from raypipe.models.registry import build_model
 
-    d = Path(model_dir)
-    if not (d / "model_meta.json").is_file() or not (d / "model.pt").is_file():
-        from raypipe.io.errors import RaypipeInputError
-
-        raise RaypipeInputError("not a Diff-X model folder (needs model.pt and model_meta.json)", path=str(d))
+    from raypipe import storage
     from raypipe.artifact import read_artifact
 
-    art = read_artifact(str(d))
-    meta = art.as_dict()
-    model = build_model(art.builder, **art.inference_kwargs())
-    if not isinstance(model, DiffXModel):
-        raise TypeError(f"{d}: builder {art.builder!r} is not a Diff-X model")
-    model.load_state_dict(torch.load(d / "model.pt", map_location="cpu", weights_only=True))
+    where = storage.absolute(model_dir)
+    with storage.localize_files(where, ("model.pt", "model_meta.json")) as local:
+        d = Path(local)
+        if not (d / "model_meta.json").is_file() or not (d / "model.pt").is_file():
+            from raypipe.io.errors import RaypipeInputError
+
+            raise RaypipeInputError("not a Diff-X model folder (needs model.pt and model_meta.json)", path=where)
+        art = read_artifact(str(d))
+        meta = art.as_dict()
+        model = build_model(art.builder, **art.inference_kwargs())
+        if not isinstance(model, DiffXModel):
+            raise TypeError(f"{where}: builder {art.builder!r} is not a Diff-X model")
+        model.load_state_dict(torch.load(d / "model.pt", map_location="cpu", weights_only=True))
     return model.to(device).eval(), meta
 
 
@@ -400,14 +403,16 @@ def generate_study(
     # back to the baseline's geometry (no padding bars): GpVF is scored as BpVF is
     grey = [[crop_ldm_content(square[i, j], np.shape(pixels)) for j in range(len(seeds))] for i in range(len(years))]
 
-    out = Path(out_dir) if out_dir is not None else None
+    from raypipe import storage
+
+    out = storage.absolute(out_dir) if out_dir is not None else None
     files: dict[str, list[str]] = {}
     if out is not None and write_images:
         for i, y in enumerate(years):
             files[f"{y:g}"] = []
             for j, sd in enumerate(seeds):
                 name = f"year{y:g}_seed{sd}.png"
-                write_radiograph_png(out / name, grey[i][j], bits=8)
+                write_radiograph_png(storage.join(out, name), grey[i][j], bits=8)
                 files[f"{y:g}"].append(name)
     s = pipeline.settings
     record: dict[str, Any] = {
@@ -423,10 +428,8 @@ def generate_study(
         record.update(aggregate_scores(bpvf, {y: flat[i] for i, y in enumerate(years)}, s.low_threshold,
                                        s.high_threshold, rule=s.gpvf_rule, horizon_years=s.gpvf_horizon_years))
     if out is not None:
-        from raypipe.storage import atomic_write_json
-
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(str(out / "generation.json"), record)
+        storage.makedirs(out)
+        storage.atomic_write_json(storage.join(out, "generation.json"), record)
     return record
 
 
@@ -550,9 +553,9 @@ def generate(
     record["model_dir"] = str(model_dir)
     if pvf_dir is not None:
         record["pvf_dir"] = str(pvf_dir)
-    from raypipe.storage import atomic_write_json
+    from raypipe import storage
 
-    atomic_write_json(str(Path(out_dir) / "generation.json"), record)
+    storage.atomic_write_json(storage.join(storage.absolute(out_dir), "generation.json"), record)
     log.info("generated %d images into %s", len(ys) * len(_seed_list(seeds)), out_dir)
     return record
 

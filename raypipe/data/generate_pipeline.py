@@ -226,7 +226,7 @@ def generate_cohort(manifest: str, model_dir: str, out_dir: str, pvf_dir: str | 
         gpvf_sd=base["gpvf_sd"].astype(float), gpvf_year=base["gpvf_year"].astype(float), group=base["group"])
     extra = [c for c in scored.columns if c.startswith("quality_") or c.startswith("pvf_followup_")]
     studies = frame.assign(**{c: base[c].astype(float) for c in extra})
-    studies.to_parquet(storage.join(out, "studies.parquet"), index=False)
+    storage.atomic_write_parquet(studies, storage.join(out, "studies.parquet"))
     frame = aggregate_participants(studies, cfg.low_threshold, cfg.high_threshold)
     pred_path = storage.join(out, "predictions.parquet")
     write_predictions(frame, pred_path, {"model": MODEL_NAME, "model_dir": storage.absolute(model_dir),

@@ -477,12 +477,12 @@ def resolve_models(registry: str, options: ServeOptions) -> dict[str, dict[str, 
 def build_app(registry: str, names: dict[str, str | None] | None = None,
               options: ServeOptions | dict[str, Any] | None = None) -> Any:
     """The Serve application: ingress over preprocessing, batched models, aggregator and job store."""
-    from pathlib import Path
+    from raypipe import storage
 
     opts = options if isinstance(options, ServeOptions) else ServeOptions.model_validate(options or {})
     if names:
         opts = opts.model_copy(update={"names": {**opts.names, **names}})
-    registry = str(Path(registry).absolute())
+    registry = storage.absolute(registry)
     available = resolve_models(registry, opts)
     for role, a in available.items():
         if not a["ok"]:
@@ -515,7 +515,7 @@ def build_app(registry: str, names: dict[str, str | None] | None = None,
                                         "batch_wait_timeout_s": batch["batch_wait_timeout_s"]})
     aggregator = o(RiskAggregator).bind(xray_pre, xray_model, pvf_model, available, opts.handle_retries)
     jobs = o(JobStore).bind(generator, pvf_model, opts.job_ttl_s, opts.max_jobs, opts.handle_retries,
-                            opts.max_jobs_per_client, opts.job_dir or str(Path(registry) / ".jobs"))
+                            opts.max_jobs_per_client, opts.job_dir or storage.join(registry, ".jobs"))
     handles = {"CTPreprocess": ct_pre, "XrayPreprocess": xray_pre, "CTModel": ct_model, "XrayModel": xray_model,
                "PVFModel": pvf_model, "GeneratorModel": generator, "RiskAggregator": aggregator, "JobStore": jobs}
     return o(ApiIngress).bind(ct_pre, ct_model, aggregator, xray_pre, pvf_model, jobs, handles, available,

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from raypipe import storage
 from raypipe.train.common import (
     TrainState,
     all_reduce_mean,
@@ -586,7 +587,7 @@ def read_training_manifest(data: str) -> pd.DataFrame:
     """The radiograph (XR) rows of a manifest (a file, or a folder holding manifest.csv)."""
     from raypipe.io.manifest import load_manifest
 
-    path = os.path.join(data, "manifest.csv") if os.path.isdir(data) else data
+    path = storage.join(data, "manifest.csv") if storage.is_dir(data) else data
     table = load_manifest(path)
     xr = table[table["modality"] == "XR"].reset_index(drop=True)
     if xr.empty:

@@ -38,7 +38,6 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
@@ -103,16 +102,14 @@ def searchable(name: str) -> Any:
 # ---------------------------------------------------------------------------------------------- spec
 def load_search_spec(path: str | os.PathLike) -> tuple[SearchSpec, dict[str, Any]]:
     """The spec and its base config mapping (the `config` file, then `base` on top)."""
+    from raypipe import storage
     from raypipe.config import parse_config, read_yaml
 
     raw = read_yaml(path)
     spec = parse_config(SearchSpec, raw, str(path))
     base: dict[str, Any] = {}
     if spec.config:
-        base_path = Path(spec.config)
-        if not base_path.is_absolute():
-            base_path = Path(path).resolve().parent / base_path
-        base = read_yaml(base_path)
+        base = read_yaml(storage.resolve(spec.config, storage.parent(path)))  # relative to the spec, local or URI
     return spec, _merge(base, spec.base)
 
 
