@@ -17,10 +17,12 @@ CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
 
 
 def _paper(cls: type, raw: dict, overrides: dict) -> object:
-    """A paper config validated without its local ImageNet weights (not part of this test)."""
+    """A paper config validated without its local ImageNet / Stable Diffusion weights (not part of this test)."""
     data = {k: v for k, v in raw.items() if k != "pretrained_path"}
     if "pretrained" in data:
         data["pretrained"] = "none"
+    if "pretrained_sd" in data:
+        data["pretrained_sd"] = "none"
     return parse_config(cls, {**data, **overrides}, "<paper>")
 
 

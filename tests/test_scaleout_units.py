@@ -54,7 +54,7 @@ def test_run_config_carries_placement_and_worker_resources():
 
     for task in TASKS.values():
         cls = task.config_class()
-        extra = {"pretrained": "none"} if "pretrained" in cls.model_fields else {}
+        extra = {k: "none" for k in ("pretrained", "pretrained_sd") if k in cls.model_fields}
         cfg = cls(placement_strategy="SPREAD", resources_per_worker={"CPU": 0.5, "x": 1.0}, **extra)
         assert cfg.placement_strategy == "SPREAD" and cfg.resources_per_worker == {"CPU": 0.5, "x": 1.0}
     with pytest.raises(ConfigError, match="placement_strategy"):
