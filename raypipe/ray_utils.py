@@ -39,9 +39,6 @@ class LocalRay:
 _LOCAL = LocalRay()
 
 
-_STARTED_LOCAL = False  # True once init_ray started a local instance in this process (fixed resources)
-
-
 @dataclass(frozen=True)
 class WorkerResources:
     """Resources for one training worker and how many of them fit next to Ray Data."""
@@ -105,7 +102,6 @@ def init_ray(num_cpus: int | None = None, quiet: bool = False, **kwargs) -> None
     """
     import ray
 
-    global _STARTED_LOCAL
     if ray.is_initialized():
         configure_data()  # e.g. inside a Tune trial, whose datasets are built in that worker process
         return
@@ -123,7 +119,6 @@ def init_ray(num_cpus: int | None = None, quiet: bool = False, **kwargs) -> None
     # address="local": never attach to some other `ray start` cluster on this host by accident.
     ray.init(address="local", num_cpus=n, _system_config=LOCAL_SYSTEM_CONFIG, **common)
     _LOCAL.address, _LOCAL.overcommit = ray.get_runtime_context().gcs_address, max(1, n // physical_cores())
-    _STARTED_LOCAL = True
     configure_data()
 
 
@@ -131,7 +126,7 @@ def started_local_ray() -> bool:
     """True when this process started its own local Ray (`init_ray` without RAY_ADDRESS): no autoscaler."""
     import ray
 
-    return _STARTED_LOCAL and ray.is_initialized()
+    return ray.is_initialized() and _LOCAL.address == ray.get_runtime_context().gcs_address
 
 
 def configure_data() -> None:
@@ -204,7 +199,6 @@ def shutdown_ray() -> None:
     """Shut down Ray if this process started or connected to it."""
     import ray
 
-    global _STARTED_LOCAL
     if ray.is_initialized():
         ray.shutdown()
-    _STARTED_LOCAL = False
+    _LOCAL.address, _LOCAL.overcommit = None, 1
