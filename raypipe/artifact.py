@@ -10,6 +10,7 @@ so the file remains one flat JSON object that older readers understand.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -21,6 +22,9 @@ ARTIFACT_FILE = "model_meta.json"
 
 # Keyword arguments that point at files on the training machine; the saved state_dict replaces them.
 TRAINING_ONLY_KWARGS = ("pretrained_path",)
+# Keyword arguments naming a file or folder of the model folder itself (relative paths, e.g. the CLIP tokenizer a
+# Stable Diffusion fine-tune carries); `inference_kwargs(folder)` resolves them against the folder being loaded.
+MODEL_FILE_KWARGS = ("tokenizer_path",)
 
 
 class ArtifactError(RaypipeInputError):
@@ -47,14 +51,22 @@ class RunArtifact(BaseModel):
     monitor: str | None = None
     best_value: float | None = None
     epochs_run: int = 0
+    files: list[str] = Field(default_factory=list, description="further files of the model folder the model needs "
+                                                               "(relative paths, e.g. tokenizer/vocab.json); publish copies them")
 
     def encoder(self) -> ClinicalEncoder:
         """The clinical encoder fitted on the training rows (empty when the model takes no clinical input)."""
         return ClinicalEncoder.from_dict(self.clinical)
 
-    def inference_kwargs(self) -> dict[str, Any]:
-        """Builder kwargs without those that only matter in training (local pretrained-weight paths)."""
-        return {k: v for k, v in self.kwargs.items() if k not in TRAINING_ONLY_KWARGS}
+    def inference_kwargs(self, folder: str | None = None) -> dict[str, Any]:
+        """Builder kwargs without those that only matter in training (local pretrained-weight paths); relative
+        paths of files the model folder carries (`MODEL_FILE_KWARGS`) resolved against `folder` when given."""
+        out = {k: v for k, v in self.kwargs.items() if k not in TRAINING_ONLY_KWARGS}
+        for k in MODEL_FILE_KWARGS:
+            v = out.get(k)
+            if folder is not None and isinstance(v, str) and v and not os.path.isabs(v) and "://" not in v:
+                out[k] = os.path.join(folder, v)
+        return out
 
     def setting(self, key: str, default: Any = None) -> Any:
         """A field or task-specific setting by name (e.g. "input", "n_slices", "sampler")."""

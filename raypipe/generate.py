@@ -281,7 +281,8 @@ def load_diffx(model_dir: str | Path, device: str | torch.device = "cpu") -> tup
             raise RaypipeInputError("not a Diff-X model folder (needs model.pt and model_meta.json)", path=where)
         art = read_artifact(str(d))
         meta = art.as_dict()
-        model = build_model(art.builder, **art.inference_kwargs())
+        with storage.localize_files(where, art.files) as carried:  # e.g. the tokenizer of an SD fine-tune
+            model = build_model(art.builder, **art.inference_kwargs(carried))
         if not isinstance(model, DiffXModel):
             raise TypeError(f"{where}: builder {art.builder!r} is not a Diff-X model")
         model.load_state_dict(torch.load(d / "model.pt", map_location="cpu", weights_only=True))

@@ -1,8 +1,10 @@
 """Model registry: versioned, immutable model directories `REGISTRY/NAME/VERSION/`.
 
 A version holds `model.pt` (a state_dict, loaded with `weights_only=True`), `config.yaml`,
-`preprocess.yaml`, `metrics.json`, `card.md`, `model_meta.json` (builder name and kwargs) and
-`checksums.json` (sha256 of every file), so a corrupt or edited version is detected on load.
+`preprocess.yaml`, `metrics.json`, `card.md`, `model_meta.json` (builder name and kwargs), the further files
+the artifact lists in ``files`` (e.g. ``tokenizer/`` of a Stable Diffusion fine-tune, so the version loads
+without the SD directory) and `checksums.json` (sha256 of every file, by relative path), so a corrupt or
+edited version is detected on load.
 
 REGISTRY and the run folder may be local or `s3://` / `gs://` URIs. On a local disk a version is staged in a
 hidden folder and renamed into place. An object store has no rename: each file is one PUT and
@@ -78,7 +80,7 @@ class ModelVersion:
         from raypipe.models.registry import build_model
 
         art = self.artifact
-        model = build_model(art.builder, **art.inference_kwargs())
+        model = build_model(art.builder, **art.inference_kwargs(str(self.path)))
         model.load_state_dict(self.load_state_dict())
         return model.eval()
 
@@ -150,24 +152,47 @@ def publish(run_dir: str | Path, registry: str | Path, name: str, card_notes: st
     return load_version(reg, name, f"v{n}")
 
 
+def _carried_files(run: str, meta: dict[str, Any]) -> list[str]:
+    """The further files the model needs (the artifact's ``files``, e.g. a tokenizer), checked to lie inside the
+    run folder and to exist."""
+    out = []
+    for f in meta.get("files") or []:
+        parts = Path(str(f)).parts
+        if not parts or Path(str(f)).is_absolute() or ".." in parts or "://" in str(f):
+            raise RegistryError(f"model_meta.json files: {f!r} is not a path inside the run folder", path=run,
+                                field="files", value=f)
+        if not storage.is_file(storage.join(run, str(f))):
+            raise RegistryError(f"model_meta.json names {f!r}, which the run folder lacks", path=run, field="files",
+                                value=f)
+        out.append(Path(str(f)).as_posix())
+    return out
+
+
 def _stage_version(run: str, tmp: Path, name: str, meta: dict[str, Any], card_notes: str) -> None:
     """Fill a local staging folder with the run's files, defaults, the model card and checksums.json."""
     for f in REQUIRED_RUN_FILES + OPTIONAL_RUN_FILES:
         if storage.is_file(storage.join(run, f)):
             storage.download_tree(storage.join(run, f), tmp / f)
+    for f in _carried_files(run, meta):
+        storage.download_tree(storage.join(run, f), tmp / f)
     if not (tmp / "metrics.json").exists():
         (tmp / "metrics.json").write_text("{}\n")
     if not (tmp / "preprocess.yaml").exists():
         cfg = yaml.safe_load((tmp / "config.yaml").read_text()) or {}
         (tmp / "preprocess.yaml").write_text(yaml.safe_dump(cfg.get("preprocess", {}), sort_keys=False))
     (tmp / "card.md").write_text(_model_card(name, meta, tmp, run, card_notes))
-    sums = {f.name: _sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+    sums = {f.relative_to(tmp).as_posix(): _sha256(f) for f in _files(tmp)}
     (tmp / "checksums.json").write_text(json.dumps(sums, indent=2) + "\n")
+
+
+def _files(folder: Path) -> list[Path]:
+    """Every file under `folder` (subfolders included), sorted."""
+    return sorted(f for f in folder.rglob("*") if f.is_file())
 
 
 def _rename_version(tmp: Path, base: Path) -> int:
     """Local disk: make the staged folder read-only and claim the next number atomically (rename fails if taken)."""
-    for f in tmp.iterdir():
+    for f in _files(tmp):
         f.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
     while True:
         n = len(_version_folders(str(base))) + 1
@@ -185,9 +210,10 @@ def _upload_version(tmp: Path, base: str) -> int:
     folders = _version_folders(base)  # incomplete uploads included: a number is never reused
     n = int(_VERSION_RE.match(folders[-1]).group(1)) + 1 if folders else 1
     target = storage.join(base, f"v{n}")
-    for f in sorted(tmp.iterdir()):
-        if f.name != "checksums.json":
-            storage.atomic_write_bytes(storage.join(target, f.name), f.read_bytes())
+    for f in _files(tmp):
+        rel = f.relative_to(tmp).as_posix()
+        if rel != "checksums.json":
+            storage.atomic_write_bytes(storage.join(target, *rel.split("/")), f.read_bytes())
     if storage.exists(storage.join(target, "checksums.json")):
         raise RegistryError(f"another publish wrote version v{n} at the same time; publish again", path=target)
     storage.atomic_write_bytes(storage.join(target, "checksums.json"), (tmp / "checksums.json").read_bytes())

@@ -124,13 +124,22 @@ def test_fine_tune_sd_through_accelerate_in_the_ray_worker_with_accumulation(
     Evidence of the update count from the optimiser itself (AdamW's per-parameter ``step`` in the final
     checkpoint) and from the run's per-epoch columns; the accumulation window restarts with the LDM stage
     (without that, the VAE stage's leftover micro-batch would make the LDM stage step twice).
+    Then the fine-tuned model travels: published, its SD directory renamed away, loaded from the registry
+    (SD's tokenizer comes from the version's own copy) and generating.
     """
-    from raypipe.generate import load_diffx
+    import numpy as np
+    import pandas as pd
+
+    from raypipe.generate import generate_study, load_diffx, pipeline_from_dir
+    from raypipe.io.radiograph import read_radiograph
+    from raypipe.registry import load_version, publish
     from raypipe.train.common import read_checkpoint
     from raypipe.train.ldm import LDMTrainConfig, fit_ldm
 
     cohort = synthetic_cohort(tmp_path_factory.getbasetemp())
-    cfg = LDMTrainConfig(model="diffx", pretrained_sd=str(sd_dir[0]), vae_epochs=1, unet_epochs=1, batch_size=2,
+    own_sd = tmp_path / "tiny-sd"  # this test's copy: renamed away below, the module's fixture stays
+    shutil.copytree(sd_dir[0], own_sd)
+    cfg = LDMTrainConfig(model="diffx", pretrained_sd=str(own_sd), vae_epochs=1, unet_epochs=1, batch_size=2,
                          max_steps_per_epoch=3, gradient_accumulation_steps=2, cond_drop_prob=0.0, unet_lr=1e-3,
                          num_workers=1, torch_threads=1, seed=0, sampler={"steps": 4, "eta": 0.5})
     out = tmp_path / "run"
@@ -151,3 +160,25 @@ def test_fine_tune_sd_through_accelerate_in_the_ray_worker_with_accumulation(
     assert moved  # fine-tuned: the LDM weights left SD's
     frozen = sd_dir[1]["text_encoder"]
     assert all(torch.equal(v, frozen[k]) for k, v in model.text_encoder.state_dict().items())  # CLIP stays frozen
+
+    # the model folder carries SD's tokenizer, and its kwargs point at that copy, not at the SD directory
+    assert meta["kwargs"]["tokenizer_path"] == "tokenizer"
+    assert {"tokenizer/vocab.json", "tokenizer/merges.txt"} <= set(meta["files"])
+    assert (out / "tokenizer" / "vocab.json").read_bytes() == (own_sd / "tokenizer" / "vocab.json").read_bytes()
+    registry = tmp_path / "registry"
+    version = publish(out, registry, "ldm")
+    assert "tokenizer/merges.txt" in json.loads((version.path / "checksums.json").read_text())
+    own_sd.rename(tmp_path / "sd-gone")  # a machine without the SD directory
+    assert not any(str(own_sd) in json.dumps(v) for v in json.loads((version.path / "model_meta.json").read_text())["kwargs"].values()
+                   if isinstance(v, str))
+    loaded = load_version(registry, "ldm")
+    rebuilt = loaded.build()
+    prompt = "An image of 70 years old female"
+    assert rebuilt.tokenizer(prompt)["input_ids"] == model.tokenizer(prompt)["input_ids"]
+    pipe = pipeline_from_dir(loaded.path, "cpu", steps=2, injection_layer=3)  # the tiny UNet has 4 decoder layers
+    first = pd.read_csv(cohort).iloc[0]
+    pixels = read_radiograph(cohort.parent / first["image_path"]).pixels
+    rec = generate_study(pipe, pixels, 70.0, "F", [1.0], [0, 1], tmp_path / "gen")
+    images = sorted((tmp_path / "gen").glob("*.png"))
+    assert rec["prompts"]["1"] == "An image of 71 years old female" and len(images) == 2
+    assert all(np.isfinite(read_radiograph(str(p)).pixels).all() for p in images)

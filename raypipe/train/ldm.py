@@ -21,7 +21,9 @@ Reads top to bottom:
    factor (1 / SD of the training latents) is measured once after the VAE stage.
 5. `fit_ldm` on the driver: manifest -> Ray Data (radiographs read and resized on the fly) -> train ->
    model.pt (flat state_dict: vae., structure_unet., prompt_unet., text_encoder.; EMA weights),
-   model_meta.json (builder + kwargs + sampler settings), config.yaml, metrics.csv, metrics.json.
+   model_meta.json (builder + kwargs + sampler settings), config.yaml, metrics.csv, metrics.json; from a
+   Stable Diffusion directory also ``tokenizer/`` (SD's CLIP tokenizer files), so the folder and its published
+   versions load without that directory (the text encoder's architecture is in the kwargs, its weights in model.pt).
 """
 from __future__ import annotations
 
@@ -637,7 +639,8 @@ def fit_ldm(config: LDMTrainConfig, data: str, out_dir: str, callbacks: Sequence
 
 
 def write_model_dir(cfg: LDMTrainConfig, payload: Mapping[str, Any], out: str) -> None:
-    """model.pt (EMA LDM weights when kept), model_meta.json, config.yaml, metrics.csv, metrics.json."""
+    """model.pt (EMA LDM weights when kept), model_meta.json, config.yaml, metrics.csv, metrics.json; with a
+    Stable Diffusion directory also its tokenizer in ``tokenizer/`` (the artifact's ``files``)."""
     from raypipe import storage
     from raypipe.artifact import RunArtifact
     from raypipe.config import config_hash
@@ -654,8 +657,14 @@ def write_model_dir(cfg: LDMTrainConfig, payload: Mapping[str, Any], out: str) -
             p.data.copy_(shadow)
         weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     history = state.get("history", [])
+    kwargs, files = model_kwargs(cfg), []
+    if cfg.sd_directory is not None:  # the folder carries SD's tokenizer: it loads without the SD directory
+        from raypipe.models.ldm.stable_diffusion import BUNDLED_TOKENIZER, bundle_tokenizer
+
+        files = bundle_tokenizer(cfg.sd_directory, out)
+        kwargs["tokenizer_path"] = BUNDLED_TOKENIZER
     artifact = RunArtifact(
-        builder=cfg.model, kwargs=model_kwargs(cfg), task="ldm", train_task="ldm", display_name=cfg.name,
+        builder=cfg.model, kwargs=kwargs, files=files, task="ldm", train_task="ldm", display_name=cfg.name,
         preprocess={"ldm_size": image_size(cfg), "intensity": "min-max, padded square, [-1, 1]"},
         config_hash=config_hash(cfg), epochs_run=int(state.get("epoch", 0)), sampler=dict(cfg.sampler),
         latent_scale=float(weights["vae.latent_scale"]), ema=bool(cfg.use_ema and ema), image_size=image_size(cfg),

@@ -17,7 +17,10 @@ How the weights enter `DiffXModel` (`load_stable_diffusion`):
 - text encoder and tokenizer: SD's CLIP, frozen during fine-tuning as in SD.
 
 The architectures come from the directory's ``config.json`` files (`diffx_kwargs_from_sd`), so the run
-artifact can rebuild the model without the weights; the tokenizer is read from the directory at build time.
+artifact can rebuild the model without the weights. The tokenizer is read from the directory while training;
+the trained model folder carries its own copy (`bundle_tokenizer`: ``tokenizer/`` beside ``model.pt``, the
+kwarg ``tokenizer_path: tokenizer`` relative to that folder), so a published model loads and generates on a
+machine without the SD directory.
 """
 from __future__ import annotations
 
@@ -30,8 +33,10 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "BUNDLED_TOKENIZER",
     "SD_SUBFOLDERS",
     "SDLoadReport",
+    "bundle_tokenizer",
     "check_sd_directory",
     "diffx_kwargs_from_sd",
     "grey_decoder_output",
@@ -48,6 +53,8 @@ SD_SUBFOLDERS: dict[str, tuple[str, ...]] = {
     "text_encoder": ("config.json",),
     "tokenizer": ("vocab.json", "merges.txt"),
 }
+#: the tokenizer's folder inside a trained model folder (relative, resolved against the folder when loading)
+BUNDLED_TOKENIZER = "tokenizer"
 _WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", "model.safetensors",
                  "pytorch_model.bin")
 _PRIVATE_KEYS = ("_class_name", "_diffusers_version", "_name_or_path", "architectures", "transformers_version",
@@ -113,6 +120,18 @@ def diffx_kwargs_from_sd(path: str | Path) -> dict[str, Any]:
         "tokenizer_path": str((root / "tokenizer").resolve()),
         "max_length": int(text.get("max_position_embeddings", 77)),
     }
+
+
+def bundle_tokenizer(sd_dir: str | Path, model_dir: str) -> list[str]:
+    """Copy the SD directory's tokenizer files into ``model_dir/tokenizer/``; returns their paths relative to
+    `model_dir` (the run artifact's ``files``). `model_dir` may be local or an object-store URI."""
+    from raypipe import storage
+
+    source = check_sd_directory(sd_dir) / "tokenizer"
+    names = sorted(f.name for f in source.iterdir() if f.is_file())
+    for name in names:
+        storage.atomic_write_bytes(storage.join(model_dir, BUNDLED_TOKENIZER, name), (source / name).read_bytes())
+    return [f"{BUNDLED_TOKENIZER}/{name}" for name in names]
 
 
 def widen_input_channels(weight: Tensor, extra: int) -> Tensor:
