@@ -243,7 +243,8 @@ def _cmd_generate_batch(a: argparse.Namespace) -> int:
 
     return generate_cohort_cli(require_path(a.data, "--data"), require_path(a.model, "--model"), a.out,
                                require_path(a.pvf, "--pvf") if a.pvf else None, a.config,
-                               overrides=_overrides(a, key="gpus_per_replica"))
+                               overrides=_overrides(a, key="gpus_per_replica"),
+                               age_dir=require_path(a.age_model, "--age-model") if a.age_model else None)
 
 
 def _cmd_publish(a: argparse.Namespace) -> int:
@@ -403,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, help="cohort manifest with XR rows (age, sex, follow-up)")
     s.add_argument("--model", required=True, help="`raypipe train ldm` output or registry version folder")
     s.add_argument("--pvf", default=None, help="`raypipe train pvf` output or registry version folder")
+    s.add_argument("--age-model", default=None,
+                   help="`raypipe train age` output or registry version: predicts each generated image's age "
+                        "(age_predictions.parquet, age_regression in diffx_metrics.json)")
     s.add_argument("--out", required=True, help="output folder (predictions.parquet, diffx_metrics.json, images)")
     s.add_argument("--config", default=None, help="generation YAML (jobs/configs/generate.yaml)")
     _add_set(s)
@@ -449,7 +453,7 @@ def _resolve_storage(args: argparse.Namespace) -> None:
 
     if not storage_root():
         return
-    inputs = ["data", "manifest", "run_dir", "registry", "pvf", "image"]
+    inputs = ["data", "manifest", "run_dir", "registry", "pvf", "age_model", "image"]
     if args.command in ("generate", "generate-batch"):  # elsewhere MODEL is a task name, not a path
         inputs.append("model")
     for name in inputs:

@@ -771,7 +771,8 @@ DIFFX_MODEL = "diffx"
 def diffx_numbers(df: pd.DataFrame) -> dict[str, Any]:
     """The thesis's Diff-X analyses of the ``diffx`` rows (one per participant) from `raypipe.metrics.diffx`:
     Table 4, Table 5, pairwise log-rank, CoxPH and DeepSurv fracture-score models (fitted in the rows' CV
-    folds when they carry a ``fold`` column); a block that cannot be computed holds its error."""
+    folds when they carry a ``fold`` column), and the age check of the generated images when the prediction
+    file's metadata carries it (``age_regression``); a block that cannot be computed holds its error."""
     from raypipe.metrics.diffx import fracture_score_models, pairwise_logrank, table4, table5
 
     if "model" not in df.columns or "bpvf" not in df.columns:
@@ -793,4 +794,9 @@ def diffx_numbers(df: pd.DataFrame) -> dict[str, Any]:
             out[key] = compute()
         except (ValueError, ArithmeticError, np.linalg.LinAlgError) as exc:  # a small cohort must not break the report
             out[key] = exc
+    sources = df.attrs.get("sources", {})
+    files = rows["source_file"].unique() if "source_file" in rows.columns else []
+    checks = [sources.get(f, {}).get("age_regression") for f in files]
+    if any(checks):  # computed by generate-batch --age-model over every generated image; carried in the metadata
+        out["age_regression"] = next(c for c in checks if c)
     return out

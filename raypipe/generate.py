@@ -388,8 +388,13 @@ def generate_study(
     pvf: Any = None,
     clinical: Mapping[str, Any] | None = None,
     write_images: bool = True,
+    age_model: Any = None,
 ) -> dict[str, Any]:
-    """Generate one patient's future images; write PNGs + generation.json into `out_dir` (when given)."""
+    """Generate one patient's future images; write PNGs + generation.json into `out_dir` (when given).
+
+    With `age_model` (`raypipe.scoring.pvf.AgeScorer`) every generated image also gets its predicted age:
+    ``age_check`` = {year: {"prompt_age", "predicted": [per seed]}} (the thesis's age check, Methods 8).
+    """
     from raypipe.io.radiograph import write_radiograph_png
     from raypipe.preprocess.pvf import crop_ldm_content, from_ldm_output, ldm_input
 
@@ -428,6 +433,11 @@ def generate_study(
         flat = pvf([grey[i][j] for i in range(len(years)) for j in range(len(seeds))]).reshape(len(years), len(seeds))
         record.update(aggregate_scores(bpvf, {y: flat[i] for i, y in enumerate(years)}, s.low_threshold,
                                        s.high_threshold, rule=s.gpvf_rule, horizon_years=s.gpvf_horizon_years))
+    if age_model is not None:
+        flat_age = age_model([grey[i][j] for i in range(len(years)) for j in range(len(seeds))])
+        record["age_check"] = {f"{y:g}": {"prompt_age": float(age) + y,
+                                         "predicted": flat_age[i * len(seeds):(i + 1) * len(seeds)].tolist()}
+                               for i, y in enumerate(years)}
     if out is not None:
         storage.makedirs(out)
         storage.atomic_write_json(storage.join(out, "generation.json"), record)

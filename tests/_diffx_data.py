@@ -58,3 +58,13 @@ def save_pvf_dir(out: Path, seed: int = 0, size: tuple[int, int] = (128, 64)) ->
             "preprocess": {"size": list(size), "clip_limit": 0.01, "tiles": [4, 4], "mean": 0.5, "std": 0.25}}
     (out / "model_meta.json").write_text(json.dumps(meta))
     return out
+
+
+def save_age_dir(out: Path, seed: int = 1, size: tuple[int, int] = (128, 64), mean: float = 70.0,
+                 sd: float = 8.0) -> Path:
+    """An untrained tiny age-regressor folder as `raypipe train age` writes it (task age, target_scale)."""
+    save_pvf_dir(out, seed=seed, size=size)
+    meta = json.loads((out / "model_meta.json").read_text())
+    meta.update({"task": "age", "target_scale": {"mean": mean, "sd": sd}, "labels": ["age"]})
+    (out / "model_meta.json").write_text(json.dumps(meta))
+    return out

@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 import torch
 
-from _diffx_data import save_diffx_dir, save_pvf_dir, synthetic_cohort
+from _diffx_data import save_age_dir, save_diffx_dir, save_pvf_dir, synthetic_cohort
 from raypipe.generate import aggregate_scores, future_prompts
+from raypipe.metrics.diffx import age_regression
 
 
 def test_aggregation_matches_hand_computation() -> None:
@@ -105,7 +106,8 @@ def test_batch_pipeline_then_evaluate(ray_session: None, folders: tuple[Path, Pa
     cfg = GenerateJobConfig(years=[1, 10], seeds=2, steps=3, include_last_followup=False, write_images=False,
                             n_boot=20, image_quality=True)
     with caplog.at_level("INFO", logger="raypipe.data.generate_pipeline"):
-        res = generate_cohort(str(manifest), str(ldm), str(tmp_path / "batch"), str(pvf), cfg)
+        res = generate_cohort(str(manifest), str(ldm), str(tmp_path / "batch"), str(pvf), cfg,
+                              age_dir=str(save_age_dir(tmp_path / "age")))
     n = len(pd.read_csv(manifest))
     assert res["studies"] == n
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Diff-X: ")]
@@ -136,9 +138,20 @@ def test_batch_pipeline_then_evaluate(ray_session: None, folders: tuple[Path, Pa
     for sid, followed_row in zip(table["study_id"].astype(str), half):  # the follow-up year is generated too
         rec = json.loads((tmp_path / "batch" / "studies" / sid / "generation.json").read_text())
         assert ("2" in rec["gpvf_by_year"]) == bool(followed_row), (sid, list(rec["gpvf_by_year"]))
+    # the age check: every generated image (studies x 2 years x 2 seeds, + the follow-up year of half the
+    # studies) has its predicted and prompted age
+    images = pd.read_parquet(tmp_path / "batch" / "age_predictions.parquet")
+    assert len(images) == n * 2 * 2 + (n // 2) * 2 and set(images["year"]) == {1.0, 2.0, 10.0}
+    ages = table.assign(study_id=table["study_id"].astype(str)).set_index("study_id")["age"]
+    assert np.allclose(images["prompt_age"], images["study_id"].map(ages) + images["year"])
+    expected = age_regression(images["prompt_age"], images["predicted_age"])
+    check = metrics["age_regression"]
+    assert check["n"] == len(images) and check["r_squared"] == pytest.approx(expected.r_squared)
+    assert check["mae"] == pytest.approx(expected.mae) and check["images"] == len(images)
     report = evaluate(res["predictions"], tmp_path / "eval", n_boot=20)
     assert "diffx" in report["models"]
-    assert (tmp_path / "eval" / "report.html").exists()
+    html = (tmp_path / "eval" / "report.html").read_text()
+    assert "predicted vs prompted age" in html and f"{expected.r_squared:.3f}" in html
 
 
 def test_participant_aggregation_takes_the_maximum_over_baseline_images() -> None:

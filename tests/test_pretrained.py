@@ -147,6 +147,7 @@ def test_load_pretrained_non_strict_reports_nothing_and_loads_the_overlap(tmp_pa
     ("keypoints.yaml", "raypipe.train.xray_config:KeypointTrainConfig", "weights/hrnet_w32_ms_in1k.safetensors"),
     ("xray_deepsurv.yaml", "raypipe.train.xray_config:DeepSurvConfig", "weights/resnet18_imagenet1k_v1.pth"),
     ("pvf.yaml", "raypipe.train.pvf:PVFTrainConfig", "weights/efficientnet_b4_imagenet1k_v1.pth"),
+    ("age.yaml", "raypipe.train.age:AgeRegressorConfig", "weights/efficientnet_b4_imagenet1k_v1.pth"),
 ])
 def test_paper_configs_refuse_to_start_without_their_weight_file(tmp_path, monkeypatch, name, cls_path, weights):
     """Paper configs name their ImageNet file; absent, they fail naming it; present, they load; none is explicit."""
@@ -174,6 +175,7 @@ def test_paper_configs_refuse_to_start_without_their_weight_file(tmp_path, monke
     ("keypoints_tiny.yaml", "raypipe.train.xray_config:KeypointTrainConfig"),
     ("xray_deepsurv_tiny.yaml", "raypipe.train.xray_config:DeepSurvConfig"),
     ("pvf_tiny.yaml", "raypipe.train.pvf:PVFTrainConfig"),
+    ("age_tiny.yaml", "raypipe.train.age:AgeRegressorConfig"),
 ])
 def test_tiny_configs_state_pretrained_none(name, cls_path):
     """The smoke configs say explicitly that they start from random initialisation."""

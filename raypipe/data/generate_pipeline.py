@@ -26,11 +26,17 @@ one ``generation.json`` per study under ``OUT/studies/<study_id>/``. Then:
   and, for studies whose manifest row has a real follow-up radiograph (``followup_image_path`` taken
   ``followup_years`` after baseline), Bland-Altman agreement and Pearson correlation between pVF on the
   real follow-up and the mean GpVF generated for that year.
+- with an age regressor (``--age-model``, `raypipe train age`), the thesis's age check (Methods 8, Results 2):
+  ``OUT/age_predictions.parquet`` (one row per generated image: prompt age = baseline age + years, predicted
+  age) and ``age_regression`` in diffx_metrics.json (R-square, Pearson r, slope, intercept, MAE of predicted
+  on prompted age; `raypipe.metrics.diffx.age_regression`), also carried in predictions.parquet's metadata
+  so `raypipe evaluate` reports it.
 Every metric block records an ``error`` instead of failing when the cohort cannot support it (e.g.
 one group only, no events).
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -88,11 +94,12 @@ class GenerateJobConfig(StrictModel):
 class DiffXGenerator:
     """Ray Data callable class: holds one Diff-X pipeline (+ pVF scorer) and generates per study."""
 
-    def __init__(self, model_dir: str, pvf_dir: str | None, out_dir: str, config: dict[str, Any]) -> None:
+    def __init__(self, model_dir: str, pvf_dir: str | None, out_dir: str, config: dict[str, Any],
+                 age_dir: str | None = None) -> None:
         import torch
 
         from raypipe.generate import pipeline_from_dir
-        from raypipe.scoring.pvf import load_pvf
+        from raypipe.scoring.pvf import load_age_regressor, load_pvf
 
         self.cfg = GenerateJobConfig.model_validate(config)
         if self.cfg.use_gpu and not torch.cuda.is_available():
@@ -107,6 +114,7 @@ class DiffXGenerator:
             raise ValueError(f"clinical_prompts: {wanted} but the model {model_dir} was trained with clinical_prompts: "
                              f"{self.pipe.clinical_prompts}; the generation prompt must be the training prompt")
         self.pvf = load_pvf(pvf_dir, device) if pvf_dir else None
+        self.age = load_age_regressor(age_dir, device) if age_dir else None
         self.out_dir = out_dir
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -128,9 +136,11 @@ class DiffXGenerator:
             seeds = list(range(self.cfg.seeds))
             rec = generate_study(self.pipe, pixels, float(r["age"]), str(r["sex"]), years, seeds,
                                  storage.join(self.out_dir, "studies", str(r["study_id"])), self.pvf, clinical,
-                                 self.cfg.write_images)
+                                 self.cfg.write_images, age_model=self.age)
             row = {"study_id": str(r["study_id"]), "bpvf": rec.get("bpvf"), "gpvf": rec.get("gpvf"),
                    "gpvf_sd": rec.get("uncertainty"), "gpvf_year": rec.get("gpvf_year"), "group": rec.get("group")}
+            if "age_check" in rec:
+                row["age_check"] = json.dumps(rec["age_check"])
             if followup is not None and self.pvf is not None:
                 real = read_radiograph(followup[0]).pixels.astype(np.float32)
                 row["followup_years"] = followup[1]
@@ -141,6 +151,23 @@ class DiffXGenerator:
                     self.pipe, pixels, float(r["age"]), str(r["sex"]), seeds, clinical).items()})
             rows.append(row)
         return pd.DataFrame(rows)
+
+
+def age_check_rows(table: pd.DataFrame, scored: pd.DataFrame) -> pd.DataFrame:
+    """One row per generated image: patient_id, study_id, year, seed, prompt_age, predicted_age (from each
+    study's ``age_check``)."""
+    pids = table.assign(study_id=table["study_id"].astype(str)).set_index("study_id")["patient_id"].astype(str)
+    rows = []
+    for sid, check in zip(scored["study_id"].astype(str), scored.get("age_check", pd.Series(dtype=object))):
+        if not isinstance(check, str):
+            continue
+        for year, entry in json.loads(check).items():
+            for seed, predicted in enumerate(entry["predicted"]):
+                rows.append({"patient_id": pids.get(sid, sid), "study_id": sid, "year": float(year), "seed": seed,
+                             "prompt_age": float(entry["prompt_age"]), "predicted_age": float(predicted)})
+    if not rows:
+        raise ValueError("the age model scored no generated image")
+    return pd.DataFrame(rows)
 
 
 def _collect_with_progress(ds: Any, total: int) -> pd.DataFrame:
@@ -176,8 +203,11 @@ def _followup(row: dict[str, Any]) -> tuple[str, float] | None:
 
 
 def generate_cohort(manifest: str, model_dir: str, out_dir: str, pvf_dir: str | None = None,
-                    config: GenerateJobConfig | None = None) -> dict[str, Any]:
-    """Generate for every XR study of `manifest`; write studies/, predictions.parquet and diffx_metrics.json."""
+                    config: GenerateJobConfig | None = None, age_dir: str | None = None) -> dict[str, Any]:
+    """Generate for every XR study of `manifest`; write studies/, predictions.parquet and diffx_metrics.json.
+
+    With `age_dir` (a `raypipe train age` run or registry version) every generated image's age is predicted:
+    ``age_predictions.parquet`` (one row per image) and the ``age_regression`` block of diffx_metrics.json."""
     import ray
     import ray.data
 
@@ -209,12 +239,25 @@ def generate_cohort(manifest: str, model_dir: str, out_dir: str, pvf_dir: str | 
     ds = ray.data.from_pandas(table[cols]).map_batches(
         DiffXGenerator, fn_constructor_kwargs={"model_dir": storage.absolute(model_dir),
                                                "pvf_dir": storage.absolute(pvf_dir) if pvf_dir else None,
-                                               "out_dir": out, "config": cfg.model_dump(mode="json")},
+                                               "out_dir": out, "config": cfg.model_dump(mode="json"),
+                                               "age_dir": storage.absolute(age_dir) if age_dir else None},
         batch_size=1, batch_format="pandas", concurrency=concurrency, **resources)
     scored = _collect_with_progress(ds, len(table))
     log.info("generated for %d studies (%s)", len(scored), device_line)
+    age_block: dict[str, Any] | None = None
+    if age_dir is not None:
+        from raypipe.metrics.diffx import age_regression
+
+        images = age_check_rows(table, scored)
+        storage.atomic_write_parquet(images, storage.join(out, "age_predictions.parquet"))
+        age_block = {**_guard(lambda: vars(age_regression(images["prompt_age"], images["predicted_age"]))),
+                     "age_model": storage.absolute(age_dir), "images": int(len(images))}
+        log.info("age check of %d generated images: %s", len(images), age_block)
     if pvf_dir is None:
-        return {"studies": len(scored), "predictions": None, "metrics": None}
+        metrics = None if age_block is None else {"age_regression": age_block}
+        if metrics is not None:
+            storage.atomic_write_json(storage.join(out, "diffx_metrics.json"), metrics)
+        return {"studies": len(scored), "predictions": None, "metrics": metrics}
 
     base = table.assign(study_id=table["study_id"].astype(str)).merge(scored, on="study_id", validate="one_to_one")
     keep = ["patient_id", "study_id", *[c for c in ("time_days", "event") if c in base.columns],
@@ -229,9 +272,10 @@ def generate_cohort(manifest: str, model_dir: str, out_dir: str, pvf_dir: str | 
     storage.atomic_write_parquet(studies, storage.join(out, "studies.parquet"))
     frame = aggregate_participants(studies, cfg.low_threshold, cfg.high_threshold)
     pred_path = storage.join(out, "predictions.parquet")
+    extra = {} if age_block is None else {"age_regression": age_block}  # `raypipe evaluate` reports it
     write_predictions(frame, pred_path, {"model": MODEL_NAME, "model_dir": storage.absolute(model_dir),
-                                         "pvf_dir": storage.absolute(pvf_dir), **cfg.model_dump(mode="json")})
-    metrics = diffx_metrics(frame, cfg)
+                                         "pvf_dir": storage.absolute(pvf_dir), **cfg.model_dump(mode="json"), **extra})
+    metrics = {**diffx_metrics(frame, cfg), **extra}
     storage.atomic_write_json(storage.join(out, "diffx_metrics.json"), metrics)
     return {"studies": len(scored), "predictions": pred_path, "metrics": metrics}
 
@@ -382,13 +426,13 @@ def followup_agreement(frame: pd.DataFrame) -> dict[str, Any]:
 
 
 def generate_cohort_cli(manifest: str, model_dir: str, out_dir: str, pvf_dir: str | None, config_path: str | None,
-                        overrides: dict[str, Any] | None = None) -> int:
+                        overrides: dict[str, Any] | None = None, age_dir: str | None = None) -> int:
     """`raypipe generate-batch` (and jobs/generate.py): init Ray, run `generate_cohort`, log where things went."""
     from raypipe.config import load_config
     from raypipe.ray_utils import init_ray
 
     cfg = load_config(GenerateJobConfig, config_path, overrides)
     init_ray()
-    res = generate_cohort(manifest, model_dir, out_dir, pvf_dir, cfg)
+    res = generate_cohort(manifest, model_dir, out_dir, pvf_dir, cfg, age_dir=age_dir)
     log.info("%d studies; predictions %s", res["studies"], res["predictions"])
     return 0

@@ -3,7 +3,8 @@
 Table 4 (risk groups alone, model 1 = + age, sex, BMI, model 2 = + FRAX per SD; C-index and LR chi-square),
 Table 5 (BpVF and GpVF per 0.1 point, univariable and the score-based / clinical models), the pairwise
 log-rank tests of the risk groups and the cross-validated CoxPH (Figure 18) and DeepSurv (Figure 17)
-fracture-score models (td-AUROC at 1, 5 and 10 years and the mean). `raypipe.evaluate.diffx_numbers` computes them (`raypipe.metrics.diffx`); this
+fracture-score models (td-AUROC at 1, 5 and 10 years and the mean), and the age check of the generated images
+(an age regressor's predicted vs prompted age, when generation ran with ``--age-model``). `raypipe.evaluate.diffx_numbers` computes them (`raypipe.metrics.diffx`); this
 module only lays them out.
 """
 from __future__ import annotations
@@ -49,6 +50,7 @@ TITLES = {
     "logrank": "Diff-X: pairwise log-rank tests of the risk groups",
     "score_models": "Diff-X (thesis Figure 18): fracture-score CoxPH models, td-AUROC (IPCW)",
     "score_models_deepsurv": "Diff-X (thesis Figure 17): fracture-score DeepSurv models, td-AUROC (IPCW)",
+    "age_regression": "Diff-X (thesis Results 2): age regressor's predicted vs prompted age of generated images",
 }
 _MODEL_NAMES = {"fracture_scores": "1) Fracture scores (BpVF + GpVF)",
                 "fracture_scores_clinical": "2) Fracture scores + age, sex, BMI",
@@ -73,6 +75,8 @@ def layout_diffx_tables(numbers: Mapping[str, Any]) -> list[XrayTable]:
         elif key == "table5":
             out.append(_cox_table(title, value, {"bpvf_risk_group": "Baseline pVF risk group",
                                                  "score_based": "Score-based model", "clinical": "Clinical model"}))
+        elif key == "age_regression":
+            out.append(_age_table(title, value))
         elif key == "logrank":
             out.append(XrayTable(title, ("Groups", "Chi-square", "P", "P (Bonferroni)"),
                                  tuple((f"{p.a} vs {p.b}", f"{p.statistic:.2f}", fmt_p(p.p_value),
@@ -94,3 +98,15 @@ def _score_models(title: str, fsm: Mapping[str, Any]) -> XrayTable:
         f"out-of-fold {kind} (folds: {fsm.get('fold_source', 'random by participant')}); td-AUROC is the cumulative/"
         "dynamic AUROC with inverse probability of censoring weights, its mean weighted by the Kaplan-Meier "
         "estimate; horizons outside follow-up are nan")
+
+
+def _age_table(title: str, age: Mapping[str, Any]) -> XrayTable:
+    """The age check: images, R-square, Pearson r, fit line and MAE (or why it was not computed)."""
+    if age.get("error"):
+        return XrayTable(title, ("Not computed",), ((str(age["error"]),),))
+    return XrayTable(
+        title, ("Generated images", "R-square", "Pearson r", "Slope", "Intercept", "MAE (years)"),
+        ((str(age["n"]), f"{age['r_squared']:.3f}", f"{age['pearson_r']:.3f}", f"{age['slope']:.3f}",
+          f"{age['intercept']:.2f}", f"{age['mae']:.2f}"),),
+        "prompt age = baseline age + years of the prompt; least-squares line of predicted on prompted age "
+        "(thesis: R-square 0.841)")

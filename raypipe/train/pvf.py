@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -165,7 +166,8 @@ def dataset_for(data: str, kind: str, table: pd.DataFrame, ids: list[str], cfg: 
     return subset_studies(ds, ids).map_batches(fn, batch_format="pandas", batch_size=8)
 
 
-def _batches(ds_or_shard: Any, batch_size: int, seed: int | None = None) -> Any:
+def input_batches(ds_or_shard: Any, batch_size: int, seed: int | None = None) -> Any:
+    """(x, y, study ids) torch batches of a `dataset_for` dataset or its Ray Train shard; locally shuffled with `seed`."""
     kw = {"local_shuffle_buffer_size": 64, "local_shuffle_seed": seed} if seed is not None else {}
     for b in ds_or_shard.iter_batches(batch_size=batch_size, batch_format="numpy", **kw):
         yield torch.from_numpy(np.asarray(b["x"], np.float32)), torch.from_numpy(np.asarray(b["y"], np.float32)), \
@@ -259,7 +261,7 @@ class PVFWorkerTask(WorkerTask):
     def train_batches(self, epoch: int, batch_size: int) -> Any:
         import ray.train
 
-        return _batches(ray.train.get_dataset_shard("train"), batch_size, self.cfg.seed + epoch)
+        return input_batches(ray.train.get_dataset_shard("train"), batch_size, self.cfg.seed + epoch)
 
     def train_step(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, int]:
         x, y, _ = batch
@@ -269,14 +271,18 @@ class PVFWorkerTask(WorkerTask):
         if self.setup.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(self.setup):
-            logits = model(x)
-        return weighted_bce(logits, y, self.pos_weight), len(y)
+            out = model(x)
+        return self.loss(out, y), len(y)
+
+    def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Class-weighted BCE of the logits (the age regressor overrides this with its regression loss)."""
+        return weighted_bce(out, y, self.pos_weight)
 
     def end_epoch(self, model: nn.Module, epoch: int, batch_size: int) -> None:
         import ray.train
 
         if self.cfg.bn_recalibration_batches:
-            recalibrate_batchnorm(model, (x.to(self.setup.device) for x, _, _ in _batches(
+            recalibrate_batchnorm(model, (x.to(self.setup.device) for x, _, _ in input_batches(
                 ray.train.get_dataset_shard("train"), batch_size)), self.cfg.bn_recalibration_batches)
 
     def validate(self, model: nn.Module) -> dict[str, float]:
@@ -295,7 +301,7 @@ def _validate(cfg: PVFTrainConfig, model: nn.Module, setup: Any) -> dict[str, fl
 
     model.eval()
     logits, labels, total, n = [], [], 0.0, 0
-    for x, y, _ in _batches(ray.train.get_dataset_shard("val"), cfg.eval_batch_size):
+    for x, y, _ in input_batches(ray.train.get_dataset_shard("val"), cfg.eval_batch_size):
         with autocast(setup):
             out = model(x.to(setup.device)).float().cpu()
         total, n = total + float(masked_bce(out, y)) * len(y), n + len(y)
@@ -307,16 +313,11 @@ def _validate(cfg: PVFTrainConfig, model: nn.Module, setup: Any) -> dict[str, fl
 
 
 # ---------------------------------------------------------------------------------------------- driver
-def fit_pvf(config: PVFTrainConfig, data: str, out_dir: str, callbacks: Sequence[Any] = ()) -> Any:
-    """Train the pVF classifier on `data` (manifest or shard folder); write the run folder into `out_dir`."""
-    from raypipe import storage
+def split_studies(cfg: PVFTrainConfig, data: str) -> tuple[pd.DataFrame, str, pd.Series, list[str], list[str]]:
+    """(table, data kind, role per study, labelled training study ids, validation study ids) of `data`, split
+    by patient; a clear error when the label column is absent or a side is empty."""
     from raypipe.data.splits import split_by_patient
-    from raypipe.train.common import make_trainer
 
-    cfg = config
-    out = str(out_dir) if storage.is_uri(out_dir) else os.path.abspath(out_dir)
-    storage.makedirs(out)
-    storage_path = cfg.storage_path or storage.join(out, "ray_results")
     table, kind = read_table(data)
     if cfg.label not in table.columns:
         raise ValueError(f"{data}: no {cfg.label!r} column to train on")
@@ -326,23 +327,57 @@ def fit_pvf(config: PVFTrainConfig, data: str, out_dir: str, callbacks: Sequence
     val_ids = table.loc[(role == "val").to_numpy(), "study_id"].astype(str).tolist()
     if not train_ids or not val_ids:
         raise ValueError(f"need training and validation studies, got {len(train_ids)} and {len(val_ids)}")
-    y_train = pd.to_numeric(table.set_index("study_id").loc[train_ids, cfg.label], errors="coerce")
-    n_pos = float((y_train > 0.5).sum())
-    pos_weight = cfg.pos_weight or (float(len(y_train) - n_pos) / n_pos if n_pos > 0 else 1.0)
-    log.info("pvf: %d train, %d val studies; %d positives in train (pos_weight %.2f)", len(train_ids), len(val_ids),
-             int(n_pos), pos_weight)
+    return table, kind, role, train_ids, val_ids
+
+
+@dataclass(frozen=True)
+class FittedRun:
+    """A finished Ray Train run of a pVF-family network with the data split it was trained on."""
+
+    result: Any
+    out: str
+    table: pd.DataFrame
+    kind: str
+    role: pd.Series
+    settings: dict[str, Any]
+
+
+def fit_network(cfg: PVFTrainConfig, data: str, out_dir: str, callbacks: Sequence[Any], train_loop: Callable[[dict], None],
+                settings: Callable[[pd.Series], dict[str, Any]]) -> FittedRun:
+    """The driver the pVF-family tasks share: split by patient, build the Ray datasets, train `train_loop` on Ray
+    Train with the loop settings `settings(training labels)` returns (e.g. pos_weight, the age scale)."""
+    from raypipe import storage
+    from raypipe.train.common import make_trainer
+
+    out = str(out_dir) if storage.is_uri(out_dir) else os.path.abspath(out_dir)
+    storage.makedirs(out)
+    storage_path = cfg.storage_path or storage.join(out, "ray_results")
+    table, kind, role, train_ids, val_ids = split_studies(cfg, data)
+    extra = settings(pd.to_numeric(table.set_index("study_id").loc[train_ids, cfg.label], errors="coerce"))
+    log.info("%s: %d train, %d val studies; %s", cfg.name, len(train_ids), len(val_ids), extra)
     run_dir = storage.join(storage_path, cfg.run_name)
     trainer = make_trainer(
-        train_loop_pvf, {"config": cfg.model_dump(mode="json"), "pos_weight": pos_weight,
-                         "metrics_csv": storage.join(run_dir, "metrics.csv")},
+        train_loop, {"config": cfg.model_dump(mode="json"), **extra, "metrics_csv": storage.join(run_dir, "metrics.csv")},
         {"train": dataset_for(data, kind, table, train_ids, cfg), "val": dataset_for(data, kind, table, val_ids, cfg)},
         run=cfg, storage_path=storage_path, callbacks=callbacks, score_attribute=CHECKPOINT_SCORE,
     )
     result = trainer.fit()
     if result.error is not None:
         raise result.error
-    _write_outputs(cfg, result, data, kind, table, role, out)
-    return result
+    return FittedRun(result, out, table, kind, role, extra)
+
+
+def fit_pvf(config: PVFTrainConfig, data: str, out_dir: str, callbacks: Sequence[Any] = ()) -> Any:
+    """Train the pVF classifier on `data` (manifest or shard folder); write the run folder into `out_dir`."""
+
+    def class_weight(y_train: pd.Series) -> dict[str, Any]:
+        n_pos = float((y_train > 0.5).sum())
+        return {"pos_weight": config.pos_weight or (float(len(y_train) - n_pos) / n_pos if n_pos > 0 else 1.0),
+                "train_positives": int(n_pos)}
+
+    run = fit_network(config, data, out_dir, callbacks, train_loop_pvf, class_weight)
+    _write_outputs(config, run.result, data, run.kind, run.table, run.role, run.out)
+    return run.result
 
 
 def _write_outputs(cfg: PVFTrainConfig, result: Any, data: str, kind: str, table: pd.DataFrame, role: pd.Series,
@@ -385,7 +420,7 @@ def _write_outputs(cfg: PVFTrainConfig, result: Any, data: str, kind: str, table
 def _score(model: nn.Module, ds: Any, cfg: PVFTrainConfig) -> tuple[pd.DataFrame, list[tuple[str, torch.Tensor]]]:
     """pVF scores keyed by study_id, plus the first few inputs for Grad-CAM."""
     rows, first = [], []
-    for x, _, sids in _batches(ds, cfg.eval_batch_size):
+    for x, _, sids in input_batches(ds, cfg.eval_batch_size):
         rows.append(pd.DataFrame({"study_id": sids, "score": torch.sigmoid(model(x).float()).numpy()}))
         first += [(s, x[i:i + 1]) for i, s in enumerate(sids)][: max(0, cfg.gradcam_images - len(first))]
     return (pd.concat(rows, ignore_index=True) if rows else pd.DataFrame({"study_id": [], "score": []})), first
