@@ -39,7 +39,7 @@ test-slow: $(STAMP)
 
 # Each benchmark prints its figures (ratios measured side by side in one run); see bench/RESULTS.md.
 bench: $(STAMP)
-	for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+	for f in bench/[!_]*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info

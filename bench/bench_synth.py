@@ -2,8 +2,9 @@
 
     python bench/bench_synth.py [--patients 200] [--workers 0 (= one per core)] [--keep DIR]
 
-Prints wall seconds, studies/s and CPU seconds per study (this process + pool workers) for each run, and the
-pool/single speed ratio. The two outputs are checked to be byte-identical (determinism across workers).
+Prints one JSON figure per line: studies/s (with wall seconds and CPU seconds per study, this process + pool
+workers) for each run, and the pool/single speed ratio. The two outputs are checked to be byte-identical
+(determinism across workers).
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _report import figure, ratio
+
 from raypipe.data.synth import synth_cohort
 
 
@@ -25,6 +28,7 @@ def _cpu() -> float:
 
 
 def _digest(root: Path) -> str:
+    """SHA-256 over every file's relative path and bytes under `root`."""
     h = hashlib.sha256()
     for p in sorted(root.rglob("*")):
         if p.is_file():
@@ -34,18 +38,21 @@ def _digest(root: Path) -> str:
 
 
 def _run(base: Path, name: str, patients: int, workers: int) -> tuple[float, float, str]:
+    """Build the cohort with `workers` processes; print its figure; return (wall, CPU seconds, digest)."""
     out = base / name
     c0, t0 = _cpu(), time.perf_counter()
     synth_cohort("ct", out, patients=patients, seed=0, workers=workers)
     wall, cpu = time.perf_counter() - t0, _cpu() - c0
     digest = _digest(out)
-    print(f"{name:>8}: workers={workers} wall={wall:7.1f} s  {patients / wall:6.2f} studies/s  "
-          f"cpu/study={cpu / patients:5.2f} s  size={sum(p.stat().st_size for p in out.rglob('*')) / 2**20:7.1f} MiB")
+    figure(f"synth_ct/{name}_{workers}_workers", patients / wall, "studies/s", wall_s=round(wall, 2),
+           cpu_s_per_study=round(cpu / patients, 3),
+           mib=round(sum(p.stat().st_size for p in out.rglob("*")) / 2**20, 1))
     shutil.rmtree(out)
     return wall, cpu, digest
 
 
 def main() -> None:
+    """Time one process, then the pool, on the same cohort."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--patients", type=int, default=200)
     ap.add_argument("--workers", type=int, default=0, help="pool size (0: one per core)")
@@ -53,13 +60,15 @@ def main() -> None:
     a = ap.parse_args()
     workers = a.workers or len(os.sched_getaffinity(0))
     base = Path(tempfile.mkdtemp(prefix="bench_synth_", dir=a.dir))
-    print(f"synth ct: {a.patients} patients, {len(os.sched_getaffinity(0))} cores, load avg {os.getloadavg()[0]:.1f}")
+    figure("synth_ct/cores", len(os.sched_getaffinity(0)), "cores")
+    figure("synth_ct/load_avg_1min_at_start", os.getloadavg()[0], "load")
     try:
         w1, _, d1 = _run(base, "single", a.patients, 1)
         wn, _, dn = _run(base, "pool", a.patients, workers)
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    print(f"pool/single speed-up: {w1 / wn:.2f}x  identical output: {d1 == dn}")
+    ratio("synth_ct/pool_over_single", w1, wn, patients=a.patients)
+    figure("synth_ct/identical_output", int(d1 == dn), "bool")
 
 
 if __name__ == "__main__":

@@ -10,11 +10,11 @@ from the registry's FLOP counter. Prints one JSON line per backbone.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 
 import torch
+from _report import figure, ratio
 
 from raypipe.losses import cox_ph_loss
 from raypipe.models.registry import build_model, flops_per_sample
@@ -69,7 +69,7 @@ def bench_backbone(backbone: str, batch: int, steps: int, warmup: int, size: int
 
 
 def main() -> None:
-    """Benchmark each requested backbone and print one JSON line per backbone."""
+    """Benchmark each requested backbone and print its figures (one JSON line each), then the ratios to the first."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbones", default="resnet50")
     ap.add_argument("--batch", type=int, default=8)
@@ -78,8 +78,18 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=384, help="side of each L1-L5 patch (paper: 384)")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    rates = {}
     for name in a.backbones.split(","):
-        print(json.dumps(bench_backbone(name.strip(), a.batch, a.steps, a.warmup, a.size)))  # the benchmark's output
+        r = bench_backbone(name.strip(), a.batch, a.steps, a.warmup, a.size)
+        tag = f"train_deepsurv/{name.strip()}/{r['device']}/batch{a.batch}"
+        rates[name.strip()] = r["samples_per_s"]
+        figure(f"{tag}/samples_per_s", r["samples_per_s"], "samples/s", precision=r["precision"],
+               threads=r["threads"], params_m=r["params_m"])
+        figure(f"{tag}/ms_per_step", r["ms_per_step"], "ms")
+        figure(f"{tag}/train_gflop_per_s", r["train_gflop_per_s"], "GFLOP/s", fwd_gflop_per_sample=r["fwd_gflop_per_sample"])
+    names = list(rates)
+    for other in names[1:]:
+        ratio(f"train_deepsurv/{names[0]}_over_{other}_samples_per_s", rates[names[0]], rates[other])
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _report import figure
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -202,7 +203,11 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 log.info("no CUDA device: GPU bf16 throughput skipped")
     (out / "scaling.json").write_text(json.dumps(figures, indent=2) + "\n")
-    log.info("figures: %s", json.dumps(figures))
+    for name, value in figures.items():  # one JSON figure per line
+        if isinstance(value, (int, float)):
+            unit = "x" if "_ratio_" in name else ("studies/s" if name.startswith("preprocess") else "samples/s")
+            figure(f"scaling/{name}", value, unit, load_avg_1min_at_end=round(os.getloadavg()[0], 2),
+                   card=figures.get("gpu", "cpu"))
     return 0
 
 

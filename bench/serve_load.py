@@ -1,6 +1,7 @@
 """Loopback load on the Serve app: throughput and p50/p99 latency, overhead vs in-process predictors, batching gain.
 
-Usage: `python bench/serve_load.py [--registry DIR] [--clients 16] [--xray-requests 96] [--ct-requests 16]`.
+Usage: `python bench/serve_load.py [--registry DIR] [--clients 16] [--xray-requests 96] [--ct-requests 16]`;
+`--quick`: X-ray only, one client, served p50 vs in-process p50 (the GPU check's serving line).
 Without --registry, tiny random-init models are published to a temp registry (timings then measure the
 serving machinery, not a paper-sized model). Ratios are measured side by side in one run; absolute numbers
 depend on the machine and its load, which is logged. Writes bench/out/serve_load.json.
@@ -20,6 +21,8 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
+
+from _report import figure, ratio
 
 log = logging.getLogger("bench.serve_load")
 
@@ -81,7 +84,7 @@ def direct_baselines(registry: str, n_xray: int, n_ct: int) -> dict[str, dict[st
     xp = XrayPredictor.from_registry(registry, keypoints_name=None)
     pvf = PVFPredictor.from_registry(registry)
     pre = XrayPreprocessor(load_version(registry, "xray", "latest"), load_version(registry, "pvf", "latest"))
-    ct = CTPredictor.from_registry(registry)
+    ct = CTPredictor.from_registry(registry) if n_ct else None
     dcm = (SHARED / "xray/fo_dicom/GH342.dcm").read_bytes()
     d = SHARED / "ct/totalseg_example"
 
@@ -95,8 +98,12 @@ def direct_baselines(registry: str, n_xray: int, n_ct: int) -> dict[str, dict[st
         ct.predict(ct.preprocess(d / "example_ct.nii.gz", d / "example_seg", clinical=CLINICAL))
         return 200
 
-    xray_once(), ct_once()
-    return {"xray": run_load(xray_once, n_xray, 1), "ct": run_load(ct_once, n_ct, 1)}
+    xray_once()
+    out = {"xray": run_load(xray_once, n_xray, 1)}
+    if n_ct:
+        ct_once()
+        out["ct"] = run_load(ct_once, n_ct, 1)
+    return out
 
 
 def model_hop_rps(registry_app: str, n: int) -> dict[str, float]:
@@ -175,6 +182,23 @@ def cpu_profile(before: dict, after: dict, requests: int) -> dict[str, Any]:
     return {"total_ms": 1000 * sum(dt for dt, _ in rows) / requests, "by_process_ms": per}
 
 
+def quick(client: Any, xray: Callable[[], int], n: int, direct: dict[str, float], registry: str) -> dict[str, Any]:
+    """Served (max_batch_size 8) vs in-process p50 for one X-ray client, side by side; print the figures."""
+    from ray import serve
+
+    load = os.getloadavg()[0]
+    serve_app(registry, 8)
+    xray()  # warm-up
+    served = run_load(xray, n, 1)
+    client.close()
+    serve.shutdown()
+    figure("serve_quick/xray_p50_served_1client", served["p50_ms"], "ms", requests=n, errors=served["errors"],
+           load_avg_1min_at_start=round(load, 2))
+    figure("serve_quick/xray_p50_inprocess_1client", direct["p50_ms"], "ms", requests=n)
+    ratio("serve_quick/xray_p50_served_over_inprocess", served["p50_ms"], direct["p50_ms"])
+    return {"served": served, "direct": direct}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; print every figure as a JSON line and write them all as JSON."""
     import httpx
@@ -189,13 +213,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--xray-requests", type=int, default=96)
     p.add_argument("--ct-requests", type=int, default=16)
     p.add_argument("--out", default=str(ROOT / "bench/out/serve_load.json"))
+    p.add_argument("--quick", action="store_true", help="X-ray, 1 client: served vs in-process p50 only")
+    p.add_argument("--quick-requests", type=int, default=16)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     registry = a.registry or str(Path(tempfile.mkdtemp(prefix="raypipe-bench-")) / "registry")
     if not a.registry:
         publish_tiny_models(registry, which=("ct", "xray", "pvf"))
     results: dict[str, Any] = {"load_average_start": os.getloadavg(), "clients": a.clients}
-    n1_xray, n1_ct = max(16, a.xray_requests // 3), max(3, a.ct_requests // 4)
+    n1_xray, n1_ct = (a.quick_requests, 0) if a.quick else (max(16, a.xray_requests // 3), max(3, a.ct_requests // 4))
     results["direct"] = direct_baselines(registry, n1_xray, n1_ct)  # same run, before Ray starts
 
     os.environ.pop("RAY_ADDRESS", None)  # init_ray then starts a local Ray, never another one on this machine
@@ -218,6 +244,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                   "masks": ("m", masks, "application/zip")},
                            data={"clinical": json.dumps(CLINICAL)}).status_code
 
+    if a.quick:
+        results["quick"] = quick(client, xray, n1_xray, results["direct"]["xray"], registry)
+        return _write(results, a.out)
     for bs in (8, 1):
         t = time.perf_counter()
         serve_app(registry, bs)
@@ -237,11 +266,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     serve.shutdown()
     results["load_average_end"] = os.getloadavg()
     for name, value, unit in figures(results, a.clients):  # JSON lines: one figure each
-        print(json.dumps({"name": name, "value": round(float(value), 4), "unit": unit}), flush=True)
+        figure(name, value, unit)
     log.info("CPU ms per X-ray request under %d-client load, by process: %s", a.clients,
              json.dumps(results["cpu_per_request"]))
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(results, indent=2))
+    return _write(results, a.out)
+
+
+def _write(results: dict[str, Any], out: str) -> dict[str, Any]:
+    """Write the run's results as JSON to `out` and return them."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(results, indent=2))
     return results
 
 

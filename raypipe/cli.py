@@ -2,7 +2,8 @@
 
 Model names come from the task registry (`raypipe.tasks`) and nowhere else. User errors (a missing file,
 a bad config key, an empty shard folder) end with one line naming what to fix and exit code 1; `-v`
-shows the traceback as well. Relative `--data`, `--manifest` and `--out` paths resolve under
+shows the traceback as well. Every path may be an `s3://` / `gs://` URI. Relative input paths (`--data`,
+`--manifest`, `RUN_DIR`, `--registry`, `--model`, `--pvf`, `--image`) and `--out` resolve under
 `RAYPIPE_STORAGE` when it is set (a bucket or a shared folder, as on a cluster) and the path is not here.
 """
 from __future__ import annotations
@@ -60,6 +61,41 @@ def _add_set(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key (dotted for nested keys, e.g. --set lr=1e-4 --set cv.folds=5); "
                         "repeatable")
+
+
+def _add_devices(p: argparse.ArgumentParser, unit: str = "worker") -> None:
+    """`--gpus N` / `--cpu` (mutually exclusive): the config's use_gpu, overridden from the command line."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--gpus", type=float, default=None, metavar="N",
+                   help=f"GPUs per {unit} (implies use_gpu; requested even before the cluster has GPU nodes)")
+    g.add_argument("--cpu", action="store_true",
+                   help="run on CPU only, whatever the config's use_gpu says (the only way to get CPU when it asks for GPUs)")
+
+
+def _add_mlflow(p: argparse.ArgumentParser) -> None:
+    """`--mlflow`: track the run (raypipe.tracking)."""
+    p.add_argument("--mlflow", action="store_true",
+                   help="track params, per-epoch metrics, final metrics and metrics.json/report.html in MLflow: "
+                        "MLFLOW_TRACKING_URI when set (then tracking is on even without this flag), else OUT/mlruns")
+
+
+def device_overrides(gpus: float | None, cpu: bool, key: str = "gpus_per_worker") -> dict[str, Any]:
+    """Config overrides of `--gpus N` (use_gpu + N GPUs per worker/replica) and `--cpu` (use_gpu false)."""
+    if gpus is not None and cpu:
+        raise UsageError("--gpus and --cpu exclude each other")
+    if cpu:
+        log.info("--cpu: CPU only, whatever the config's use_gpu says")
+        return {"use_gpu": False}
+    if gpus is not None:
+        if gpus <= 0:
+            raise UsageError(f"--gpus must be positive, got {gpus:g} (use --cpu for CPU only)")
+        return {"use_gpu": True, key: gpus}
+    return {}
+
+
+def _overrides(a: argparse.Namespace, key: str = "gpus_per_worker") -> dict[str, Any]:
+    """`--set` overrides, then `--gpus` / `--cpu` on top."""
+    return {**parse_overrides(a.overrides), **device_overrides(a.gpus, a.cpu, key)}
 
 
 # ---------------------------------------------------------------------------------------------- handlers
@@ -144,14 +180,16 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
                       horizons_years=horizons)
     for line in summary_lines(result):
         print(line)
-    print(f"report: {Path(a.out) / 'report.html'}")
+    from raypipe import storage
+
+    print(f"report: {storage.join(a.out, 'report.html')}")
     return 0
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
     from raypipe.train.run import train_task
 
-    out = train_task(a.model, a.config, require_path(a.data, "--data"), a.out, parse_overrides(a.overrides))
+    out = train_task(a.model, a.config, require_path(a.data, "--data"), a.out, _overrides(a), mlflow=a.mlflow)
     print(f"run written to {out}")
     return 0
 
@@ -161,7 +199,7 @@ def _cmd_cv(a: argparse.Namespace) -> int:
     from raypipe.tune.cv import cv_cli, summary_table
 
     data = require_path(a.data, "--data")
-    result = cv_cli(a.model, a.config, a.folds, data, a.out, overrides=parse_overrides(a.overrides))
+    result = cv_cli(a.model, a.config, a.folds, data, a.out, overrides=_overrides(a), mlflow=a.mlflow)
     if a.baselines:  # the clinical models on the very same folds (papers/000 Table 4)
         from raypipe.tune.baselines import run_clinical_cv
 
@@ -177,13 +215,26 @@ def _cmd_tune(a: argparse.Namespace) -> int:
     from raypipe.tune.search import tune_cli
 
     return tune_cli(a.model, require_path(a.config, "--config"), a.trials, require_path(a.data, "--data"), a.out,
-                    overrides=parse_overrides(a.overrides))
+                    overrides=_overrides(a), mlflow=a.mlflow)
 
 
 def _cmd_generate(a: argparse.Namespace) -> int:
     from raypipe.generate import generate_cli
 
     require_path(a.image, "--image")
+    if a.cpu or a.gpus is not None:
+        wanted = "cpu" if a.cpu else "cuda"
+        if a.gpus is not None and a.gpus != 1:
+            raise UsageError(f"--gpus {a.gpus:g}: one-patient generation runs on one device; use --gpus 1")
+        if a.device is not None and a.device.split(":")[0] != wanted:
+            raise UsageError(f"--device {a.device} contradicts {'--cpu' if a.cpu else '--gpus'}")
+        if wanted == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise UsageError("--gpus 1: torch sees no CUDA device on this machine (use --cpu)")
+        a.device = a.device or wanted
+    log.info("Diff-X generation on %s", a.device or "CUDA when present, else CPU (--gpus 1 / --cpu decide)")
     return generate_cli(a)
 
 
@@ -192,7 +243,7 @@ def _cmd_generate_batch(a: argparse.Namespace) -> int:
 
     return generate_cohort_cli(require_path(a.data, "--data"), require_path(a.model, "--model"), a.out,
                                require_path(a.pvf, "--pvf") if a.pvf else None, a.config,
-                               overrides=parse_overrides(a.overrides))
+                               overrides=_overrides(a, key="gpus_per_replica"))
 
 
 def _cmd_publish(a: argparse.Namespace) -> int:
@@ -228,7 +279,8 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParse
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's sampler setting)")
     p.add_argument("--eta", type=float, default=None, help="DDIM eta, 0 = deterministic (default: the model's)")
     p.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: CUDA when present)")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: on for a GPU, fp32 on CPU; --no-bf16 for fp32 on a GPU)")
     return p
 
 
@@ -315,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="; ".join(f"{n}: {DATA_HELP[t.data]}" for n, t in TASKS.items()))
     s.add_argument("--out", default=None, help="run folder (default: runs/<model name>); same folder resumes")
     _add_set(s)
+    _add_devices(s)
+    _add_mlflow(s)
     s.set_defaults(func=_cmd_train)
 
     s = cmd("cv", "k-fold cross-validation, patient-level, one Tune trial per fold (nested model selection)")
@@ -326,6 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--baselines", action="store_true",
                    help="also cross-validate the clinical models (A-D, FRAX) with the same folds into OUT/clinical")
     _add_set(s)
+    _add_devices(s)
+    _add_mlflow(s)
     s.set_defaults(func=_cmd_cv)
 
     s = cmd("tune", "Optuna TPE + ASHA over a search-space YAML")
@@ -335,9 +391,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, help="folder of preprocessed shards")
     s.add_argument("--out", default=None, help="search folder (default: runs/tune_<model>); same folder resumes")
     _add_set(s)
+    _add_devices(s)
+    _add_mlflow(s)
     s.set_defaults(func=_cmd_tune)
 
     s = add_generate_arguments(cmd("generate", "Diff-X: future radiographs of one patient + pVF risk group"))
+    _add_devices(s, unit="run (1: CUDA)")
     s.set_defaults(func=_cmd_generate)
 
     s = cmd("generate-batch", "Diff-X over a cohort manifest on Ray Data: BpVF, GpVF, risk groups, predictions")
@@ -347,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output folder (predictions.parquet, diffx_metrics.json, images)")
     s.add_argument("--config", default=None, help="generation YAML (jobs/configs/generate.yaml)")
     _add_set(s)
+    _add_devices(s, unit="model replica")
     s.set_defaults(func=_cmd_generate_batch)
 
     s = cmd("publish", "copy a train/cv output folder into the model registry as a new version")
@@ -383,12 +443,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _resolve_storage(args: argparse.Namespace) -> None:
-    """Relative --data/--manifest/--out under RAYPIPE_STORAGE when set (see module doc)."""
+    """Relative input paths (--data, --manifest, RUN_DIR, --registry, --model, --pvf, --image) and --out under
+    RAYPIPE_STORAGE when set (see module doc)."""
     from raypipe.cluster import resolve_input, resolve_output, storage_root
 
     if not storage_root():
         return
-    for name in ("data", "manifest"):
+    inputs = ["data", "manifest", "run_dir", "registry", "pvf", "image"]
+    if args.command in ("generate", "generate-batch"):  # elsewhere MODEL is a task name, not a path
+        inputs.append("model")
+    for name in inputs:
         if getattr(args, name, None):
             setattr(args, name, resolve_input(getattr(args, name)))
     if getattr(args, "out", None) and args.command not in ("synth", "demo"):

@@ -6,8 +6,10 @@ paths with `resolve_output` / `resolve_input`: URIs and absolute paths are kept;
 under `RAYPIPE_STORAGE` (the one shared storage root of a cluster, e.g. `s3://bucket/raypipe`) when it is
 set, else under the directory the command was started from (as `raypipe` does on a laptop).
 
-`trial_resources` sizes Tune sweeps from `ray.cluster_resources()`: how many trials run at once and how
-many CPUs (or GPUs) each trial's Ray Train workers get, always leaving whole CPUs for Ray Data (a run
+`trial_resources` sizes the Ray Train workers of Tune sweeps and CV folds: how many trials run at once
+comes from the config (`max_concurrent_trials`), GPUs from the model config (`use_gpu`, `gpus_per_worker`),
+never from what the cluster holds at submit time (an autoscaling cluster starts without GPU nodes). Only the
+CPU share of each worker is fitted to the CPUs there are, always leaving whole CPUs for Ray Data (a run
 whose data tasks cannot be scheduled sits at 0 rows without an error).
 """
 from __future__ import annotations
@@ -87,30 +89,29 @@ class TrialResources:
     use_gpu: bool
 
 
-def trial_resources(cluster: Mapping[str, float], workers_per_trial: int, trials: int,
-                    trial_cpus: float = 0.25, max_concurrent: int | None = None,
+def trial_resources(cluster: Mapping[str, float], workers_per_trial: int, trials: int, max_concurrent: int,
+                    use_gpu: bool = False, gpus_per_worker: float = 1.0, trial_cpus: float = 0.25,
                     data_cpus: float | None = None, nodes: int | None = None) -> TrialResources:
-    """Concurrency and per-worker resources that fit `cluster` (a `ray.cluster_resources()` mapping).
+    """Per-worker resources of `min(trials, max_concurrent)` concurrent trials on `cluster` (`ray.cluster_resources()`).
 
-    GPU clusters: one GPU per worker, as many trials as the GPUs hold. CPU clusters: whole CPUs are kept
-    for Ray Data (a quarter of the cluster, at least one per node, since fractions left on several nodes
-    cannot run a 1-CPU data task), the rest is shared by the concurrent trials' drivers and workers in
-    quarter-CPU steps (at least a quarter CPU per worker). `nodes` defaults to the alive Ray nodes.
+    Concurrency and GPUs are what the config asks for (`gpus_per_worker` GPUs per worker when `use_gpu`,
+    requested even when the cluster has none yet). CPUs: whole CPUs are kept for Ray Data (a quarter of the
+    cluster, at least one per node, since fractions left on several nodes cannot run a 1-CPU data task), the
+    rest is shared by the concurrent trials' drivers and workers in quarter-CPU steps (at least a quarter CPU,
+    at most 2 per worker). `nodes` defaults to the alive Ray nodes.
     """
+    if max_concurrent < 1:
+        raise ValueError(f"max_concurrent_trials must be at least 1, got {max_concurrent}")
+    if use_gpu and gpus_per_worker <= 0:
+        raise ValueError(f"gpus_per_worker must be positive when use_gpu is true, got {gpus_per_worker}")
     cpus = float(cluster.get("CPU", 1.0))
-    gpus = int(cluster.get("GPU", 0))
     workers = max(1, int(workers_per_trial))
     if nodes is None:
         nodes = alive_nodes()
     reserve = float(data_cpus) if data_cpus is not None else max(1.0, math.floor(cpus / 4), float(nodes))
     usable = max(0.0, cpus - reserve)
-    if gpus >= 1:
-        fit = max(1, gpus // workers)
-        per_cpu = max(0.25, math.floor(4 * (usable / max(1, fit) - trial_cpus) / workers) / 4)
-        n = min(trials, fit, max_concurrent or fit)
-        return TrialResources(n, trial_cpus, {"CPU": per_cpu, "GPU": 1.0}, True)
-    fit = max(1, int(usable // (trial_cpus + 0.25 * workers)))
-    n = max(1, min(trials, fit, max_concurrent or fit))
+    n = max(1, min(int(trials), int(max_concurrent)))
     per_cpu = max(0.25, math.floor(4 * (usable / n - trial_cpus) / workers) / 4)
     per_cpu = min(per_cpu, 2.0)
-    return TrialResources(n, trial_cpus, {"CPU": per_cpu}, False)
+    resources = {"CPU": per_cpu, **({"GPU": float(gpus_per_worker)} if use_gpu else {})}
+    return TrialResources(n, trial_cpus, resources, bool(use_gpu))

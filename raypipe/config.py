@@ -44,11 +44,13 @@ class ConfigError(RaypipeInputError):
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping, with a clear error for a missing file, bad syntax or a non-mapping."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError("config file not found", path=str(p))
+    from raypipe import storage
+
+    p = str(path)
+    if not storage.is_file(p):
+        raise ConfigError("config file not found", path=p)
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(storage.read_bytes(p).decode("utf-8"))
     except yaml.YAMLError as e:
         raise ConfigError(f"invalid YAML: {e}", path=str(p)) from e
     if data is None:

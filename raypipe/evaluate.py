@@ -770,7 +770,8 @@ DIFFX_MODEL = "diffx"
 
 def diffx_numbers(df: pd.DataFrame) -> dict[str, Any]:
     """The thesis's Diff-X analyses of the ``diffx`` rows (one per participant) from `raypipe.metrics.diffx`:
-    Table 4, Table 5, pairwise log-rank, fracture-score models; a block that cannot be computed holds its error."""
+    Table 4, Table 5, pairwise log-rank, CoxPH and DeepSurv fracture-score models (fitted in the rows' CV
+    folds when they carry a ``fold`` column); a block that cannot be computed holds its error."""
     from raypipe.metrics.diffx import fracture_score_models, pairwise_logrank, table4, table5
 
     if "model" not in df.columns or "bpvf" not in df.columns:
@@ -784,7 +785,8 @@ def diffx_numbers(df: pd.DataFrame) -> dict[str, Any]:
     t, e = rows["time_days"].to_numpy(float), rows["event"].to_numpy(int)
     blocks = {"table4": lambda: table4(rows), "table5": lambda: table5(rows),
               "logrank": lambda: pairwise_logrank(t, e, rows["group"].astype(str)),
-              "score_models": lambda: fracture_score_models(rows)}
+              "score_models": lambda: fracture_score_models(rows, method="coxph"),
+              "score_models_deepsurv": lambda: fracture_score_models(rows, method="deepsurv")}
     out: dict[str, Any] = {}
     for key, compute in blocks.items():
         try:

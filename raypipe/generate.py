@@ -16,7 +16,26 @@ The pipeline, written out as a diffusers-style sampler (models in `raypipe.model
 Where the seed enters: inversion is deterministic, so with deterministic DDIM all seeds would give
 the same image. The thesis draws 10 seeds per time point without saying where they act; here the
 seed drives the stochastic term of DDIM (``eta``, default 0.5) in the prompt LDM's denoising only,
-one `torch.Generator` per sample, so a sample depends on its seed, not on its place in the batch.
+one `torch.Generator` per sample on the model's device (noise is drawn where it is used, no host copy per
+step), so a sample depends on its seed, not on its place in the batch. The same seeds give the same images
+on the same kind of device; CPU and CUDA generators draw different streams.
+
+Cost per patient: the inversion (``steps`` structure-LDM passes on the baseline image) and the structure
+trajectory (``steps`` more) run at batch 1 once per patient and are shared by every seed and year (features
+are broadcast into the prompt LDM's batch); the last inversion is kept, so a second call on the same image
+(e.g. `reconstruction_quality` after `generate_study`) does not redo it. The prompt LDM denoises all
+years x seeds as one batch (``max_batch`` per pass). `DiffXPipeline.generate_many` runs several patients
+(Serve's batched requests) through one inversion, one structure trajectory and one prompt batch per step;
+the injection gives each sample its own patient's features.
+
+Precision: bf16 autocast on CUDA by default (`pipeline_from_dir(bf16=None)`: the CLI, the batch job and
+Serve), fp32 on CPU; ``bf16=False`` forces fp32 on a GPU.
+
+Solver steps: ``steps`` (sampler setting in model_meta.json, `raypipe generate --steps`, the batch job's
+``steps``) sets both the DDIM inversion and the denoising step count (they must match so denoising starts
+where inversion ended). The thesis does not state a step count; the default 50 is Plug-and-Play's sampling
+count. `steps_agreement` is the quality check for fewer steps (MS-SSIM of the same seeds at two step
+counts; `bench/bench_generate.py --compare-steps 20,50` reports it).
 `DiffXPipeline.sample_single` is the comparison sampler of the thesis's Figure 9/10: the prompt LDM
 alone from seeded Gaussian noise, no inversion, no injection.
 
@@ -65,11 +84,13 @@ __all__ = [
     "DiffXPipeline",
     "SamplerSettings",
     "aggregate_scores",
+    "autocast_dtype",
     "future_prompts",
     "generate",
     "generate_cli",
     "generate_study",
     "load_diffx",
+    "steps_agreement",
 ]
 
 DEFAULT_YEARS: tuple[float, ...] = (1.0, 5.0, 10.0)
@@ -116,6 +137,7 @@ class DiffXPipeline:
         layer = self.settings.injection_layer
         self.injection = PlugAndPlay(model.structure_unet, model.prompt_unet, (layer,), (layer,))
         self.on_step: Callable[[str], None] | None = None  # called after every inversion/denoising step
+        self._inversion: tuple[tuple[Any, ...], tuple[Tensor, Tensor, Tensor]] | None = None
 
     def _step_done(self, phase: str) -> None:
         if self.on_step is not None:
@@ -134,10 +156,13 @@ class DiffXPipeline:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
-    def _noise(self, shape: Sequence[int], seeds: Sequence[int]) -> Tensor:
-        """One standard-normal tensor per seed (CPU generators, so CPU and GPU runs draw the same noise)."""
-        parts = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds]
-        return torch.stack(parts).to(self.device)
+    def generators(self, seeds: Sequence[int], offset: int = 0) -> list[torch.Generator]:
+        """One generator per sample on the model's device, seeded with seed + offset."""
+        return [torch.Generator(device=self.device).manual_seed(int(s) + offset) for s in seeds]
+
+    def noise(self, shape: Sequence[int], generators: Sequence[torch.Generator]) -> Tensor:
+        """One standard-normal tensor per generator, drawn on the model's device (no host-to-device copy)."""
+        return torch.stack([torch.randn(tuple(shape), generator=g, device=self.device) for g in generators])
 
     def _prompt_eps(self, latents: Tensor, t: Tensor, text: Tensor, uncond: Tensor | None) -> Tensor:
         """Prompt-LDM noise prediction, with classifier-free guidance when `uncond` is given."""
@@ -153,10 +178,14 @@ class DiffXPipeline:
         """DDIM inversion through the structure LDM: returns (x_T, low-res image, prompt embedding).
 
         `image` may hold several baseline images (N, 1, H, W), each with its own prompt (a list of N).
+        The last result is kept and returned again for the same images, prompts and settings.
         """
         m = self.model
         image = image.to(self.device, torch.float32)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        key = (_tensor_digest(image), tuple(prompts), int(self.settings.steps), str(self.amp_dtype))
+        if self._inversion is not None and self._inversion[0] == key:
+            return self._inversion[1]
         with self._autocast():
             lowres = m.lowres(image)
             text = m.encode_text(prompts)
@@ -166,7 +195,12 @@ class DiffXPipeline:
                 eps = m.structure_eps(z, t, text, lowres).float()
                 z = self.inverse_scheduler.step(eps, t, z).prev_sample
                 self._step_done("invert")
+        self._inversion = (key, (z, lowres, text))
         return z, lowres, text
+
+    def forget_inversion(self) -> None:
+        """Drop the kept inversion (benchmarks timing a patient from scratch)."""
+        self._inversion = None
 
     @torch.no_grad()
     def __call__(self, image: Tensor, baseline_prompt: str, prompts: Sequence[str], seeds: Sequence[int]) -> Tensor:
@@ -198,7 +232,7 @@ class DiffXPipeline:
         owner = torch.tensor([r for r, _, _ in pairs], device=self.device)
         z_s = x_t
         z_p = x_t.index_select(0, owner).clone()
-        gens = [torch.Generator().manual_seed(int(seeds[r][j])) for r, _, j in pairs]
+        gens = self.generators([int(seeds[r][j]) for r, _, j in pairs])
         self.scheduler.set_timesteps(s.steps, device=self.device)
         steps = len(self.scheduler.timesteps)
         self.injection.reset()
@@ -217,7 +251,7 @@ class DiffXPipeline:
                     eps_p = torch.cat(chunks)  # injects them
                 self.injection.enabled = False
                 z_s = self.scheduler.step(eps_s, t, z_s, eta=0.0).prev_sample
-                noise = torch.stack([torch.randn(z_p.shape[1:], generator=g) for g in gens]).to(self.device)
+                noise = self.noise(z_p.shape[1:], gens)
                 z_p = self.scheduler.step(eps_p, t, z_p, eta=s.eta, variance_noise=noise).prev_sample
                 self._step_done("denoise")
         finally:
@@ -237,8 +271,9 @@ class DiffXPipeline:
         m, s = self.model, self.settings
         pairs = [(i, j) for i in range(len(prompts)) for j in range(len(seeds))]
         shape = (m.latent_channels, m.latent_size, m.latent_size)
-        z = self._noise(shape, [int(seeds[j]) for _, j in pairs]) * self.scheduler.init_noise_sigma
-        gens = [torch.Generator().manual_seed(int(seeds[j]) + 1_000_003) for _, j in pairs]
+        pair_seeds = [int(seeds[j]) for _, j in pairs]
+        z = self.noise(shape, self.generators(pair_seeds)) * self.scheduler.init_noise_sigma
+        gens = self.generators(pair_seeds, offset=1_000_003)
         with self._autocast():
             text = m.encode_text([prompts[i] for i, _ in pairs])
             uncond = m.encode_text([""]) if s.guidance_scale != 1.0 else None
@@ -247,8 +282,7 @@ class DiffXPipeline:
             with self._autocast():
                 eps = torch.cat([self._prompt_eps(z[c:c + s.max_batch], t, text[c:c + s.max_batch], uncond)
                                  for c in range(0, len(pairs), s.max_batch)])
-            noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(self.device)
-            z = self.scheduler.step(eps, t, z, eta=s.eta, variance_noise=noise).prev_sample
+            z = self.scheduler.step(eps, t, z, eta=s.eta, variance_noise=self.noise(shape, gens)).prev_sample
         return self._decode(z).reshape(len(prompts), len(seeds), 1, m.image_size, m.image_size)
 
     def _decode(self, latents: Tensor) -> Tensor:
@@ -265,31 +299,54 @@ def load_diffx(model_dir: str | Path, device: str | torch.device = "cpu") -> tup
     """A `DiffXModel` from a `raypipe train ldm` folder or a registry version (model.pt + model_meta.json)."""
     from raypipe.models.registry import build_model
 
-    d = Path(model_dir)
-    if not (d / "model_meta.json").is_file() or not (d / "model.pt").is_file():
-        from raypipe.io.errors import RaypipeInputError
-
-        raise RaypipeInputError("not a Diff-X model folder (needs model.pt and model_meta.json)", path=str(d))
+    from raypipe import storage
     from raypipe.artifact import read_artifact
 
-    art = read_artifact(str(d))
-    meta = art.as_dict()
-    model = build_model(art.builder, **art.inference_kwargs())
-    if not isinstance(model, DiffXModel):
-        raise TypeError(f"{d}: builder {art.builder!r} is not a Diff-X model")
-    model.load_state_dict(torch.load(d / "model.pt", map_location="cpu", weights_only=True))
+    where = storage.absolute(model_dir)
+    with storage.localize_files(where, ("model.pt", "model_meta.json")) as local:
+        d = Path(local)
+        if not (d / "model_meta.json").is_file() or not (d / "model.pt").is_file():
+            from raypipe.io.errors import RaypipeInputError
+
+            raise RaypipeInputError("not a Diff-X model folder (needs model.pt and model_meta.json)", path=where)
+        art = read_artifact(str(d))
+        meta = art.as_dict()
+        model = build_model(art.builder, **art.inference_kwargs())
+        if not isinstance(model, DiffXModel):
+            raise TypeError(f"{where}: builder {art.builder!r} is not a Diff-X model")
+        model.load_state_dict(torch.load(d / "model.pt", map_location="cpu", weights_only=True))
     return model.to(device).eval(), meta
 
 
-def pipeline_from_dir(model_dir: str | Path, device: str | torch.device | None = None, bf16: bool = False,
+def _tensor_digest(t: Tensor) -> str:
+    """Content hash of a tensor (shape, dtype and bytes), to recognise the same baseline image."""
+    import hashlib
+
+    data = t.detach().contiguous().cpu()
+    h = hashlib.blake2b(f"{tuple(data.shape)}{data.dtype}".encode(), digest_size=16)
+    h.update(data.numpy().tobytes())
+    return h.hexdigest()
+
+
+def autocast_dtype(device: torch.device, bf16: bool | None = None) -> torch.dtype | None:
+    """The sampler's autocast dtype: bf16 on CUDA unless `bf16` is False; None (fp32) on CPU or when asked."""
+    if device.type != "cuda":
+        return None
+    return None if bf16 is False else torch.bfloat16
+
+
+def pipeline_from_dir(model_dir: str | Path, device: str | torch.device | None = None, bf16: bool | None = None,
                       **overrides: Any) -> DiffXPipeline:
-    """`DiffXPipeline` with the sampler settings saved beside the weights (overridden by keyword)."""
+    """`DiffXPipeline` with the sampler settings saved beside the weights (overridden by keyword).
+
+    `bf16`: None (default) = bf16 autocast on a GPU, fp32 on CPU; False = fp32 everywhere.
+    """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, meta = load_diffx(model_dir, dev)
     known = SamplerSettings.__dataclass_fields__
     settings = SamplerSettings(**{k: v for k, v in meta.get("sampler", {}).items() if k in known}).replace(**overrides)
-    amp = torch.bfloat16 if (bf16 and dev.type == "cuda") else None
-    return DiffXPipeline(model, settings, amp_dtype=amp, clinical_prompts=bool(meta.get("clinical_prompts", False)))
+    return DiffXPipeline(model, settings, amp_dtype=autocast_dtype(dev, bf16),
+                         clinical_prompts=bool(meta.get("clinical_prompts", False)))
 
 
 # ---------------------------------------------------------------------------------------------- scores
@@ -376,14 +433,16 @@ def generate_study(
     # back to the baseline's geometry (no padding bars): GpVF is scored as BpVF is
     grey = [[crop_ldm_content(square[i, j], np.shape(pixels)) for j in range(len(seeds))] for i in range(len(years))]
 
-    out = Path(out_dir) if out_dir is not None else None
+    from raypipe import storage
+
+    out = storage.absolute(out_dir) if out_dir is not None else None
     files: dict[str, list[str]] = {}
     if out is not None and write_images:
         for i, y in enumerate(years):
             files[f"{y:g}"] = []
             for j, sd in enumerate(seeds):
                 name = f"year{y:g}_seed{sd}.png"
-                write_radiograph_png(out / name, grey[i][j], bits=8)
+                write_radiograph_png(storage.join(out, name), grey[i][j], bits=8)
                 files[f"{y:g}"].append(name)
     s = pipeline.settings
     record: dict[str, Any] = {
@@ -399,10 +458,8 @@ def generate_study(
         record.update(aggregate_scores(bpvf, {y: flat[i] for i, y in enumerate(years)}, s.low_threshold,
                                        s.high_threshold, rule=s.gpvf_rule, horizon_years=s.gpvf_horizon_years))
     if out is not None:
-        from raypipe.storage import atomic_write_json
-
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(str(out / "generation.json"), record)
+        storage.makedirs(out)
+        storage.atomic_write_json(storage.join(out, "generation.json"), record)
     return record
 
 
@@ -423,6 +480,39 @@ def reconstruction_quality(pipeline: DiffXPipeline, pixels: np.ndarray, age: flo
         grey = from_ldm_output(images[0, :, 0].numpy())  # (seeds, H, W)
         out[f"{name}_ms_ssim"] = float(np.mean([ms_ssim(g, target, data_range=1.0) for g in grey]))
         out[f"{name}_psnr"] = float(np.mean([psnr(g, target, data_range=1.0) for g in grey]))
+    return out
+
+
+def steps_agreement(pipeline: DiffXPipeline, image: Tensor, baseline_prompt: str, prompts: Sequence[str],
+                    seeds: Sequence[int], steps: Sequence[int] = (20, 50)) -> dict[str, float]:
+    """Quality check for fewer solver steps: MS-SSIM of each step count's images against the last count's.
+
+    Same image, prompts and seeds at every count; returns ``ms_ssim_<n>_vs_<last>`` (mean over prompts x seeds,
+    1 = identical) and ``seconds_<n>`` per count. The pipeline's settings are restored afterwards.
+    """
+    import time
+
+    from raypipe.metrics import ms_ssim
+    from raypipe.preprocess.pvf import from_ldm_output
+
+    counts = [int(n) for n in steps]
+    if len(counts) < 2 or min(counts) < 1:
+        raise ValueError(f"steps needs at least two counts >= 1, got {list(steps)}")
+    original = pipeline.settings
+    grey: dict[int, np.ndarray] = {}
+    out: dict[str, float] = {}
+    try:
+        for n in counts:
+            pipeline.settings = original.replace(steps=n)
+            t0 = time.perf_counter()
+            images = pipeline(image, baseline_prompt, list(prompts), [int(v) for v in seeds])
+            out[f"seconds_{n}"] = time.perf_counter() - t0
+            grey[n] = from_ldm_output(images[:, :, 0].float().numpy()).reshape(-1, *images.shape[-2:])
+    finally:
+        pipeline.settings = original
+    ref = counts[-1]
+    for n in counts[:-1]:
+        out[f"ms_ssim_{n}_vs_{ref}"] = float(np.mean([ms_ssim(a, b, data_range=1.0) for a, b in zip(grey[n], grey[ref])]))
     return out
 
 
@@ -470,7 +560,7 @@ def generate(
     last_followup_years: float | None = None,
     clinical: Mapping[str, Any] | None = None,
     device: str | None = None,
-    bf16: bool = False,
+    bf16: bool | None = None,
     **sampler: Any,
 ) -> dict[str, Any]:
     """Future radiographs for one patient: PNG per (year, seed) + generation.json in `out_dir`; returns the record."""
@@ -493,9 +583,9 @@ def generate(
     record["model_dir"] = str(model_dir)
     if pvf_dir is not None:
         record["pvf_dir"] = str(pvf_dir)
-    from raypipe.storage import atomic_write_json
+    from raypipe import storage
 
-    atomic_write_json(str(Path(out_dir) / "generation.json"), record)
+    storage.atomic_write_json(storage.join(storage.absolute(out_dir), "generation.json"), record)
     log.info("generated %d images into %s", len(ys) * len(_seed_list(seeds)), out_dir)
     return record
 
@@ -507,7 +597,7 @@ def generate_cli(args: argparse.Namespace) -> int:
     seeds: int | list[int] = [int(s) for s in seeds_arg.split(",")] if "," in seeds_arg else int(seeds_arg)
     record = generate(args.image, args.age, args.sex, years, seeds, args.model, getattr(args, "pvf", None), args.out,
                       last_followup_years=getattr(args, "last_followup", None), device=getattr(args, "device", None),
-                      bf16=bool(getattr(args, "bf16", False)), steps=getattr(args, "steps", None),
+                      bf16=getattr(args, "bf16", None), steps=getattr(args, "steps", None),
                       eta=getattr(args, "eta", None))
     summary = {k: record.get(k) for k in ("bpvf", "gpvf", "uncertainty", "group") if k in record}
     log.info("generation.json written to %s %s", args.out, json.dumps(summary) if summary else "")

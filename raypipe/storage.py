@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import pyarrow.fs as pafs
 
@@ -96,6 +96,95 @@ def exists(path: str | os.PathLike) -> bool:
     return fs.get_file_info(p).type != pafs.FileType.NotFound
 
 
+def listdir(path: str | os.PathLike) -> list[tuple[str, bool]]:
+    """(name, is_folder) of the entries directly inside a folder, sorted; [] when the folder does not exist."""
+    fs, p = filesystem(path)
+    infos = fs.get_file_info(pafs.FileSelector(p, recursive=False, allow_not_found=True))
+    return sorted((posixpath.basename(i.path.rstrip("/")), i.type == pafs.FileType.Directory) for i in infos)
+
+
+def is_file(path: str | os.PathLike) -> bool:
+    """Whether `path` is a file (an object) on any filesystem."""
+    fs, p = filesystem(path)
+    return fs.get_file_info(p).type == pafs.FileType.File
+
+
+def is_dir(path: str | os.PathLike) -> bool:
+    """Whether `path` is a folder (a prefix holding objects) on any filesystem."""
+    fs, p = filesystem(path)
+    return fs.get_file_info(p).type == pafs.FileType.Directory
+
+
+def remove(path: str | os.PathLike) -> None:
+    """Delete a file or a folder with everything in it, on any filesystem; nothing when absent."""
+    fs, p = filesystem(path)
+    kind = fs.get_file_info(p).type
+    if kind == pafs.FileType.Directory:
+        fs.delete_dir(p)
+    elif kind == pafs.FileType.File:
+        fs.delete_file(p)
+
+
+def download_tree(path: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Copy a file or folder (local or URI) to the local path `target`, bytes as stored; FileNotFoundError if absent."""
+    fs, p = filesystem(path)
+    kind = fs.get_file_info(p).type
+    if kind == pafs.FileType.File:
+        _download(fs, p, str(target))
+    elif kind == pafs.FileType.Directory:
+        os.makedirs(target, exist_ok=True)
+        root = p.rstrip("/") + "/"
+        for info in fs.get_file_info(pafs.FileSelector(p, recursive=True)):
+            if info.type == pafs.FileType.File:
+                _download(fs, info.path, os.path.join(str(target), *info.path[len(root):].split("/")))
+    else:
+        raise FileNotFoundError(f"no such file or folder: {path}")
+
+
+def task_temp_dir(prefix: str = "raypipe-fetch-") -> str:
+    """A fresh task-local temp dir (under RAYPIPE_FETCH_DIR when set, else the system temp dir); caller removes it."""
+    return tempfile.mkdtemp(prefix=prefix, dir=os.environ.get("RAYPIPE_FETCH_DIR") or None)
+
+
+@contextmanager
+def localize_files(folder: str | os.PathLike, names: Sequence[str]) -> Iterator[str]:
+    """A local folder holding the named files of `folder`: itself when local, else those files fetched into a
+    task-local temp dir removed afterwards (a run folder's weights without its checkpoints); missing ones are skipped."""
+    if not is_uri(folder):
+        yield local_path(folder)
+        return
+    tmp = task_temp_dir()
+    try:
+        for name in names:
+            if is_file(join(folder, name)):
+                download_tree(join(folder, name), os.path.join(tmp, name))
+        try:
+            yield tmp
+        except BaseException as e:
+            e.add_note(f"(read from {folder}, fetched to {tmp})")
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def staged_output(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """A local file path to write `path` through, for writers that need a real file (PNG, torch.save): on a local
+    disk a temp name renamed into place, on an object store a task-local temp file uploaded in one PUT; neither
+    leaves a partial file under the final name."""
+    if not is_uri(path):
+        with atomic_local_path(local_path(path), suffix) as tmp:
+            yield tmp
+        return
+    tmp = task_temp_dir("raypipe-out-")
+    try:
+        f = Path(tmp) / (posixpath.basename(str(path).rstrip("/")) or "object")
+        yield f
+        atomic_write_bytes(path, f.read_bytes())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 @contextmanager
 def localize(path: str | os.PathLike) -> Iterator[str]:
     """A local path for `path` while the block runs: itself when local, else a copy of the file or folder (a DICOM
@@ -107,19 +196,13 @@ def localize(path: str | os.PathLike) -> Iterator[str]:
     if not is_uri(path):
         yield local_path(path)
         return
-    fs, p = filesystem(path)
-    tmp = tempfile.mkdtemp(prefix="raypipe-fetch-", dir=os.environ.get("RAYPIPE_FETCH_DIR") or None)
+    tmp = task_temp_dir()
     try:
-        target = os.path.join(tmp, posixpath.basename(p.rstrip("/")) or "object")
-        kind = fs.get_file_info(p).type
-        if kind == pafs.FileType.File:
-            _download(fs, p, target)
-        elif kind == pafs.FileType.Directory:
-            os.makedirs(target)
-            root = p.rstrip("/") + "/"
-            for info in fs.get_file_info(pafs.FileSelector(p, recursive=True)):
-                if info.type == pafs.FileType.File:
-                    _download(fs, info.path, os.path.join(target, *info.path[len(root):].split("/")))
+        target = os.path.join(tmp, posixpath.basename(str(path).rstrip("/")) or "object")
+        try:
+            download_tree(path, target)
+        except FileNotFoundError:
+            pass  # the reader reports "not found" for the (absent) local path
         try:
             yield target
         except BaseException as e:

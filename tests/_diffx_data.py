@@ -38,7 +38,7 @@ def save_diffx_dir(model: torch.nn.Module, out: Path, sampler: dict | None = Non
     """A model folder as `raypipe train ldm` writes it (flat state_dict + model_meta.json + config.yaml)."""
     from raypipe.train.ldm import LDMTrainConfig, write_model_dir
 
-    cfg = LDMTrainConfig(model="diffx_tiny", use_ema=False, sampler=sampler or {"steps": 4, "eta": 0.5})
+    cfg = LDMTrainConfig(model="diffx_tiny", pretrained_sd="none", use_ema=False, sampler=sampler or {"steps": 4, "eta": 0.5})
     payload = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                "state": {"epoch": 0, "history": [], "extra": {}}}
     out.mkdir(parents=True, exist_ok=True)

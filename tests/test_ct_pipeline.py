@@ -108,7 +108,7 @@ def test_rerun_skips_complete_shards(run, manifest: Path):
 
 def test_training_batches_from_ray_dataset(run, ray_local):
     """The trainers' collate (`SliceBatch`) on real shards through Ray Data: 14 slices, seeded per study and epoch."""
-    from raypipe.data.collate import SliceBatch
+    from raypipe.data.collate import SliceBatch, StudyMoves
 
     out, _ = run
     ds = load_ct_shards(out, backend="ray")
@@ -123,3 +123,6 @@ def test_training_batches_from_ray_dataset(run, ray_local):
     assert centred["x"].shape == (4, 14, 1, 96, 96)
     n = int(np.asarray(batch["bone"][0]).shape[0]) if np.asarray(batch["bone"][0]).dtype != object else len(batch["bone"][0])
     assert n >= 14 and other["x"].shape == b1["x"].shape
+    moved = SliceBatch("bone_muscle", 14, True, seed=0, epoch=1, clinical=None, targets=[],
+                       moves=StudyMoves(1.0, 0.0, seed=0))(batch)
+    assert torch.equal(moved["x"], torch.flip(b1["x"], dims=[-1]))  # same slices, every one flipped

@@ -24,7 +24,7 @@ from raypipe.models.ldm.text import WordTokenizer, build_prompt
 from raypipe.models.registry import build_model
 from raypipe.train.ldm import LDMTrainConfig, diffusion_loss, train_local, vae_loss
 
-TRAIN = LDMTrainConfig(model="diffx_tiny", vae_epochs=8, unet_epochs=15, batch_size=8, vae_lr=2e-3, unet_lr=1e-3,
+TRAIN = LDMTrainConfig(model="diffx_tiny", pretrained_sd="none", vae_epochs=8, unet_epochs=15, batch_size=8, vae_lr=2e-3, unet_lr=1e-3,
                        cond_drop_prob=0.0, ema_decay=0.99, seed=0)
 
 

@@ -6,7 +6,16 @@ import pandas as pd
 import pytest
 
 from raypipe.metrics import risk_groups
-from raypipe.metrics.diffx import fracture_score_models, pairwise_logrank, table4, table5
+from raypipe.metrics.diffx import (
+    age_regression,
+    covariate_frame,
+    fracture_score_models,
+    out_of_fold_scores,
+    pairwise_logrank,
+    participant_folds,
+    table4,
+    table5,
+)
 
 HR_BPVF = 1.8  # true HR per 0.1 point of BpVF
 HR_FRAX_PER_UNIT = 1.1
@@ -113,7 +122,109 @@ def test_evaluate_renders_the_diffx_tables(cohort, tmp_path):
     write_predictions(preds, str(tmp_path / "predictions.parquet"), {"model": "diffx"})
     evaluate(str(tmp_path / "predictions.parquet"), tmp_path / "eval", n_boot=20)
     html = (tmp_path / "eval" / "report.html").read_text()
-    for title in ("thesis Table 4", "thesis Table 5", "pairwise log-rank", "fracture-score CoxPH models"):
+    for title in ("thesis Table 4", "thesis Table 5", "pairwise log-rank", "fracture-score CoxPH models",
+                  "fracture-score DeepSurv models", "2) Fracture scores + age, sex, BMI"):
         assert title in html
     assert "Not computed" not in html
     assert "per 1 SD increase" in html and "per 0.1-point increase" in html and "Model 2 (+ FRAX)" in html
+
+
+def test_fracture_score_td_auroc_and_c_agree_with_scikit_survival_and_lifelines(cohort):
+    """Out-of-fold CoxPH scores recomputed here with lifelines per fold; td-AUROC with sksurv, C with lifelines."""
+    from lifelines import CoxPHFitter
+    from lifelines.utils import concordance_index
+    from sksurv.metrics import cumulative_dynamic_auc
+    from sksurv.util import Surv
+
+    res = fracture_score_models(cohort, folds=5, seed=0, method="coxph")["models"]["fracture_scores_clinical"]
+    data, _ = covariate_frame(cohort)
+    fold, _ = participant_folds(cohort, 5, 0)
+    covs = ["bpvf", "gpvf", "age", "sex", "bmi"]
+    lp = np.empty(len(data))
+    for k in range(5):
+        cph = CoxPHFitter().fit(data.loc[fold != k, ["time", "event", *covs]], "time", "event")
+        lp[fold == k] = cph.predict_log_partial_hazard(data.loc[fold == k, covs]).to_numpy()
+    oof = out_of_fold_scores(data, covs, fold, "coxph")
+    np.testing.assert_allclose(oof["score"].to_numpy(), lp, rtol=1e-10)
+    t, e = data["time"].to_numpy(float), data["event"].to_numpy(bool)
+    y = Surv.from_arrays(e, t)
+    horizons = [365.25, 5 * 365.25, 10 * 365.25]
+    usable = [h for h in horizons if t.min() < h < t.max()]
+    auc, mean = cumulative_dynamic_auc(y, y, lp, usable)
+    assert [res["td_auroc"][f"{h / 365.25:g}y"] for h in usable] == pytest.approx(list(auc), abs=1e-12)
+    assert res["td_auroc_mean"] == pytest.approx(mean, abs=1e-12)
+    assert res["c_index"] == pytest.approx(concordance_index(t, -lp, e), abs=1e-9)
+
+
+def test_deepsurv_fracture_score_models(cohort):
+    """DeepSurv variant (thesis Figure 17): same folds and outputs as CoxPH; it learns the simulated risk."""
+    from sksurv.metrics import cumulative_dynamic_auc
+    from sksurv.util import Surv
+
+    ds = fracture_score_models(cohort, folds=5, seed=0, method="deepsurv")
+    cox = fracture_score_models(cohort, folds=5, seed=0, method="coxph")
+    assert ds["method"] == "deepsurv" and set(ds["models"]) == set(cox["models"])
+    for name, m in ds["models"].items():
+        assert set(m["td_auroc"]) == {"1y", "5y", "10y"}
+        assert abs(m["c_index"] - cox["models"][name]["c_index"]) < 0.07, name  # linear truth: both near optimal
+    assert ds["models"]["fracture_scores"]["td_auroc_mean"] > 0.6
+    data, _ = covariate_frame(cohort)
+    fold, _ = participant_folds(cohort, 5, 0)
+    oof = out_of_fold_scores(data, ["frax_mof"], fold, "deepsurv")
+    y = Surv.from_arrays(oof["event"].to_numpy(bool), oof["time"].to_numpy(float))
+    _, mean = cumulative_dynamic_auc(y, y, oof["score"].to_numpy(), [365.25, 5 * 365.25, 10 * 365.25])
+    assert ds["models"]["frax"]["td_auroc_mean"] == pytest.approx(mean, abs=1e-12)
+    again = fracture_score_models(cohort, folds=5, seed=0, method="deepsurv")
+    assert again["models"]["frax"]["c_index"] == ds["models"]["frax"]["c_index"]  # seeded
+
+
+def test_fracture_score_models_use_the_image_models_cv_folds(cohort):
+    """A ``fold`` column (out-of-fold image-model predictions) defines the folds; no participant scores itself."""
+    from lifelines import CoxPHFitter
+
+    folded = cohort.assign(fold=np.arange(len(cohort)) % 3)
+    res = fracture_score_models(folded, method="coxph")
+    assert res["folds"] == 3 and res["fold_source"].startswith("fold column")
+    data, _ = covariate_frame(folded)
+    fold, _ = participant_folds(folded)
+    np.testing.assert_array_equal(fold, folded["fold"].to_numpy())
+    oof = out_of_fold_scores(data, ["frax_mof"], fold, "coxph")
+    held = fold == 1
+    cph = CoxPHFitter().fit(data.loc[~held, ["time", "event", "frax_mof"]], "time", "event")
+    np.testing.assert_allclose(oof["score"].to_numpy()[held],
+                               cph.predict_log_partial_hazard(data.loc[held, ["frax_mof"]]).to_numpy(), rtol=1e-10)
+
+
+def test_deepsurv_mlp_fits_and_validates_its_input():
+    from raypipe.baselines.deepsurv_mlp import DeepSurvMLP
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 2))
+    t = rng.exponential(np.exp(-(1.0 * x[:, 0] - 0.5 * x[:, 1])))
+    e = rng.random(300) < 0.8
+    net = DeepSurvMLP(epochs=150, seed=1).fit(x, t, e)
+    assert net.loss_history_[-1] < net.loss_history_[0]
+    risk = net.log_risk(x)
+    assert np.corrcoef(risk, x[:, 0] - 0.5 * x[:, 1])[0, 1] > 0.8
+    np.testing.assert_array_equal(DeepSurvMLP(epochs=150, seed=1).fit(x, t, e).log_risk(x), risk)
+    with pytest.raises(ValueError, match="no events"):
+        DeepSurvMLP(epochs=5).fit(x, t, np.zeros(300))
+    with pytest.raises(ValueError, match=r"shape \(n, 2\)"):
+        net.log_risk(x[:, :1])
+
+
+def test_age_regression_matches_scipy():
+    """The thesis's age check: R-square of predicted on prompted age (0.841 in the thesis), slope, MAE."""
+    from scipy.stats import linregress
+
+    rng = np.random.default_rng(2)
+    prompted = rng.uniform(50, 90, 200)
+    predicted = 5 + 0.9 * prompted + rng.normal(0, 4, 200)
+    r = age_regression(prompted, predicted)
+    ref = linregress(prompted, predicted)
+    assert r.n == 200 and r.r_squared == pytest.approx(ref.rvalue ** 2) and r.slope == pytest.approx(ref.slope)
+    assert r.intercept == pytest.approx(ref.intercept) and r.mae == pytest.approx(np.abs(predicted - prompted).mean())
+    with pytest.raises(ValueError, match="one length"):
+        age_regression(prompted, predicted[:-1])
+    with pytest.raises(ValueError, match="varying"):
+        age_regression([70, 70, 70], [60, 65, 70])

@@ -116,6 +116,20 @@ def test_deepsurv_instance_input_norm_ignores_each_patch_exposure() -> None:
         deepsurv_tiny(input_norm="batch")
 
 
+def test_deepsurv_image_scale_multiplies_the_image_features_only() -> None:
+    """image_scale: the pooled image features enter the MLP scaled; same weights, clinical path unchanged."""
+    torch.manual_seed(0)
+    image, clinical = torch.rand(3, 5, 32, 32), torch.randn(3, 5)
+    scaled = deepsurv_tiny(in_chans=5, image_scale=0.1).eval()
+    plain = deepsurv_tiny(in_chans=5).eval()
+    plain.load_state_dict(scaled.state_dict())  # no parameters of its own: checkpoints load either way
+    with torch.no_grad():
+        torch.testing.assert_close(scaled.image_features(image), 0.1 * plain.image_features(image))
+        assert not torch.allclose(scaled(image, clinical), plain(image, clinical))
+    with pytest.raises(ValueError, match="image_scale"):
+        deepsurv_tiny(image_scale=0.0)
+
+
 def test_pvf_input_modes_and_score_range() -> None:
     x = torch.randn(2, 1, 64, 64)
     for mode in ("adapt", "replicate"):

@@ -35,8 +35,13 @@ def test_every_entry_resolves_and_its_configs_load(name: str) -> None:
             assert callable(resolve(path))
     for file in (*task.paper_configs, task.tiny_config):
         assert (CONFIGS / file).is_file(), file
-        if file == task.tiny_config or "pretrained" not in cls.model_fields:
+        if file == task.tiny_config or not ({"pretrained", "pretrained_sd"} & set(cls.model_fields)):
             load_config(cls, CONFIGS / file)
+            continue
+        if "pretrained_sd" in cls.model_fields:  # Diff-X names a Stable Diffusion directory the tests do not ship
+            with pytest.raises(ConfigError, match="weights/stable-diffusion"):
+                load_config(cls, CONFIGS / file)
+            load_config(cls, CONFIGS / file, {"pretrained_sd": "none"})
             continue
         # paper configs name ImageNet weights the tests do not ship: refused, naming the file, until stated
         with pytest.raises(ConfigError, match="weights/"):

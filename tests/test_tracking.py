@@ -1,6 +1,7 @@
-"""raypipe.tracking against a real `mlflow server` on loopback: Tune trials through Ray's MLflowLoggerCallback,
-a 2-worker Ray Train fit through setup_mlflow (rank 0 only), final metrics and artifacts, and the local
-OUT/mlruns store used by `--mlflow` without a server."""
+"""raypipe.tracking against a real `mlflow server` on loopback (tests/_mlflow.py): Tune trials through Ray's
+MLflowLoggerCallback, a 2-worker Ray Train fit through `TrainTracker` (one run, the workers' per-epoch metrics),
+final metrics and artifacts, `raypipe train --mlflow` end to end, and the local OUT/mlruns store used by
+`--mlflow` without a server."""
 from __future__ import annotations
 
 import json
@@ -122,26 +123,24 @@ def test_train_workers_log_one_run_on_server(mlflow_server: str, ray_session, tm
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from raypipe.tracking import train_callbacks
+
     # defined here, so that cloudpickle ships it by value (workers cannot import test modules)
     def _train_loop(config: dict) -> None:
         import ray.train
 
-        from raypipe.tracking import end_worker_run, log_epoch, start_worker_run
-
-        start_worker_run(config["tracking"])
         for epoch in range(3):
-            log_epoch({"loss": 1.0 / (epoch + 1), "val": {"c_index": 0.5 + 0.1 * epoch}, "phase": "train"}, epoch)
-            ray.train.report({"epoch": epoch})
-        end_worker_run()
+            ray.train.report({"epoch": epoch, "loss": 1.0 / (epoch + 1), "val": {"c_index": 0.5 + 0.1 * epoch},
+                              "phase": "train"})
 
     t = resolve_tracking(tmp_path / "out", "train-1", _Config(), env={"MLFLOW_TRACKING_URI": mlflow_server})
-    trainer = TorchTrainer(_train_loop, train_loop_config={"tracking": t},
-                           scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.25}),
-                           run_config=RunConfig(storage_path=str(tmp_path / "ray"), name="train-1"))
+    trainer = TorchTrainer(_train_loop, scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.25}),
+                           run_config=RunConfig(storage_path=str(tmp_path / "ray"), name="train-1",
+                                                callbacks=train_callbacks(t)))
     trainer.fit()
     metrics_path, report_path = _outputs(tmp_path / "out")
     run_id = log_final(t, metrics_path, report_path)
-    (run,) = _runs(mlflow_server, "train-1")  # rank 0 only: one run for two workers
+    (run,) = _runs(mlflow_server, "train-1")  # one run for two workers
     assert run.info.run_id == run_id and run.data.tags["raypipe.role"] == "train"
     assert run.data.params["optim.betas"] == "[0.9, 0.999]"
     client = mlflow.tracking.MlflowClient(mlflow_server)
@@ -151,3 +150,36 @@ def test_train_workers_log_one_run_on_server(mlflow_server: str, ray_session, tm
     assert run.data.metrics["p_value/ct_bm_vs_frax/auroc"] == 0.03
     assert sorted(a.path for a in client.list_artifacts(run_id)) == ["metrics.json", "report.html"]
     assert client.get_run(run_id).info.status == "FINISHED"
+    assert train_callbacks(None) == []
+
+
+def test_raypipe_train_mlflow_end_to_end(mlflow_server: str, ray_session, tmp_path: Path,  # noqa: F811
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """`raypipe train deepsurv --mlflow` on a small cohort: params, per-epoch metrics, final metrics, artifacts."""
+    from raypipe.cli import main
+    from raypipe.data.synth import synth_cohort
+    from raypipe.data.xray_pipeline import preprocess_xray
+    from raypipe.preprocess.config import XrayPreprocessConfig
+
+    synth_cohort("xray", tmp_path / "cohort", patients=60, seed=1)
+    shards = tmp_path / "shards"
+    preprocess_xray(tmp_path / "cohort" / "manifest.csv", shards,
+                    XrayPreprocessConfig(out_size=64, shard_size=30, qc_pictures=False), use_ray=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "raypipe-e2e")
+    out = tmp_path / "run"
+    config = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "xray_deepsurv_tiny.yaml"
+    assert main(["train", "deepsurv", "--config", str(config), "--data", str(shards), "--out", str(out),
+                 "--mlflow", "--set", "epochs=2", "--set", "n_boot=20"]) == 0
+    client = mlflow.tracking.MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("raypipe-e2e")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.data.tags["raypipe.role"] == "train" and run.info.status == "FINISHED"
+    assert run.data.params["epochs"] == "2" and run.data.params["lr"] == "0.003" and run.data.params["use_gpu"] == "false"
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train_loss"))
+    assert steps == [1, 2]  # one value per epoch, reported by the Ray Train workers
+    expected = final_metrics(json.loads((out / "metrics.json").read_text()))
+    assert expected and all(run.data.metrics[k] == pytest.approx(v) for k, v in expected.items())
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"metrics.json", "report.html", "metrics.csv", "config.yaml"} <= artifacts
+    assert (out / "report" / "report.html").is_file()

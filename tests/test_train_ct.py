@@ -192,3 +192,25 @@ def test_checkpoint_every_k_epochs_keeps_best_and_last(ray_session, tmp_path):
     saved = sorted(p.name for p in (tmp_path / "run" / "ray_results" / "train").glob("checkpoint_epoch_*"))
     assert saved == ["checkpoint_epoch_0001", "checkpoint_epoch_0003", "checkpoint_epoch_0004"]
     assert len((tmp_path / "run" / "metrics.csv").read_text().strip().splitlines()) == 5  # every epoch still logged
+
+
+def test_epoch_rows_carry_their_time_breakdown(ray_session, tmp_path):
+    """metrics.csv: per epoch, step time, data wait and validation lie within the epoch; epochs start in order."""
+    import csv
+
+    from raypipe.train.ct import fit_ct
+
+    write_planted_shards(tmp_path / "shards", 24, seed=5, val_every=4)
+    fit_ct(_tiny_cfg(epochs=3, patience=10, batch_size=8), str(tmp_path / "shards"), str(tmp_path / "run"))
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    for r in rows:
+        step, data, val, epoch = (float(r[k]) for k in ("time_step_s", "time_data_s", "time_val_s", "time_epoch_s"))
+        assert step > 0 and data >= 0 and val > 0
+        assert step + data + val <= epoch  # disjoint parts of the epoch's interval
+        assert int(r["steps"]) == 3  # 18 training studies (6 validation) in batches of 8
+    starts = [float(r["epoch_started"]) for r in rows]
+    assert starts == sorted(starts) and len(set(starts)) == 3
+    for r, nxt in zip(rows, starts[1:]):
+        assert nxt - float(r["epoch_started"]) >= float(r["time_epoch_s"]) - 0.01  # an epoch ends before the next starts

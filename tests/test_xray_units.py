@@ -211,3 +211,49 @@ def test_duration_index_of_all_censored_and_empty_batches():
     censored = duration_index(cuts, t[1:3], e[1:3])
     np.testing.assert_array_equal(censored, mixed[1:3])
     assert duration_index(cuts, np.array([]), np.array([])).shape == (0,)
+
+
+def test_flip_shift_moves_each_sample_as_asked() -> None:
+    """flip_shift: per-sample left-right flip and (dy, dx) translation of a whole batch, border replicated."""
+    from raypipe.data.collate import StudyMoves, study_keys
+    from raypipe.preprocess.augment import flip_shift
+
+    x = np.arange(2 * 3 * 5 * 6, dtype=np.float32).reshape(2, 3, 5, 6)  # (B, channels/slices, H, W)
+    y = flip_shift(x, np.array([False, True]), np.array([[1, -2], [0, 0]]))
+    assert y.shape == x.shape and y.dtype == x.dtype
+    np.testing.assert_array_equal(y[0, :, 1:, :4], x[0, :, :4, 2:])  # content moved down 1, left 2
+    np.testing.assert_array_equal(y[0, :, 0, :4], x[0, :, 0, 2:])  # top row replicated
+    np.testing.assert_array_equal(y[0, :, 1:, 4:], np.repeat(x[0, :, :4, 5:], 2, axis=-1))  # right edge replicated
+    np.testing.assert_array_equal(y[1], x[1, :, :, ::-1])  # flipped, every channel alike
+    np.testing.assert_array_equal(flip_shift(x, np.zeros(2, bool), np.zeros((2, 2), int)), x)
+    with pytest.raises(ValueError, match="does not fit"):
+        flip_shift(x, np.zeros(2, bool), np.array([[5, 0], [0, 0]]))
+    with pytest.raises(ValueError, match="B flips"):
+        flip_shift(x, np.zeros(3, bool), np.zeros((2, 2), int))
+    keys = study_keys([f"S{i}" for i in range(400)])
+    flips, shifts = StudyMoves(0.5, 0.05, seed=0).draw(keys, epoch=1, width=60)  # up to 3 px
+    assert 120 < flips.sum() < 280 and set(np.unique(shifts)) == set(range(-3, 4))
+    again, _ = StudyMoves(0.5, 0.05, seed=0).draw(keys, epoch=1, width=60)
+    other, _ = StudyMoves(0.5, 0.05, seed=0).draw(keys, epoch=2, width=60)
+    assert (again == flips).all() and (other != flips).any()  # fixed by (seed, epoch, study)
+    assert not StudyMoves() and StudyMoves(0.0, 0.0).apply(x.copy(), keys[:2], 1).tolist() == x.tolist()
+
+
+def test_deepsurv_batches_augment_training_only() -> None:
+    """XrayBatch flips/shifts per (seed, epoch, study) when asked; the scoring collate leaves the input alone."""
+    import torch
+
+    from raypipe.data.collate import StudyMoves
+    from raypipe.train.deepsurv import XrayBatch
+
+    rng = np.random.default_rng(1)
+    batch = {"study_id": np.array(["A", "B", "C", "D"]), "image": rng.random((4, 5, 32, 32)).astype(np.float32),
+             "time_days": np.array([100.0, 200, 300, 400]), "event": np.array([1.0, 0, 1, 0])}
+    plain = XrayBatch(None, True, None)(batch)["x"]
+    assert torch.equal(plain, torch.from_numpy(batch["image"]))
+    moves = StudyMoves(0.5, 0.1, seed=0)
+    aug = XrayBatch(None, True, None, moves=moves, epoch=1)
+    a1, a2 = aug(batch)["x"], aug(batch)["x"]
+    assert torch.equal(a1, a2) and not torch.equal(a1, plain)  # seeded per study and epoch
+    other = XrayBatch(None, True, None, moves=moves, epoch=2)(batch)["x"]
+    assert not torch.equal(other, a1)

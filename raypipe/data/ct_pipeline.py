@@ -162,8 +162,18 @@ def qc_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return df
 
 
+def warm_up(cfg: CTPreprocessConfig) -> None:
+    """Import what `process_study` needs, once per writer actor (not inside the first study's timing)."""
+    import raypipe.io.ct  # noqa: F401
+    import raypipe.io.masks  # noqa: F401
+    import raypipe.preprocess.ct  # noqa: F401
+
+    if cfg.qc_pictures:
+        import raypipe.preprocess.qc_png  # noqa: F401
+
+
 CT_SPEC = ShardSpec(kind="CT", config_cls=CTPreprocessConfig, process_study=process_study,
-                    records_to_table=records_to_table, qc_frame=qc_frame)
+                    records_to_table=records_to_table, qc_frame=qc_frame, warm_up=warm_up)
 
 
 def preprocess_ct(

@@ -1,4 +1,7 @@
-"""Batch Diff-X generation over a cohort: Ray Data `map_batches` with one model replica per GPU (or CPU actor).
+"""Batch Diff-X generation over a cohort: Ray Data `map_batches` with `concurrency` model replicas.
+
+Each replica asks for `gpus_per_replica` GPUs when `use_gpu` (the paper config; `--gpus N` / `--cpu` override),
+else for one CPU: requested, never discovered, so an autoscaling cluster adds GPU nodes for them.
 
 For every XR study of a manifest: future radiographs at the configured years (+ the last follow-up,
 when `include_last_followup`) x seeds, BpVF/GpVF and the risk group (`raypipe.generate.generate_study`),
@@ -63,9 +66,11 @@ class GenerateJobConfig(StrictModel):
                                     "the maximum over years of the seed means (option)")
     gpvf_horizon_years: float = Field(10.0, gt=0, description="the GpVF year (thesis: 10, as FRAX); must be in years")
     write_images: bool = True
-    bf16: bool = Field(True, description="bf16 autocast on GPUs")
+    bf16: bool = Field(True, description="bf16 autocast on GPUs (fp32 on CPU either way); false: fp32 on GPUs too")
     split: str | None = Field(None, description="only studies of this manifest split (None: all)")
-    concurrency: int | None = Field(None, ge=1, description="replicas (None: one per GPU, else 1 on CPU)")
+    use_gpu: bool = Field(False, description="replicas on GPUs (requested, never discovered; --gpus N / --cpu override)")
+    gpus_per_replica: float = Field(1.0, gt=0, description="GPUs per replica when use_gpu")
+    concurrency: int = Field(1, ge=1, description="model replicas at once (each asks for its GPU or one CPU)")
     clinical_prompts: bool | None = Field(
         None, description="None: the prompts the model was trained with (model_meta.json); true/false must match it")
     image_quality: bool = Field(False, description="MS-SSIM/PSNR of Diff-X vs single-LDM baseline reconstructions")
@@ -90,7 +95,10 @@ class DiffXGenerator:
         from raypipe.scoring.pvf import load_pvf
 
         self.cfg = GenerateJobConfig.model_validate(config)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.cfg.use_gpu and not torch.cuda.is_available():
+            raise RuntimeError("use_gpu is true but this generation replica sees no CUDA device (Ray gave it a GPU "
+                               "torch cannot use: check the node's CUDA driver)")
+        device = "cuda" if self.cfg.use_gpu else "cpu"
         self.pipe = pipeline_from_dir(model_dir, device, self.cfg.bf16, steps=self.cfg.steps, eta=self.cfg.eta,
                                       low_threshold=self.cfg.low_threshold, high_threshold=self.cfg.high_threshold,
                                       gpvf_rule=self.cfg.gpvf_rule, gpvf_horizon_years=self.cfg.gpvf_horizon_years)
@@ -175,7 +183,7 @@ def generate_cohort(manifest: str, model_dir: str, out_dir: str, pvf_dir: str | 
 
     from raypipe.io.manifest import load_manifest
     from raypipe.predictions import CLINICAL_COLUMNS, label_columns, write_predictions
-    from raypipe.ray_utils import init_ray
+    from raypipe.ray_utils import describe_devices, init_ray, require_gpus
 
     cfg = config or GenerateJobConfig()
     out = storage.absolute(out_dir)
@@ -191,17 +199,20 @@ def generate_cohort(manifest: str, model_dir: str, out_dir: str, pvf_dir: str | 
                         "glucocorticoid", "prior_fracture", "rheumatoid_arthritis", "secondary_osteoporosis",
                         "followup_image_path", "followup_years")
             if c in table.columns]
+    device_line = describe_devices(cfg.concurrency, cfg.use_gpu, cfg.gpus_per_replica, what="Diff-X generation",
+                                   unit="replica")
+    log.info("%s", device_line)
     init_ray()
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    concurrency = cfg.concurrency or (gpus if gpus else 1)
-    resources = {"num_gpus": 1} if gpus else {"num_cpus": 1}
+    require_gpus(cfg.gpus_per_replica if cfg.use_gpu else 0, "raypipe generate-batch")
+    concurrency = cfg.concurrency
+    resources = {"num_gpus": cfg.gpus_per_replica} if cfg.use_gpu else {"num_cpus": 1}
     ds = ray.data.from_pandas(table[cols]).map_batches(
         DiffXGenerator, fn_constructor_kwargs={"model_dir": storage.absolute(model_dir),
                                                "pvf_dir": storage.absolute(pvf_dir) if pvf_dir else None,
                                                "out_dir": out, "config": cfg.model_dump(mode="json")},
         batch_size=1, batch_format="pandas", concurrency=concurrency, **resources)
     scored = _collect_with_progress(ds, len(table))
-    log.info("generated for %d studies with %d replica(s) (%s)", len(scored), concurrency, "GPU" if gpus else "CPU")
+    log.info("generated for %d studies (%s)", len(scored), device_line)
     if pvf_dir is None:
         return {"studies": len(scored), "predictions": None, "metrics": None}
 
@@ -215,7 +226,7 @@ def generate_cohort(manifest: str, model_dir: str, out_dir: str, pvf_dir: str | 
         gpvf_sd=base["gpvf_sd"].astype(float), gpvf_year=base["gpvf_year"].astype(float), group=base["group"])
     extra = [c for c in scored.columns if c.startswith("quality_") or c.startswith("pvf_followup_")]
     studies = frame.assign(**{c: base[c].astype(float) for c in extra})
-    studies.to_parquet(storage.join(out, "studies.parquet"), index=False)
+    storage.atomic_write_parquet(studies, storage.join(out, "studies.parquet"))
     frame = aggregate_participants(studies, cfg.low_threshold, cfg.high_threshold)
     pred_path = storage.join(out, "predictions.parquet")
     write_predictions(frame, pred_path, {"model": MODEL_NAME, "model_dir": storage.absolute(model_dir),
@@ -337,6 +348,8 @@ def diffx_metrics(frame: pd.DataFrame, cfg: GenerateJobConfig | None = None) -> 
     out["table4"] = _guard(lambda: table4(df))
     out["table5"] = _guard(lambda: table5(df))
     out["fracture_score_models"] = _guard(lambda: fracture_score_models(df, folds=5, seed=cfg.seed))
+    out["fracture_score_models_deepsurv"] = _guard(lambda: fracture_score_models(df, folds=5, seed=cfg.seed,
+                                                                                 method="deepsurv"))
     quality = image_quality_summary(frame)
     if quality:
         out["image_quality"] = quality

@@ -63,6 +63,7 @@ class ShardSpec:
     records_to_table: Callable[[list[dict[str, Any]], Any], Any]
     qc_frame: Callable[[list[dict[str, Any]]], pd.DataFrame]
     study_key: Callable[[dict[str, Any]], str] = lambda r: str(r["study_id"])
+    warm_up: Callable[[Any], None] | None = None  # given the config, run once when a writer actor starts
 
 
 def clean_record(r: dict[str, Any]) -> dict[str, Any]:
@@ -163,32 +164,51 @@ def shard_complete(out: str, name: str) -> bool:
     return storage.exists(storage.join(out, QC_DIR, name + ".csv"))
 
 
-class _ShardTask:
-    """Ray Data row function: one item = one shard plan (JSON), returns the shard's counts."""
+class ShardWriter:
+    """Ray Data actor: writes shards one after another in a long-lived worker.
 
-    def __init__(self, out: str, spec: ShardSpec, cfg_json: str, schema) -> None:
-        self.out, self.spec, self.cfg_json, self.schema = out, spec, cfg_json, schema
+    Start-up (imports of the readers and transforms, the validated config, thread limits) is paid once per
+    actor instead of once per shard task, so a small cohort on few cores is not dominated by it. Each actor
+    pins its native thread pools to its CPU share (`cpus_per_task`), as a single Ray task would be.
+    """
 
-    def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
+    def __init__(self, out: str, spec: ShardSpec, cfg_json: str, schema: Any) -> None:
+        from raypipe.ray_utils import limit_threads
+
+        self.out, self.spec, self.schema = out, spec, schema
+        self.cfg = spec.config_cls.model_validate_json(cfg_json)
+        limit_threads(max(1, int(getattr(self.cfg, "cpus_per_task", 1))))
+        if spec.warm_up is not None:
+            spec.warm_up(self.cfg)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Write every shard plan of the batch (columns index, name, rows as JSON); return their counts."""
         import ray
 
-        cfg = self.spec.config_cls.model_validate_json(self.cfg_json)
-        plan = ShardPlan(index=int(item["index"]), name=str(item["name"]), rows=tuple(json.loads(item["rows"])))
-        counts = write_shard(plan, self.out, self.spec, cfg, self.schema)
-        counts["node_id"] = ray.get_runtime_context().get_node_id()  # which node wrote it (multi-node runs)
-        return counts
+        node = ray.get_runtime_context().get_node_id()  # which node wrote it (multi-node runs)
+        counts = []
+        for index, name, rows in zip(batch["index"], batch["name"], batch["rows"]):
+            plan = ShardPlan(index=int(index), name=str(name), rows=tuple(json.loads(str(rows))))
+            counts.append({**write_shard(plan, self.out, self.spec, self.cfg, self.schema), "node_id": node})
+        return {k: np.asarray([c[k] for c in counts]) for k in counts[0]} if counts else {}
 
 
 def _run_with_ray(pending: list[ShardPlan], out: str, spec: ShardSpec, cfg: Any, schema) -> dict[str, str]:
-    """Fan the pending shards out as Ray Data tasks (one block per shard); returns shard name -> node id."""
+    """Fan the pending shards out to a pool of `ShardWriter` actors, one per CPU share; returns shard -> node id."""
     import ray
 
-    from raypipe.ray_utils import init_ray
+    from raypipe.ray_utils import cpu_worker_slots, init_ray
 
     init_ray()
+    actors = min(len(pending), cpu_worker_slots(cfg.cpus_per_task))
     items = [{"index": p.index, "name": p.name, "rows": json.dumps(list(p.rows), default=str)} for p in pending]
+    log.info("%s preprocessing on Ray Data: %d shards over %d actor(s) of %g CPU", spec.kind, len(items), actors,
+             cfg.cpus_per_task)
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map(_ShardTask(out, spec, cfg.model_dump_json(), schema), num_cpus=cfg.cpus_per_task)
+    # one shard in flight per actor: a free actor takes the next shard, so no actor idles behind another's queue
+    pool = ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1)
+    ds = ds.map_batches(ShardWriter, fn_constructor_args=(out, spec, cfg.model_dump_json(), schema), batch_size=1,
+                        batch_format="numpy", compute=pool, num_cpus=cfg.cpus_per_task)
     nodes: dict[str, str] = {}
     for i, r in enumerate(ds.iter_rows(), start=1):
         nodes[str(r["shard"])] = str(r["node_id"])

@@ -67,7 +67,8 @@ class KeypointPredictor:
 
         self.input_size = int(input_size)
         self.model = build_model(name, **(model_config or {}))
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        with storage.localize(weights) as local:  # weights on an object store: fetched for the load
+            state = torch.load(local, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
         self.model.load_state_dict(state)
@@ -101,7 +102,7 @@ def keypoint_predictor(cfg: XrayPreprocessConfig) -> KeypointPredictor | None:
     key = (cfg.keypoint_model_name, cfg.keypoint_model_path, json.dumps(cfg.keypoint_model_config, sort_keys=True),
            cfg.keypoint_input_size)
     if key not in _MODELS:
-        if not os.path.isfile(cfg.keypoint_model_path):
+        if not storage.is_file(cfg.keypoint_model_path):
             raise RaypipeInputError("keypoint model weights not found", path=cfg.keypoint_model_path,
                                     field="keypoint_model_path")
         log.info("loading keypoint model %s from %s", cfg.keypoint_model_name, cfg.keypoint_model_path)
@@ -212,8 +213,18 @@ def _study_key(r: dict[str, Any]) -> str:
     return f"{r['study_id']}|{r.get('image_path')}|{r.get('keypoints_path')}"
 
 
+def warm_up(cfg: XrayPreprocessConfig) -> None:
+    """Import what `process_study` needs, once per writer actor; the keypoint model loads on first use."""
+    import raypipe.io.keypoints  # noqa: F401
+    import raypipe.io.radiograph  # noqa: F401
+    import raypipe.preprocess.xray  # noqa: F401
+
+    if cfg.qc_pictures:
+        import raypipe.preprocess.qc_png  # noqa: F401
+
+
 XRAY_SPEC = ShardSpec(kind="X-ray", config_cls=XrayPreprocessConfig, process_study=process_study,
-                      records_to_table=records_to_table, qc_frame=qc_frame, study_key=_study_key)
+                      records_to_table=records_to_table, qc_frame=qc_frame, study_key=_study_key, warm_up=warm_up)
 
 
 def preprocess_xray(

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from raypipe import storage
 from raypipe.io.ct import ct_from_image, is_volume_file, read_ct_image
 from raypipe.io.errors import ImageReadError, ImageReadWarning, RaypipeInputError
 from raypipe.io.masks import LabelSpec, mask_edge_contact, read_masks
@@ -44,7 +45,23 @@ def detect_kind(path: PathLike) -> str:
 
 
 def inspect_path(path: PathLike, masks: PathLike | None = None, mask_labels: LabelSpec | None = None) -> dict[str, Any]:
-    """Geometry, orientation, intensity and per-mask statistics of an image, JSON-ready, with QC warnings."""
+    """Geometry, orientation, intensity and per-mask statistics of an image, JSON-ready, with QC warnings.
+
+    `s3://` / `gs://` inputs are fetched to a task-local temp dir for the call; the result names the URI."""
+    from contextlib import ExitStack
+
+    given = (path, masks, mask_labels)
+    if any(isinstance(p, (str, os.PathLike)) and storage.is_uri(p) for p in given):
+        with ExitStack() as stack:
+            local = [stack.enter_context(storage.localize(p)) if isinstance(p, (str, os.PathLike)) and storage.is_uri(p)
+                     else p for p in given]
+            result = _inspect_local(*local)
+        return {**result, "path": str(path)}
+    return _inspect_local(path, masks, mask_labels)
+
+
+def _inspect_local(path: PathLike, masks: PathLike | None, mask_labels: LabelSpec | None) -> dict[str, Any]:
+    """`inspect_path` on local files."""
     kind = detect_kind(path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ImageReadWarning)
@@ -62,6 +79,7 @@ def inspect_path(path: PathLike, masks: PathLike | None = None, mask_labels: Lab
     return result
 
 
+@storage.localized("path", "masks", "mask_labels", "keypoints")  # inputs on object stores: fetched for the call
 def inspect_picture(
     path: PathLike,
     out_png: PathLike,
@@ -75,7 +93,6 @@ def inspect_picture(
     config), or the sagittal view with the problem when the crops cannot be made; without masks, the
     sagittal view. Radiograph: with keypoints, the keypoints, alignment axis, patches and model input.
     """
-    from raypipe import storage
     from raypipe.preprocess.qc_png import ct_qc_picture, xray_qc_picture
 
     kind = detect_kind(path)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,8 +102,11 @@ def read_dicom_header(path: PathLike) -> Dataset:
         raise ImageReadError(path, f"not a readable DICOM file: {exc}") from exc
 
 
-def write_radiograph_png(path: PathLike, image: Radiograph | np.ndarray, bits: int = 16) -> Path:
-    """Write [0, 1] pixels as an 8- or 16-bit grey PNG (atomically), readable by `read_radiograph`."""
+def write_radiograph_png(path: PathLike, image: Radiograph | np.ndarray, bits: int = 16) -> Path | str:
+    """Write [0, 1] pixels as an 8- or 16-bit grey PNG, readable by `read_radiograph`; atomically (local temp name
+    and rename, one PUT on object stores). Returns the local `Path`, or the URI as given."""
+    import io
+
     from PIL import Image
 
     if bits not in (8, 16):
@@ -117,17 +119,10 @@ def write_radiograph_png(path: PathLike, image: Radiograph | np.ndarray, bits: i
     top = (1 << bits) - 1
     scaled = np.rint(np.clip(pixels.astype(np.float64), 0.0, 1.0) * top)
     arr = scaled.astype(np.uint16 if bits == 16 else np.uint8)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            Image.fromarray(arr).save(fh, format="PNG")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    storage.atomic_write_bytes(path, buf.getvalue())
+    return str(path) if storage.is_uri(path) else Path(storage.local_path(path))
 
 
 def window_to_unit(values: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:

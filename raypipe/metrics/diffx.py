@@ -11,9 +11,11 @@ major osteoporotic per 1 SD (the cohort's sample SD, reported), BpVF and GpVF pe
 - `table5`: BpVF and GpVF per 0.1 point and the two binary risk groups, univariable, then the score-based
   model (BpVF + GpVF + age + sex + BMI) and the clinical model (age + sex + BMI), with C and LR chi-square.
 - `pairwise_logrank`: log-rank test for every pair of groups (raw and Bonferroni-adjusted p).
-- `fracture_score_models`: CoxPH survival models on BpVF + GpVF (+/- age, sex, BMI) and on FRAX, fitted
-  inside k-fold cross-validation by participant; out-of-fold IPCW td-AUROC at 1, 5, 10 years and their
-  mean, and Harrell's C (thesis Figures 17-18; the DeepSurv variant of Figure 17 is not implemented).
+- `fracture_score_models`: CoxPH (Figure 18) or DeepSurv (Figure 17) survival models on BpVF + GpVF
+  (+/- age, sex, BMI) and on FRAX, fitted inside cross-validation by participant (the image models' CV
+  folds when the rows carry them); out-of-fold IPCW td-AUROC at 1, 5, 10 years and their mean, and Harrell's C.
+- `age_regression`: the thesis's check of the prompt LDM (Methods 8, Results 2): an age regressor's
+  predicted age of generated images against the age in their prompt (R-square, slope, MAE).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -31,10 +33,14 @@ from raypipe.metrics._checks import as_survival
 from raypipe.metrics.survival import CoxSummary, cox_hazard_ratios, logrank_test, td_auroc
 
 __all__ = [
+    "AgeRegression",
     "DAYS_PER_YEAR",
     "PairwiseLogRank",
     "covariate_frame",
+    "age_regression",
     "fracture_score_models",
+    "out_of_fold_scores",
+    "participant_folds",
     "pairwise_logrank",
     "table4",
     "table5",
@@ -198,16 +204,66 @@ def table5(df: pd.DataFrame) -> dict[str, Any]:
                   fits=fits)
 
 
-def fracture_score_models(df: pd.DataFrame, folds: int = 5, seed: int = 0,
-                          years: Sequence[float] = (1.0, 5.0, 10.0)) -> dict[str, Any]:
-    """CoxPH on BpVF + GpVF (+/- age, sex, BMI) and on FRAX inside k-fold CV; out-of-fold td-AUROC and C.
+def participant_folds(df: pd.DataFrame, folds: int = 5, seed: int = 0) -> tuple[np.ndarray, str]:
+    """Fold of each participant row and where it came from: the image models' CV ``fold`` column, else random.
 
-    Folds split participants (one row each) at random with `seed`; each fold's Cox model is fitted on the
-    other folds and its linear predictor scored on the fold. td-AUROC (IPCW, censoring from the whole
-    cohort) at the `years` that fall inside follow-up, and its KM-weighted mean; Harrell's C.
+    A ``fold`` column with at least two non-negative values (the out-of-fold predictions of ``raypipe cv``)
+    is used as is, so each fracture-score model is fitted on the participants whose scores came from the
+    other folds' image models; otherwise participants are split at random into `folds` folds with `seed`.
+    """
+    if "fold" in df.columns:
+        f = pd.to_numeric(df["fold"], errors="coerce").to_numpy()
+        if np.isfinite(f).all() and (f >= 0).all() and len(np.unique(f)) >= 2:
+            return f.astype(int), "fold column (image models' CV)"
+    if folds < 2:
+        raise ValueError(f"folds must be >= 2, got {folds}")
+    rng = np.random.default_rng(seed)
+    return rng.permutation(np.arange(len(df)) % folds), f"random by participant (seed {seed})"
+
+
+def out_of_fold_scores(data: pd.DataFrame, covariates: Sequence[str], fold: np.ndarray,
+                       method: Literal["coxph", "deepsurv"] = "coxph", seed: int = 0) -> pd.DataFrame:
+    """Columns time, event, fold, score: each fold scored by a model fitted on the other folds' rows.
+
+    `data` is `covariate_frame`'s output; rows with a missing covariate are dropped. CoxPH: lifelines'
+    ``CoxPHFitter`` linear predictor; DeepSurv: `raypipe.baselines.deepsurv_mlp.DeepSurvMLP` log-risk.
     """
     from lifelines import CoxPHFitter
 
+    from raypipe.baselines.deepsurv_mlp import DeepSurvMLP
+
+    if method not in ("coxph", "deepsurv"):
+        raise ValueError(f"method must be 'coxph' or 'deepsurv', got {method!r}")
+    covs = list(covariates)
+    keep = data[covs].notna().all(axis=1).to_numpy()
+    sub = data.loc[keep, ["time", "event", *covs]].reset_index(drop=True)
+    f = np.asarray(fold)[keep]
+    score = np.full(len(sub), np.nan)
+    for k in np.unique(f):
+        tr, te = f != k, f == k
+        if sub.loc[tr, "event"].sum() < 1:
+            raise ValueError(f"fold {k}: no events among the other folds' participants")
+        if method == "coxph":
+            cph = CoxPHFitter().fit(sub.loc[tr], duration_col="time", event_col="event")
+            score[te] = cph.predict_log_partial_hazard(sub.loc[te, covs]).to_numpy()
+        else:
+            net = DeepSurvMLP(seed=seed + int(k)).fit(sub.loc[tr, covs].to_numpy(float), sub.loc[tr, "time"],
+                                                      sub.loc[tr, "event"])
+            score[te] = net.log_risk(sub.loc[te, covs].to_numpy(float))
+    return pd.DataFrame({"time": sub["time"].to_numpy(float), "event": sub["event"].to_numpy(int), "fold": f,
+                         "score": score})
+
+
+def fracture_score_models(df: pd.DataFrame, folds: int = 5, seed: int = 0,
+                          years: Sequence[float] = (1.0, 5.0, 10.0),
+                          method: Literal["coxph", "deepsurv"] = "coxph") -> dict[str, Any]:
+    """CoxPH or DeepSurv on BpVF + GpVF (+/- age, sex, BMI) and on FRAX inside CV; out-of-fold td-AUROC and C.
+
+    Folds are by participant (one row each, `participant_folds`: the image models' ``fold`` column when
+    present), the same for every model. td-AUROC is scikit-survival's ``cumulative_dynamic_auc`` (IPCW,
+    censoring distribution from the whole cohort) of the out-of-fold log-risks at the `years` inside
+    follow-up, with its KM-weighted mean; Harrell's C of the same scores.
+    """
     from raypipe.metrics.survival import c_index
 
     data, _ = covariate_frame(df)
@@ -215,26 +271,19 @@ def fracture_score_models(df: pd.DataFrame, folds: int = 5, seed: int = 0,
     models = {"fracture_scores": ["bpvf", "gpvf"], "fracture_scores_clinical": ["bpvf", "gpvf", *clinical]}
     if "frax_mof" in data.columns:
         models["frax"] = ["frax_mof"]
-    if folds < 2:
-        raise ValueError(f"folds must be >= 2, got {folds}")
-    out: dict[str, Any] = {"folds": folds, "models": {}}
-    rng = np.random.default_rng(seed)
+    fold, source = participant_folds(df, folds, seed)
+    n_folds = int(len(np.unique(fold)))
+    out: dict[str, Any] = {"method": method, "folds": n_folds, "fold_source": source, "models": {}}
+    horizons = [y * DAYS_PER_YEAR for y in years]
     for name, covs in models.items():
         if any(c not in data.columns for c in covs):
             continue
-        sub = data[["time", "event", *covs]].dropna().reset_index(drop=True)
-        if len(sub) < 2 * folds:
-            raise ValueError(f"{name}: {len(sub)} participants are too few for {folds}-fold CV")
-        fold = rng.permutation(np.arange(len(sub)) % folds)
-        lp = np.empty(len(sub))
-        for k in range(folds):
-            tr = sub[fold != k]
-            cph = CoxPHFitter().fit(tr, duration_col="time", event_col="event")
-            lp[fold == k] = cph.predict_log_partial_hazard(sub.loc[fold == k, covs]).to_numpy()
-        t, e = sub["time"].to_numpy(float), sub["event"].to_numpy(int)
-        horizons = [y * DAYS_PER_YEAR for y in years]
+        oof = out_of_fold_scores(data, covs, fold, method, seed)
+        if len(oof) < 2 * n_folds:
+            raise ValueError(f"{name}: {len(oof)} participants are too few for {n_folds}-fold CV")
+        t, e, lp = oof["time"].to_numpy(float), oof["event"].to_numpy(int), oof["score"].to_numpy(float)
         usable = [h for h in horizons if t.min() < h < t.max() and (t[e == 1] <= h).any()]
-        entry: dict[str, Any] = {"covariates": covs, "n": int(len(sub)), "events": int(e.sum()),
+        entry: dict[str, Any] = {"covariates": covs, "n": int(len(oof)), "events": int(e.sum()),
                                  "c_index": c_index(t, e, lp).value}
         if usable:
             r = td_auroc(t, e, t, e, lp, usable)
@@ -242,3 +291,30 @@ def fracture_score_models(df: pd.DataFrame, folds: int = 5, seed: int = 0,
             entry["td_auroc_mean"] = float(r.mean)
         out["models"][name] = entry
     return out
+
+
+@dataclass(frozen=True)
+class AgeRegression:
+    """Predicted vs prompted age of generated images: R-square (squared Pearson r), fit line, MAE."""
+
+    n: int
+    r_squared: float
+    pearson_r: float
+    slope: float
+    intercept: float
+    mae: float
+
+
+def age_regression(prompt_age: ArrayLike, predicted_age: ArrayLike) -> AgeRegression:
+    """The thesis's age check (Methods 8, Results 2: R-square 0.841): an age regressor's predictions on the
+    generated images against the age written in their prompts; least-squares line of predicted on prompted."""
+    x, y = np.asarray(prompt_age, dtype=np.float64), np.asarray(predicted_age, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"prompt_age and predicted_age must be 1-D of one length, got {x.shape} and {y.shape}")
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        raise ValueError("ages must be finite")
+    if x.size < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        raise ValueError("need at least 3 images with varying prompted and predicted ages")
+    r = float(np.corrcoef(x, y)[0, 1])
+    slope, intercept = np.polyfit(x, y, 1)
+    return AgeRegression(int(x.size), r * r, r, float(slope), float(intercept), float(np.abs(y - x).mean()))

@@ -11,6 +11,11 @@ before the encoder. The preprocessed patches are min-max scaled over the whole L
 levels carry each radiograph's exposure, equalisation and gamma; on the synthetic cohort (300 patients,
 3-fold CV) the image-only tiny model ranked patients at chance with them (Harrell C 0.48, ceiling 0.75) and
 at 0.61 with per-channel standardisation (bench/RESULTS.md).
+``image_scale`` multiplies the pooled image features before they meet the clinical variables. The encoder
+gives tens of non-negative features of order 1 against a handful of standardised clinical ones, so at 1.0 the
+first layer starts dominated by the image and the Cox fit memorises it (synthetic cohort, 300 patients: image +
+clinical out-of-fold C 0.64-0.74 over seeds, below the clinical variables alone, 0.73). At 0.1 the clinical
+effects are fitted first and the image enters as far as it lowers the loss (0.71-0.75, with flips and shifts).
 """
 
 from __future__ import annotations
@@ -46,8 +51,12 @@ class DeepSurv(nn.Module):
         dropout: float = 0.1,
         batch_norm: bool = True,
         input_norm: str | None = None,
+        image_scale: float = 1.0,
     ) -> None:
         super().__init__()
+        if not image_scale > 0:
+            raise ValueError(f"image_scale must be positive, got {image_scale}")
+        self.image_scale = float(image_scale)
         if backbone is None and n_clinical <= 0:
             raise ValueError("DeepSurv needs an image backbone, clinical variables, or both")
         if input_norm not in (None, "instance"):
@@ -85,7 +94,7 @@ class DeepSurv(nn.Module):
             raise ValueError("this DeepSurv variant is clinical-only")
         if self.input_norm is not None:
             x = self.input_norm(x.float())
-        return self.encoder(x).float()
+        return self.encoder(x).float() * self.image_scale
 
     def forward(self, x: Tensor | None = None, clinical: Tensor | None = None) -> Tensor:
         """Log-risk ``(B,)``; pass exactly the inputs the variant was built for."""

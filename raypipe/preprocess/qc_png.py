@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Polygon, Rectangle
 
 _DPI = 80
+CONTACT_SHEET_PNG_LEVEL = 3  # zlib level of the contact sheet (see `contact_sheet`)
 # outline colours per vertebra, kept apart from the yellow/cyan/red of boxes, slices and keypoints
 LEVEL_COLORS = ("#f032e6", "#f58231", "#bfef45", "#3cb44b", "#4363d8", "#911eb4", "#dcbeff", "#9a6324")
 
@@ -274,5 +275,6 @@ def contact_sheet(items: Sequence[tuple[str, bytes]], columns: int | None = None
             sheet.paste(tile, (x, y + caption_h))
         y += h + pad
     buf = io.BytesIO()
-    sheet.save(buf, format="PNG", optimize=True)
+    # zlib level 3: a 1400 x 5000 sheet encodes in ~0.3 s instead of ~4.7 s with optimize=True, ~10 % larger
+    sheet.save(buf, format="PNG", compress_level=CONTACT_SHEET_PNG_LEVEL)
     return buf.getvalue()

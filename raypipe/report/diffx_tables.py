@@ -2,8 +2,8 @@
 
 Table 4 (risk groups alone, model 1 = + age, sex, BMI, model 2 = + FRAX per SD; C-index and LR chi-square),
 Table 5 (BpVF and GpVF per 0.1 point, univariable and the score-based / clinical models), the pairwise
-log-rank tests of the risk groups and the cross-validated CoxPH fracture-score models (td-AUROC at 1, 5
-and 10 years and the mean). `raypipe.evaluate.diffx_numbers` computes them (`raypipe.metrics.diffx`); this
+log-rank tests of the risk groups and the cross-validated CoxPH (Figure 18) and DeepSurv (Figure 17)
+fracture-score models (td-AUROC at 1, 5 and 10 years and the mean). `raypipe.evaluate.diffx_numbers` computes them (`raypipe.metrics.diffx`); this
 module only lays them out.
 """
 from __future__ import annotations
@@ -47,8 +47,12 @@ TITLES = {
     "table4": "Diff-X (thesis Table 4): Cox models of the risk groups",
     "table5": "Diff-X (thesis Table 5): BpVF and GpVF per 0.1 point",
     "logrank": "Diff-X: pairwise log-rank tests of the risk groups",
-    "score_models": "Diff-X: fracture-score CoxPH models, td-AUROC (IPCW)",
+    "score_models": "Diff-X (thesis Figure 18): fracture-score CoxPH models, td-AUROC (IPCW)",
+    "score_models_deepsurv": "Diff-X (thesis Figure 17): fracture-score DeepSurv models, td-AUROC (IPCW)",
 }
+_MODEL_NAMES = {"fracture_scores": "1) Fracture scores (BpVF + GpVF)",
+                "fracture_scores_clinical": "2) Fracture scores + age, sex, BMI",
+                "frax": "3) FRAX major osteoporotic"}
 
 
 def layout_diffx_tables(numbers: Mapping[str, Any]) -> list[XrayTable]:
@@ -80,9 +84,13 @@ def layout_diffx_tables(numbers: Mapping[str, Any]) -> list[XrayTable]:
 
 def _score_models(title: str, fsm: Mapping[str, Any]) -> XrayTable:
     years = ["1y", "5y", "10y"]
+    kind = "linear predictors" if fsm.get("method", "coxph") == "coxph" else "DeepSurv log-risks"
     return XrayTable(
         f"{title}, {fsm['folds']}-fold CV by participant",
-        ("Model", "Covariates", *[f"td-AUROC {y}" for y in years], "Mean td-AUROC", "Harrell C"),
-        tuple((name, ", ".join(m["covariates"]), *[f"{m.get('td_auroc', {}).get(y, float('nan')):.3f}" for y in years],
+        ("Model", "Covariates", "N (events)", *[f"td-AUROC {y}" for y in years], "Mean td-AUROC", "Harrell C"),
+        tuple((_MODEL_NAMES.get(name, name), ", ".join(m["covariates"]), f"{m['n']} ({m['events']})",
+               *[f"{m.get('td_auroc', {}).get(y, float('nan')):.3f}" for y in years],
                f"{m.get('td_auroc_mean', float('nan')):.3f}", f"{m['c_index']:.3f}") for name, m in fsm["models"].items()),
-        "out-of-fold linear predictors; horizons outside follow-up are nan; the DeepSurv variant is not implemented")
+        f"out-of-fold {kind} (folds: {fsm.get('fold_source', 'random by participant')}); td-AUROC is the cumulative/"
+        "dynamic AUROC with inverse probability of censoring weights, its mean weighted by the Kaplan-Meier "
+        "estimate; horizons outside follow-up are nan")

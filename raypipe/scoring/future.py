@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,6 +36,7 @@ class GeneratedImage:
     year: float
     seed: int
     pixels: np.ndarray
+    prompt: str = ""
 
 
 def summarise_future(bpvf: float, gpvf: Mapping[float, Sequence[float]], low: float = 0.5,
@@ -53,13 +54,14 @@ def summarise_future(bpvf: float, gpvf: Mapping[float, Sequence[float]], low: fl
 
 @dataclass
 class FutureRequest:
-    """One generation request: a radiograph in [0, 1], age, sex, horizons (years) and seeds."""
+    """One generation request: a radiograph in [0, 1], age, sex, horizons (years), seeds, clinical attributes."""
 
     pixels: np.ndarray
     age: float
     sex: str
     years: Sequence[float]
     seeds: Sequence[int]
+    clinical: Mapping[str, Any] = field(default_factory=dict)
 
 
 class FutureGenerator:
@@ -83,9 +85,10 @@ class FutureGenerator:
         return cls(v, _adapt(gen, v, device))
 
     def generate(self, pixels: np.ndarray, age: float, sex: str, years: Sequence[float],
-                 seeds: Sequence[int]) -> list[GeneratedImage]:
-        """One image per (year, seed) for a radiograph in [0, 1]."""
-        return self._generate([FutureRequest(pixels, age, sex, list(years), list(seeds))])[0]
+                 seeds: Sequence[int], clinical: Mapping[str, Any] | None = None) -> list[GeneratedImage]:
+        """One image per (year, seed) for a radiograph in [0, 1]; the prompts carry the clinical attributes
+        (`raypipe.generate.CLINICAL_PROMPT_KEYS` found in `clinical`) when the model was trained with them."""
+        return self._generate([FutureRequest(pixels, age, sex, list(years), list(seeds), dict(clinical or {}))])[0]
 
     def generate_many(self, requests: Sequence[FutureRequest]) -> list[list[GeneratedImage]]:
         """Several requests in one batched Diff-X run (one forward per step over all of them); per request its images."""
@@ -106,17 +109,19 @@ def _adapt(gen: Any, version: ModelVersion, device: str | None = None
 
     def call(requests: list[FutureRequest]) -> list[list[GeneratedImage]]:
         years = [[float(y) for y in q.years] for q in requests]
-        prompts = [gen.future_prompts(q.age, q.sex, ys) for q, ys in zip(requests, years)]
+        # the training prompt: clinical attributes exactly when the model was trained with them (model_meta.json)
+        prompts = [gen.future_prompts(q.age, q.sex, ys, dict(q.clinical) if pipe.clinical_prompts else None)
+                   for q, ys in zip(requests, years)]
         images = torch.from_numpy(np.stack([ldm_input(q.pixels, pipe.model.image_size) for q in requests]))
         with torch.no_grad():
             outs = pipe.generate_many(images, [base for base, _ in prompts],
                                       [[per[y] for y in ys] for (_, per), ys in zip(prompts, years)],
                                       [[int(s) for s in q.seeds] for q in requests])
         result = []
-        for q, ys, out in zip(requests, years, outs):
+        for q, ys, (_, per), out in zip(requests, years, prompts, outs):
             grey = from_ldm_output(out[:, :, 0].float().numpy())  # (years, seeds, S, S) in [0, 1]
             # cut back to the radiograph's own box in the padded square: GpVF is scored on BpVF's geometry
-            result.append([GeneratedImage(y, int(s), crop_ldm_content(grey[i, j], q.pixels.shape))
+            result.append([GeneratedImage(y, int(s), crop_ldm_content(grey[i, j], q.pixels.shape), per[y])
                            for i, y in enumerate(ys) for j, s in enumerate(q.seeds)])
         return result
 

@@ -49,8 +49,10 @@ def load_pvf(model_dir: str | Path, device: str | torch.device = "cpu") -> PVFSc
     from raypipe.artifact import read_artifact
     from raypipe.models.registry import build_model
 
-    d = Path(model_dir)
-    art = read_artifact(str(d))
-    model = build_model(art.builder, **art.inference_kwargs())
-    model.load_state_dict(torch.load(d / "model.pt", map_location="cpu", weights_only=True))
+    from raypipe import storage
+
+    with storage.localize_files(storage.absolute(model_dir), ("model.pt", "model_meta.json")) as local:
+        art = read_artifact(local)
+        model = build_model(art.builder, **art.inference_kwargs())
+        model.load_state_dict(torch.load(Path(local) / "model.pt", map_location="cpu", weights_only=True))
     return PVFScorer(model.to(device).eval(), dict(art.preprocess))

@@ -313,7 +313,11 @@ _XRAY_DOC = {"requestBody": {"required": True, "content": {"multipart/form-data"
     "type": "object", "required": ["image"], "properties": _XRAY_PROPS}}}}}
 _FUTURE_DOC = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["image", "clinical"], "properties": {
-        **_XRAY_PROPS, "years": {"type": "string", "description": "comma-separated horizons, e.g. 1,5,10"},
+        **_XRAY_PROPS,
+        "clinical": {"type": "string", "description": "JSON object: age and sex (required); when the Diff-X model "
+                     "was trained with clinical prompts also bmi, prevalent_fracture, glucocorticoid, prior_fracture, "
+                     "rheumatoid_arthritis, secondary_osteoporosis, written into the prompts as in training"},
+        "years": {"type": "string", "description": "comma-separated horizons, e.g. 1,5,10"},
         "seeds": {"type": "string", "description": "number of seeds (e.g. 4) or a JSON list of seeds"}}}}}}}
 
 
@@ -433,6 +437,7 @@ class ApiIngress:
                                      lost_field="image")
             spec = {"pixels": pixels, "pvf_input": inp.pvf_image, "age": float(age), "sex": str(sex).upper()[:1],
                     "years": years, "seeds": seeds,
+                    "clinical": dict(clinical),  # the generator keeps the prompt attributes the model was trained with
                     "models": {k: self.available[k]["info"] for k in ("ldm", "pvf")}}
             job = await call(self.jobs.submit, spec, _client_key(request, self.opts.api_token), retries=0)
             return 202, {**job, "years": years, "seeds": seeds, "location": f"/v1/jobs/{job['job_id']}"}
@@ -485,12 +490,12 @@ def resolve_models(registry: str, options: ServeOptions) -> dict[str, dict[str, 
 def build_app(registry: str, names: dict[str, str | None] | None = None,
               options: ServeOptions | dict[str, Any] | None = None) -> Any:
     """The Serve application: ingress over preprocessing replicas that call the batched models, and the job store."""
-    from pathlib import Path
+    from raypipe import storage
 
     opts = options if isinstance(options, ServeOptions) else ServeOptions.model_validate(options or {})
     if names:
         opts = opts.model_copy(update={"names": {**opts.names, **names}})
-    registry = str(Path(registry).absolute())
+    registry = storage.absolute(registry)
     available = resolve_models(registry, opts)
     for role, a in available.items():
         if not a["ok"]:
@@ -524,7 +529,7 @@ def build_app(registry: str, names: dict[str, str | None] | None = None,
                                        {"max_batch_size": min(2, batch["max_batch_size"]),
                                         "batch_wait_timeout_s": batch["batch_wait_timeout_s"]})
     jobs = o(JobStore).bind(generator, pvf_model, opts.job_ttl_s, opts.max_jobs, retries,
-                            opts.max_jobs_per_client, opts.job_dir or str(Path(registry) / ".jobs"))
+                            opts.max_jobs_per_client, opts.job_dir or storage.join(registry, ".jobs"))
     handles = {"CTPreprocess": ct_pre, "XrayPreprocess": xray_pre, "CTModel": ct_model, "XrayModel": xray_model,
                "PVFModel": pvf_model, "GeneratorModel": generator, "JobStore": jobs}
     return o(ApiIngress).bind(ct_pre, xray_pre, pvf_model, jobs, handles, available, opts.model_dump())

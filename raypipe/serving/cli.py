@@ -14,7 +14,7 @@ def publish_cli(args: Any) -> int:
     from raypipe.registry import publish
 
     v = publish(args.run_dir, args.registry, args.name, getattr(args, "notes", "") or "")
-    log.info("published %s %s at %s", v.name, v.version, v.path)
+    log.info("published %s %s at %s", v.name, v.version, v.location or v.path)
     return 0
 
 

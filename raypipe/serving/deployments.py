@@ -1,4 +1,4 @@
-"""Ray Serve deployments behind the HTTP ingress: preprocessing, batched models, the risk aggregator, the job store.
+"""Ray Serve deployments behind the HTTP ingress: preprocessing (calls the batched models), batched models, job store.
 
 Every model deployment is always part of the app; one whose model is absent from the registry starts
 "disabled" (no weights, `status()` says why), so the app's shape does not depend on what is published
@@ -469,8 +469,8 @@ class GeneratorModel(_Batched):
         """All requests of the batch in one batched Diff-X run (one forward per step over all of them)."""
         from raypipe.scoring.future import FutureRequest
 
-        return self.generator.generate_many([FutureRequest(i["pixels"], i["age"], i["sex"], i["years"], i["seeds"])
-                                             for i in items])
+        return self.generator.generate_many([FutureRequest(i["pixels"], i["age"], i["sex"], i["years"], i["seeds"],
+                                                           i.get("clinical") or {}) for i in items])
 
     @serve.batch(max_batch_size=2, batch_wait_timeout_s=0.0)
     async def predict(self, items: list[dict[str, Any]]) -> list[Any]:
@@ -568,8 +568,9 @@ class JobStore(_Disabled):
         self.files.set_state(jid, {**state, "status": "running"})
         bpvf_call = asyncio.ensure_future(call(self.pvf_model.score, spec["pvf_input"], retries=self.retries))
         try:
-            images = await call(self.generator.generate, {k: spec[k] for k in ("pixels", "age", "sex", "years", "seeds")},
-                                retries=self.retries)
+            item = {k: spec[k] for k in ("pixels", "age", "sex", "years", "seeds")}
+            item["clinical"] = spec.get("clinical") or {}
+            images = await call(self.generator.generate, item, retries=self.retries)
             scores = await asyncio.gather(*[call(self.pvf_model.score_pixels, g.pixels, retries=self.retries)
                                             for g in images])
             bpvf = await bpvf_call
@@ -577,6 +578,7 @@ class JobStore(_Disabled):
             for g, sc in zip(images, scores):
                 gpvf.setdefault(float(g.year), []).append(float(sc))
             summary = summarise_future(bpvf, gpvf)
+            summary["prompts"] = {str(g.year): g.prompt for g in images}
             summary["images"] = [{"year": g.year, "seed": g.seed, "pvf_score": float(sc),
                                   "png": b64png(png_bytes(np.round(np.clip(g.pixels, 0, 1) * 255).astype(np.uint8)))}
                                  for g, sc in zip(images, scores)]

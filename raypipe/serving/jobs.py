@@ -8,94 +8,95 @@ fetched. Pure file code (no Ray), so it is testable on its own.
 """
 from __future__ import annotations
 
+import io
 import json
-import os
 import re
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from raypipe import storage
+
 JOB_ID = re.compile(r"[0-9a-f]{32}")
 _ARRAYS = ("pixels", "pvf_input")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class JobFiles:
-    """Job folders `<root>/<job_id>/` holding `state.json`, `spec.json`, `pixels.npy`, `pvf_input.npy`, `result.json`."""
+    """Job folders `<root>/<job_id>/` holding `state.json`, `spec.json`, `pixels.npy`, `pvf_input.npy`, `result.json`.
+
+    `root` may be a local folder or an `s3://` / `gs://` prefix; every file is written whole (temp name and
+    rename locally, one PUT on an object store), so a reader never sees half a state.
+    """
 
     def __init__(self, root: str | Path, ttl_s: float) -> None:
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = storage.absolute(root)
+        storage.makedirs(self.root)
         self.ttl_s = float(ttl_s)
 
-    def _dir(self, job_id: str) -> Path:
+    def _dir(self, job_id: str) -> str:
         if not JOB_ID.fullmatch(job_id):
             raise ValueError("invalid job id")
-        return self.root / job_id
+        return storage.join(self.root, job_id)
 
     def create(self, job_id: str, spec: dict[str, Any], client: str) -> None:
         """Persist a queued job (spec first, state last: a folder without state.json is incomplete and ignored)."""
         d = self._dir(job_id)
-        d.mkdir()
+        if storage.exists(d):
+            raise FileExistsError(f"job folder exists already: {d}")
+        storage.makedirs(d)
         for key in _ARRAYS:
             if spec.get(key) is not None:
-                np.save(d / f"{key}.npy", np.asarray(spec[key]), allow_pickle=False)
+                buf = io.BytesIO()
+                np.save(buf, np.asarray(spec[key]), allow_pickle=False)
+                storage.atomic_write_bytes(storage.join(d, f"{key}.npy"), buf.getvalue())
         rest = {k: v for k, v in spec.items() if k not in _ARRAYS}
-        _write_atomic(d / "spec.json", json.dumps(rest).encode())
+        storage.atomic_write_bytes(storage.join(d, "spec.json"), json.dumps(rest).encode())
         self.set_state(job_id, {"status": "queued", "created": time.time(), "finished": None, "client": client})
 
     def spec(self, job_id: str) -> dict[str, Any]:
         """The spec a job was submitted with (arrays loaded without pickle)."""
         d = self._dir(job_id)
-        spec = json.loads((d / "spec.json").read_text())
+        spec = json.loads(storage.read_bytes(storage.join(d, "spec.json")))
         for key in _ARRAYS:
-            p = d / f"{key}.npy"
-            spec[key] = np.load(p, allow_pickle=False) if p.exists() else None
+            p = storage.join(d, f"{key}.npy")
+            spec[key] = np.load(io.BytesIO(storage.read_bytes(p)), allow_pickle=False) if storage.exists(p) else None
         return spec
 
     def state(self, job_id: str) -> dict[str, Any] | None:
         """The job's state, None when unknown (or removed)."""
         try:
-            return json.loads((self._dir(job_id) / "state.json").read_text())
+            return json.loads(storage.read_bytes(storage.join(self._dir(job_id), "state.json")))
         except (OSError, ValueError):
             return None
 
     def set_state(self, job_id: str, state: dict[str, Any]) -> None:
         """Replace the job's state atomically."""
-        _write_atomic(self._dir(job_id) / "state.json", json.dumps(state).encode())
+        storage.atomic_write_bytes(storage.join(self._dir(job_id), "state.json"), json.dumps(state).encode())
 
     def finish(self, job_id: str, status: str, result: dict[str, Any] | None = None, error: str | None = None) -> None:
         """Record the outcome: the result (JSON) first, then the state that points at it."""
         state = self.state(job_id) or {"created": time.time(), "client": ""}
         if result is not None:
-            _write_atomic(self._dir(job_id) / "result.json", json.dumps(result).encode())
+            storage.atomic_write_bytes(storage.join(self._dir(job_id), "result.json"), json.dumps(result).encode())
         self.set_state(job_id, {**state, "status": status, "finished": time.time(), "error": error})
 
     def result(self, job_id: str) -> dict[str, Any]:
         """The stored result of a done job."""
-        return json.loads((self._dir(job_id) / "result.json").read_text())
+        return json.loads(storage.read_bytes(storage.join(self._dir(job_id), "result.json")))
 
     def remove(self, job_id: str) -> None:
         """Delete a job's folder (after it was fetched, or expired)."""
-        shutil.rmtree(self._dir(job_id), ignore_errors=True)
+        try:
+            storage.remove(self._dir(job_id))
+        except OSError:
+            pass  # gone already, or removed by another replica
 
     def ids(self) -> list[str]:
         """Every job folder with a state."""
-        return [d.name for d in self.root.iterdir() if JOB_ID.fullmatch(d.name) and (d / "state.json").exists()]
+        return [name for name, is_dir in storage.listdir(self.root)
+                if is_dir and JOB_ID.fullmatch(name) and storage.exists(storage.join(self.root, name, "state.json"))]
 
     def expire(self, now: float | None = None) -> list[str]:
         """Remove finished jobs older than the TTL, and unfinished ones older than 24 TTLs; returns the removed ids."""

@@ -170,6 +170,39 @@ def broadcast_from_rank0(obj: Any, device: torch.device | None = None) -> Any:
     return holder[0]
 
 
+def share_of(n: int, rank: int | None = None, world: int | None = None) -> np.ndarray:
+    """Positions 0..n-1 this rank handles when rows are dealt round-robin (rank, rank + world, ...)."""
+    rank = world_rank() if rank is None else rank
+    world = world_size() if world is None else world
+    return np.arange(rank, n, world, dtype=np.int64)
+
+
+def gather_shares(local: torch.Tensor, n: int, device: torch.device | None = None) -> torch.Tensor:
+    """All ranks' rows of a round-robin deal (`share_of`) back in their original order 0..n-1, on every rank.
+
+    `local` (rows of this rank's share, ...) must be on the training device; the result is on the CPU.
+    Identity with one process.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if local.shape[0] != n:
+            raise ValueError(f"a single rank holds {local.shape[0]} rows, expected {n}")
+        return local.cpu()
+    dev = collective_device(device)
+    world = dist.get_world_size()
+    longest = -(-n // world)
+    padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=dev)
+    padded[: local.shape[0]] = check_collective_tensor(local, dev)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    out = torch.empty((n, *local.shape[1:]), dtype=local.dtype)
+    for r, part in enumerate(parts):
+        pos = share_of(n, r, world)
+        out[torch.from_numpy(pos)] = part[: len(pos)].cpu()
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- state
 @dataclass
 class TrainState:
@@ -348,6 +381,30 @@ def _with_placement_log(train_loop: Callable[[dict], None], directory: str) -> C
     return loop
 
 
+def scaling_config(run: Any) -> Any:
+    """The Ray Train `ScalingConfig` of a run config: workers, CPUs, the GPUs it asks for, placement; logs the devices.
+
+    GPUs come from `run.use_gpu` / `run.gpus_per_worker` only: the request stands even when the cluster has
+    no GPU yet (an autoscaler then adds GPU nodes); nothing falls back to CPU.
+    """
+    from ray.train import ScalingConfig
+
+    from raypipe.ray_utils import describe_devices, worker_resources
+
+    res = worker_resources(run.num_workers, use_gpu=run.use_gpu, gpus_per_worker=run.gpus_per_worker)
+    resources = res.as_ray()
+    resources.update(json.loads(os.environ.get(WORKER_RESOURCES_ENV) or "{}"))
+    resources.update(run.resources_per_worker or {})
+    if not run.use_gpu and resources.get("GPU"):
+        raise ValueError(f"resources_per_worker asks for {resources['GPU']:g} GPU but use_gpu is false: set use_gpu: "
+                         "true (or --gpus N) to train on GPUs")
+    strategy = run.placement_strategy or os.environ.get(PLACEMENT_STRATEGY_ENV) or "PACK"
+    log.info("%s (Ray Train: %s per worker, placement %s)",
+             describe_devices(run.num_workers, run.use_gpu, resources.get("GPU", 0.0)), resources, strategy)
+    return ScalingConfig(num_workers=run.num_workers, use_gpu=bool(run.use_gpu), resources_per_worker=resources,
+                         placement_strategy=strategy)
+
+
 def make_trainer(
     train_loop: Callable[[dict], None],
     config: Mapping[str, Any],
@@ -367,26 +424,16 @@ def make_trainer(
     latest checkpoint. Datasets named in `split_datasets` are streamed and split over the workers; the
     others (validation) are materialised once here instead of being re-read every epoch.
     """
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    from raypipe.ray_utils import worker_resources
     from raypipe.storage import join
 
-    res = worker_resources(run.num_workers, use_gpu=run.use_gpu)
-    resources: dict[str, float] = {"CPU": res.cpus_per_worker}
-    if res.use_gpu:
-        resources["GPU"] = 1
-    resources.update(json.loads(os.environ.get(WORKER_RESOURCES_ENV) or "{}"))
-    resources.update(run.resources_per_worker or {})
-    strategy = run.placement_strategy or os.environ.get(PLACEMENT_STRATEGY_ENV) or "PACK"
-    log.info("Ray Train: %d worker(s), %s each, %s, placement %s", run.num_workers, resources,
-             "GPU" if res.use_gpu else "CPU only", strategy)
+    scaling = scaling_config(run)
     return TorchTrainer(
         _with_placement_log(train_loop, join(storage_path, run.run_name, PLACEMENT_DIR)),
         train_loop_config=dict(config),
-        scaling_config=ScalingConfig(num_workers=run.num_workers, use_gpu=res.use_gpu,
-                                     resources_per_worker=resources, placement_strategy=strategy),
+        scaling_config=scaling,
         run_config=RunConfig(
             storage_path=storage_path,
             name=run.run_name,

@@ -8,9 +8,10 @@ fracture detection and longitudinal prediction (Cox partial likelihood, c-index,
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from raypipe.config import StrictModel
 from raypipe.models.pretrained import check_pretrained
@@ -22,12 +23,17 @@ PAPER_CLINICAL_COLUMNS: tuple[str, ...] = (
     "t2dm", "hiv", "hcv", "renal_failure",
 )
 
+log = logging.getLogger(__name__)
+
 
 class RayRunConfig(StrictModel):
     """How a task runs on Ray, shared by every task's config: workers, GPUs, failures, storage, checkpoints."""
 
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks)")
-    use_gpu: bool | None = Field(None, description="None: use GPUs when the cluster has them")
+    use_gpu: bool = Field(
+        False, description="request gpus_per_worker GPUs per worker (Ray waits, or the autoscaler adds GPU nodes); "
+                           "false: CPU only. Never read from the cluster (`raypipe train --gpus N` / `--cpu` override)")
+    gpus_per_worker: float = Field(1.0, gt=0, description="GPUs per worker when use_gpu (fractions share a GPU)")
     resources_per_worker: dict[str, float] = Field(
         default_factory=dict, description="extra/overriding Ray resources per worker (e.g. a node-type label)")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] | None = Field(
@@ -46,8 +52,27 @@ class RayRunConfig(StrictModel):
     seed: int = 0
     n_boot: int = Field(1000, ge=0, description="bootstrap resamples for the CIs in metrics.json")
 
+    @field_validator("use_gpu", mode="before")
+    @classmethod
+    def _gpu_null_is_cpu(cls, value: Any) -> Any:
+        """`use_gpu: null` (once "discover from the cluster") now means CPU only, said in the log."""
+        if value is None:
+            log.warning("use_gpu: null means false (CPU only): GPUs are requested, never discovered; set use_gpu: "
+                        "true (or pass --gpus N) to train on GPUs")
+            return False
+        return value
 
-class CTTrainConfig(RayRunConfig):
+
+class InputConfig(StrictModel):
+    """How a worker reads its training rows (CT and X-ray survival tasks): cached once or streamed."""
+
+    cache_train: bool = Field(
+        True, description="read the worker's training rows once (first epoch) and sample every epoch from memory; "
+                          "false streams them through Ray Data every epoch (rows larger than a worker's memory)")
+    prefetch_batches: int = Field(4, ge=1, description="batches prepared ahead of the training step")
+
+
+class CTTrainConfig(InputConfig, RayRunConfig):
     """One CNN-RNN training run on CT shards; defaults reproduce papers/000 (bone+muscle input)."""
 
     # model (kwargs go to raypipe.models.registry.build_model(model, **model_kwargs))
@@ -73,7 +98,13 @@ class CTTrainConfig(RayRunConfig):
     eval_batch_size: int = Field(32, ge=1, description="per-worker batch for validation and scoring")
     epochs: int = Field(50, ge=1)
     grad_clip: float | None = Field(None, gt=0, description="max gradient norm; None disables")
-    shuffle_buffer: int = Field(256, ge=0, description="per-worker local shuffle buffer (rows); 0 disables")
+    shuffle_buffer: int = Field(
+        256, ge=0, description="0: no shuffling; else rows are shuffled every epoch (cached: a full permutation of "
+                               "the worker's rows; streamed: a local shuffle buffer of this many rows)")
+    augment_flip: float = Field(0.0, ge=0, le=1, description="training: probability of a left-right flip of a study's "
+                                "slices (paper: none; the random slice start is its only augmentation)")
+    augment_shift: float = Field(0.0, ge=0, lt=0.5, description="training: largest in-plane translation of a study's "
+                                 "slices, as a fraction of the crop width (paper: none)")
 
     # labels, validation and early stopping
     label: str = Field("fracture_5y", description="binary target column; rows where it is missing are not trained on")

@@ -5,8 +5,11 @@ The file reads top to bottom like a training script:
 1. The model, its loss and its validation metrics (batches come from `raypipe.data.collate.SliceBatch`:
    14 equidistant slices per study with a random start when training, centred when evaluating; clinical
    variables standardised by the one `raypipe.clinical.ClinicalEncoder` fitted on the training rows).
-2. `CTWorkerTask`: the hooks of the shared worker loop (`raypipe.train.loop.run_worker_loop`): stream the
-   "train" shard, one step, validation on the full validation set by rank 0.
+2. `CTWorkerTask`: the hooks of the shared worker loop (`raypipe.train.loop.run_worker_loop`): the "train"
+   shard read once into memory (`raypipe.data.memory`; `cache_train: false` streams it every epoch) and
+   sampled per epoch in vectorised batches, float16 until the device; one step; validation split over the
+   ranks (each scores its round-robin share of the validation rows, sorted by study id, once sampled) and
+   gathered, so every rank computes the same metrics as one worker would.
 3. `fit_ct` on the driver: read the shards, split by patient, train, then score every non-training row
    with the best checkpoint and write the run files (`raypipe.train.outputs`). In cross-validation
    (`fold_patients`) the fold's training patients are split again into `train` and `tune`: early stopping
@@ -22,7 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -31,10 +34,11 @@ import torch
 from torch import nn
 
 from raypipe.clinical import ClinicalEncoder
-from raypipe.data.collate import SliceBatch
+from raypipe.data.collate import SliceBatch, StudyMoves, gather_slices, tabular_tensors
+from raypipe.data.memory import CachedRows, MemoryLoader, SliceSampling, cache_rows
 from raypipe.losses import horizon_labels, masked_bce
 from raypipe.metrics import auroc_or_nan, c_index_or_nan
-from raypipe.train.common import DeviceSetup, autocast, unwrap
+from raypipe.train.common import DeviceSetup, autocast, gather_shares, share_of, unwrap
 from raypipe.train.config import CTTrainConfig, MultitaskConfig
 from raypipe.train.fold import FoldTask
 from raypipe.train.loop import CHECKPOINT_SCORE, WorkerTask, run_worker_loop
@@ -63,11 +67,11 @@ def build(cfg: CTTrainConfig, n_clinical: int) -> nn.Module:
 
 
 def _forward(model: nn.Module, batch: Mapping[str, torch.Tensor], setup: DeviceSetup) -> Any:
-    """Model outputs for a collated batch, under autocast on CUDA."""
-    x = batch["x"].to(setup.device, non_blocking=True)
+    """Model outputs for a collated batch (float16 images become float32 on the device), under autocast on CUDA."""
+    x = batch["x"].to(setup.device, non_blocking=True).float()
     clinical = batch.get("clinical")
     with autocast(setup):
-        return model(x, clinical.to(setup.device) if clinical is not None else None)
+        return model(x, clinical.to(setup.device, non_blocking=True) if clinical is not None else None)
 
 
 def _loss(cfg: CTTrainConfig, out: Any, batch: Mapping[str, torch.Tensor], device: torch.device,
@@ -89,7 +93,7 @@ def _loss(cfg: CTTrainConfig, out: Any, batch: Mapping[str, torch.Tensor], devic
     return loss + cfg.horizon_weight * masked_bce(out["risk_logits"], horizon_labels(time, event, horizons))
 
 
-def _targets(cfg: CTTrainConfig) -> list[str]:
+def target_columns(cfg: CTTrainConfig) -> list[str]:
     """Columns the loss and validation need."""
     if isinstance(cfg, MultitaskConfig):
         return [cfg.label, cfg.prevalent_label, "time_days", "event"]
@@ -100,10 +104,14 @@ def _targets(cfg: CTTrainConfig) -> list[str]:
 class CTWorkerTask(WorkerTask):
     """Hooks of the shared worker loop for the CNN-RNN and the multitask model."""
 
+    distributed_validation = True
+
     def __init__(self, cfg: CTTrainConfig, loop_config: Mapping[str, Any]) -> None:
         super().__init__(cfg, loop_config)
         self.clinical = ClinicalEncoder.from_dict(loop_config.get("clinical"))
-        self.targets = _targets(cfg)
+        self.targets = target_columns(cfg)
+        self.loader: MemoryLoader | None = None
+        self.val: ValidationRows | None = None
 
     def build_model(self) -> nn.Module:
         return build(self.cfg, len(self.clinical.columns))
@@ -115,18 +123,74 @@ class CTWorkerTask(WorkerTask):
         import ray.train
 
         cfg = self.cfg
-        collate = SliceBatch(cfg.input, cfg.n_slices, True, cfg.seed, epoch, self.clinical, self.targets)
-        return ray.train.get_dataset_shard("train").iter_torch_batches(
-            batch_size=batch_size, collate_fn=collate, device="cpu",
-            local_shuffle_buffer_size=cfg.shuffle_buffer or None, local_shuffle_seed=cfg.seed + epoch,
-        )
+        shard = ray.train.get_dataset_shard("train")
+        if not cfg.cache_train:
+            return stream_batches(cfg, shard, epoch, batch_size, self.clinical, self.targets,
+                                  pin=self.setup.device.type == "cuda")
+        if self.loader is None:
+            self.loader = train_loader(cfg, shard, batch_size, self.clinical, self.targets)
+        return self.loader.epoch(epoch)
 
     def train_step(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         out = _forward(model, batch, self.setup)
         return _loss(self.cfg, out, batch, self.setup.device), int(batch["x"].shape[0])
 
     def validate(self, model: nn.Module) -> dict[str, float]:
-        return _validate(self.cfg, model, self.setup, self.clinical)
+        import ray.train
+
+        if self.val is None:
+            shard = ray.train.get_dataset_shard("val")
+            self.val = validation_rows(self.cfg, shard.iter_batches(batch_size=256, batch_format="numpy"),
+                                       self.clinical)
+        return validate_shares(self.cfg, model, self.setup, self.val)
+
+
+def stream_batches(cfg: CTTrainConfig, shard: Any, epoch: int, batch_size: int, clinical: ClinicalEncoder | None,
+                   targets: Sequence[str], pin: bool = False) -> Any:
+    """One epoch streamed through Ray Data (`cache_train: false`): vectorised sampling in the collate, float16."""
+    collate = SliceBatch(cfg.input, cfg.n_slices, True, cfg.seed, epoch, clinical, targets, dtype=np.float16,
+                         moves=study_moves(cfg))
+    return shard.iter_torch_batches(
+        batch_size=batch_size, collate_fn=collate, device="cpu", prefetch_batches=cfg.prefetch_batches,
+        pin_memory=pin, local_shuffle_buffer_size=cfg.shuffle_buffer or None, local_shuffle_seed=cfg.seed + epoch,
+    )
+
+
+def train_loader(cfg: CTTrainConfig, shard: Any, batch_size: int, clinical: ClinicalEncoder | None,
+                 targets: Sequence[str]) -> MemoryLoader:
+    """Read this worker's training rows once (packed float16 volumes) and serve sampled batches from memory."""
+    rows = cache_rows(shard.iter_batches(batch_size=256, batch_format="numpy", prefetch_batches=cfg.prefetch_batches),
+                      cfg.input, True, lambda b: tabular_tensors(b, clinical, targets, len(b["study_id"])))
+    log.info("training rows cached in memory: %d studies, %.1f MiB", len(rows), rows.nbytes / 2**20)
+    return MemoryLoader(rows, batch_size, SliceSampling(cfg.n_slices, True, cfg.seed), shuffle=cfg.shuffle_buffer > 0,
+                        seed=cfg.seed, prefetch=cfg.prefetch_batches, moves=study_moves(cfg))
+
+
+def study_moves(cfg: Any) -> StudyMoves:
+    """The config's training augmentation (`augment_flip`, `augment_shift`; both off in the paper configs)."""
+    return StudyMoves(cfg.augment_flip, cfg.augment_shift, cfg.seed)
+
+
+class ValidationRows:
+    """The validation set as this rank scores it: every row's targets (sorted by study id) and, for this rank's
+    round-robin share, the centred slices (sampled once: evaluation is deterministic) and clinical inputs."""
+
+    def __init__(self, n: int, targets: Mapping[str, np.ndarray], share: CachedRows) -> None:
+        self.n, self.targets, self.share = n, dict(targets), share
+
+
+def validation_rows(cfg: CTTrainConfig, batches: Iterable[Mapping[str, Any]],
+                    clinical: ClinicalEncoder | None) -> ValidationRows:
+    """Read the (unsplit) validation rows once; keep targets of all and the sampled inputs of this rank's share."""
+    rows = cache_rows(batches, cfg.input, True,
+                      lambda b: tabular_tensors(b, clinical, target_columns(cfg), len(b["study_id"])))
+    order = np.argsort(rows.study_ids.astype(str), kind="stable")
+    mine = order[share_of(len(order))]
+    x = gather_slices(rows.images, rows.starts, rows.counts, mine, cfg.n_slices, None) if len(rows) else None
+    share = CachedRows(x, None, None, {k: v[mine] for k, v in rows.tabular.items() if k == "clinical"},
+                       rows.keys[mine], rows.study_ids[mine])
+    targets = {k: v[order] for k, v in rows.tabular.items() if k != "clinical"}
+    return ValidationRows(len(order), targets, share)
 
 
 def train_loop_cnn_rnn(loop_config: dict) -> None:
@@ -139,45 +203,73 @@ def train_loop_multitask(loop_config: dict) -> None:
     run_worker_loop(CTWorkerTask(MultitaskConfig.model_validate(loop_config["config"]), loop_config))
 
 
-@torch.no_grad()
-def _validate(cfg: CTTrainConfig, model: nn.Module, setup: DeviceSetup,
-              clinical: ClinicalEncoder | None) -> dict[str, float]:
-    """Loss and AUROC (plus C-index for the multitask model) over the whole validation set."""
-    import ray.train
+def _output_width(cfg: CTTrainConfig) -> int:
+    """Columns of the flattened model output: logit, or prevalent logit + log-risk + one logit per horizon."""
+    return 2 + len(cfg.horizons_years) if isinstance(cfg, MultitaskConfig) else 1
 
-    model.eval()
-    collate = SliceBatch(cfg.input, cfg.n_slices, False, cfg.seed, 0, clinical, _targets(cfg))
-    outs: list[dict[str, np.ndarray]] = []
-    total, count = 0.0, 0
-    for b in ray.train.get_dataset_shard("val").iter_torch_batches(
-        batch_size=cfg.eval_batch_size, collate_fn=collate, device="cpu"
-    ):
-        out = _forward(unwrap(model), b, setup)
-        n = int(b["x"].shape[0])
-        if isinstance(cfg, MultitaskConfig):
-            loss = _loss(cfg, out, b, setup.device, distributed=False)  # Cox term: per validation batch
-            outs.append({k: v.float().cpu().numpy() for k, v in out.items() if k != "attention"}
-                        | {k: b[k].numpy() for k in _targets(cfg)})
-        else:
-            loss = masked_bce(out, b[cfg.label].to(setup.device))
-            outs.append({"logit": out.float().cpu().numpy(), cfg.label: b[cfg.label].numpy()})
-        total, count = total + float(loss) * n, count + n
-    if not outs:
-        return {"val_loss": float("nan"), "val_auroc": float("nan")}
-    cat = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
-    metrics = {"val_loss": total / max(count, 1)}
+
+def _flat_outputs(cfg: CTTrainConfig, out: Any) -> torch.Tensor:
+    """Model outputs as one float32 (B, width) tensor (the layout `_output_dict` reads back)."""
     if not isinstance(cfg, MultitaskConfig):
-        metrics["val_auroc"] = auroc_or_nan(cat[cfg.label], cat["logit"])
+        return out.float().reshape(-1, 1)
+    return torch.cat([out["prevalent_logit"].float().reshape(-1, 1), out["log_risk"].float().reshape(-1, 1),
+                      out["risk_logits"].float()], dim=1)
+
+
+def _output_dict(cfg: CTTrainConfig, flat: torch.Tensor) -> Any:
+    """The model's output structure from `_flat_outputs`."""
+    if not isinstance(cfg, MultitaskConfig):
+        return flat[:, 0]
+    return {"prevalent_logit": flat[:, 0], "log_risk": flat[:, 1], "risk_logits": flat[:, 2:]}
+
+
+@torch.no_grad()
+def validate_shares(cfg: CTTrainConfig, model: nn.Module, setup: DeviceSetup, val: ValidationRows) -> dict[str, float]:
+    """Loss and AUROC (plus C-index for the multitask model) over the whole validation set.
+
+    Each rank scores its share; the outputs are gathered in study-id order and every rank computes the
+    metrics from all of them: the loss over consecutive batches of `eval_batch_size` (the Cox term is
+    per batch), so the figures do not depend on the number of workers.
+    """
+    net = unwrap(model)
+    net.eval()
+    parts = [torch.zeros((0, _output_width(cfg)), device=setup.device)]
+    share, bs = val.share, cfg.eval_batch_size
+    for i in range(0, len(share), bs):
+        b = {"x": torch.from_numpy(share.images[i:i + bs])}
+        if "clinical" in share.tabular:
+            b["clinical"] = torch.from_numpy(share.tabular["clinical"][i:i + bs])
+        parts.append(_flat_outputs(cfg, _forward(net, b, setup)))
+    flat = gather_shares(torch.cat(parts), val.n, setup.device)
+    return validation_metrics(cfg, flat, {k: torch.from_numpy(v) for k, v in val.targets.items()})
+
+
+def validation_metrics(cfg: CTTrainConfig, flat: torch.Tensor, targets: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Validation metrics from all rows' flattened outputs and targets (CPU tensors, the same row order)."""
+    n, bs = int(flat.shape[0]), cfg.eval_batch_size
+    if n == 0:
+        return {"val_loss": float("nan"), "val_auroc": float("nan")}
+    total = 0.0
+    for i in range(0, n, bs):
+        out = _output_dict(cfg, flat[i:i + bs])
+        batch = {k: v[i:i + bs] for k, v in targets.items()}
+        loss = (_loss(cfg, out, batch, flat.device, distributed=False) if isinstance(cfg, MultitaskConfig)
+                else masked_bce(out, batch[cfg.label]))  # Cox term: per validation batch
+        total += float(loss) * int(min(bs, n - i))
+    metrics = {"val_loss": total / n}
+    cat = {k: v.numpy() for k, v in targets.items()}
+    if not isinstance(cfg, MultitaskConfig):
+        metrics["val_auroc"] = auroc_or_nan(cat[cfg.label], flat[:, 0].numpy())
         return metrics
-    metrics["val_c_index"] = c_index_or_nan(cat["time_days"], cat["event"], cat["log_risk"])
-    metrics["val_prevalent_auroc"] = auroc_or_nan(cat[cfg.prevalent_label], cat["prevalent_logit"])
-    hy = horizon_labels(torch.from_numpy(cat["time_days"]), torch.from_numpy(cat["event"]),
-                        [h * DAYS_PER_YEAR for h in cfg.horizons_years]).numpy()
+    out = {k: v.numpy() for k, v in _output_dict(cfg, flat).items()}
+    metrics["val_c_index"] = c_index_or_nan(cat["time_days"], cat["event"], out["log_risk"])
+    metrics["val_prevalent_auroc"] = auroc_or_nan(cat[cfg.prevalent_label], out["prevalent_logit"])
+    hy = horizon_labels(targets["time_days"], targets["event"], [h * DAYS_PER_YEAR for h in cfg.horizons_years]).numpy()
     for j, h in enumerate(cfg.horizons_years):
-        metrics[f"val_auroc_{h:g}y"] = auroc_or_nan(hy[:, j], cat["risk_logits"][:, j])
+        metrics[f"val_auroc_{h:g}y"] = auroc_or_nan(hy[:, j], out["risk_logits"][:, j])
     label_h = _label_horizon(cfg.label)
     metrics["val_auroc"] = (metrics.get(f"val_auroc_{label_h:g}y") if label_h in cfg.horizons_years
-                            else auroc_or_nan(cat[cfg.label], cat["log_risk"]))
+                            else auroc_or_nan(cat[cfg.label], out["log_risk"]))
     return metrics
 
 
@@ -222,7 +314,7 @@ def fit_ct(config: CTTrainConfig, data_dir: str, out_dir: str,
 
     shards = load_ct_shards(data_dir, backend="ray")
     schema_names = shards.schema().names
-    need = ["patient_id", "study_id", cfg.input, *_targets(cfg)]
+    need = ["patient_id", "study_id", cfg.input, *target_columns(cfg)]
     missing = [c for c in need if c not in schema_names and c not in (getattr(cfg, "prevalent_label", None),)]
     if missing:
         raise ValueError(f"CT shards in {data_dir} lack column(s) {missing} (have: {schema_names})")
@@ -252,7 +344,7 @@ def fit_ct(config: CTTrainConfig, data_dir: str, out_dir: str,
         clinical = ClinicalEncoder.fit({c: rows[c].to_numpy() for c in clinical_cols}, clinical_cols,
                                        row_ids=rows["study_id"].tolist())
 
-    columns = list(dict.fromkeys(["patient_id", "study_id", cfg.input, *[c for c in _targets(cfg) if c in schema_names],
+    columns = list(dict.fromkeys(["patient_id", "study_id", cfg.input, *[c for c in target_columns(cfg) if c in schema_names],
                                   *clinical_cols]))
     ds = shards.select_columns(columns)
     run_dir = storage.join(storage_path, cfg.run_name)

@@ -5,9 +5,11 @@ Reads top to bottom like a training script:
 1. `XrayBatch` turns shard rows into model inputs: the preprocessed image (C x 384 x 384 float16, resized on
    the fly when `image_size` is set), clinical variables standardised with the training rows' means and
    SDs, time and event (and the interval index for the discrete-time heads).
-2. `train_loop_deepsurv` runs in every Ray Train worker: stream the "train" shard, the head's loss (Cox:
-   `cox_ph_loss_distributed`, so the risk sets span the global batch across workers), validation C-index
-   on rank 0 broadcast to every rank, one checkpoint per epoch through `raypipe.train.common`.
+2. `train_loop_deepsurv` runs in every Ray Train worker: the "train" shard read once into memory (images
+   float16, resized once when `image_size` is set; `cache_train: false` streams it every epoch) and served
+   in shuffled, prefetched batches; the head's loss (Cox: `cox_ph_loss_distributed`, so the risk sets span
+   the global batch across workers); validation split over the ranks and gathered (every rank gets the
+   metrics one worker would compute); checkpoints through `raypipe.train.common`.
 3. `fit_deepsurv` on the driver: split by patient (the paper's 5:1 train/validation split of the training
    set), train, score with the best checkpoint, fit the Breslow baseline on the training rows, and write
    model.pt, model_meta.json, baseline_hazard.json, config.yaml, metrics.csv, predictions.parquet,
@@ -22,7 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,9 +34,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from raypipe.clinical import ClinicalEncoder
-from raypipe.data.collate import clinical_tensor, float_column, stack_cells
+from raypipe.data.collate import StudyMoves, clinical_tensor, float_column, stack_cells, study_keys
+from raypipe.data.memory import CachedRows, MemoryLoader, cache_rows
 from raypipe.metrics import c_index_or_nan
-from raypipe.train.common import DeviceSetup, autocast, select_device, unwrap
+from raypipe.train.common import DeviceSetup, autocast, gather_shares, select_device, share_of, unwrap
 from raypipe.train.fold import FoldTask
 from raypipe.train.loop import CHECKPOINT_SCORE, WorkerTask, run_worker_loop
 from raypipe.train.xray_config import DeepSurvConfig
@@ -48,23 +51,33 @@ _IMAGE_COLUMNS = ("image", "keypoints")
 
 # ---------------------------------------------------------------------------------------------- batches
 class XrayBatch:
-    """collate_fn for `iter_torch_batches`: shard rows -> x (B, C, H, W), clinical, time_days, event, idx."""
+    """collate_fn for `iter_torch_batches`: shard rows -> x (B, C, H, W), clinical, time_days, event, idx.
+
+    `dtype` float32 feeds a model directly; float16 keeps the shards' precision until the training device.
+    `moves` (training only) flips/shifts each study's L1-L5 channels together for `epoch` (`StudyMoves`).
+    """
 
     def __init__(self, image_size: int | None, uses_image: bool, clinical: ClinicalEncoder | None,
-                 cuts: Sequence[float] | None = None) -> None:
+                 cuts: Sequence[float] | None = None, dtype: Any = np.float32, moves: StudyMoves | None = None,
+                 epoch: int = 0) -> None:
         self.image_size, self.uses_image, self.clinical = image_size, uses_image, clinical
         self.cuts = None if cuts is None else np.asarray(cuts, dtype=np.float64)
+        self.dtype = np.dtype(dtype)
+        self.moves, self.epoch = moves, epoch
 
-    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        """Stack one batch; missing time/event become NaN (scoring rows need none)."""
+    def images(self, arr: np.ndarray) -> np.ndarray:
+        """A batch's images (B, C, H, W) in this collate's dtype, resized to `image_size` when set."""
+        if self.image_size and tuple(arr.shape[-2:]) != (self.image_size, self.image_size):
+            x = F.interpolate(torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)),
+                              size=(self.image_size, self.image_size), mode="bilinear", align_corners=False,
+                              antialias=True)
+            return x.numpy().astype(self.dtype, copy=False)
+        return np.ascontiguousarray(arr, dtype=self.dtype)
+
+    def tabular(self, batch: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """The non-image inputs: clinical, time_days, event (NaN when missing) and the interval index."""
         n = len(batch["study_id"])
         out: dict[str, torch.Tensor] = {}
-        if self.uses_image:
-            x = torch.from_numpy(np.ascontiguousarray(stack_cells(batch["image"]), dtype=np.float32))
-            if self.image_size and tuple(x.shape[-2:]) != (self.image_size, self.image_size):
-                x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
-                                  align_corners=False, antialias=True)
-            out["x"] = x
         clinical = clinical_tensor(batch, self.clinical)
         if clinical is not None:
             out["clinical"] = clinical
@@ -73,6 +86,16 @@ class XrayBatch:
         if self.cuts is not None and batch.get("time_days") is not None:
             out["idx"] = torch.from_numpy(duration_index(self.cuts, out["time_days"].numpy(), out["event"].numpy()))
         return out
+
+    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """Stack one batch; missing time/event become NaN (scoring rows need none)."""
+        out: dict[str, torch.Tensor] = {}
+        if self.uses_image:
+            x = self.images(stack_cells(batch["image"]))
+            if self.moves:
+                x = self.moves.apply(np.array(x), study_keys(batch["study_id"]), self.epoch)  # never the caller's rows
+            out["x"] = torch.from_numpy(x)
+        return out | self.tabular(batch)
 
 
 def duration_index(cuts: np.ndarray, time: np.ndarray, event: np.ndarray) -> np.ndarray:
@@ -127,8 +150,8 @@ def _inputs(batch: Mapping[str, torch.Tensor], setup: DeviceSetup) -> tuple[torc
     """Image and clinical tensors on the worker's device (None when the variant has none)."""
     x = batch.get("x")
     c = batch.get("clinical")
-    return (x.to(setup.device, non_blocking=True) if x is not None else None,
-            c.to(setup.device) if c is not None else None)
+    return (x.to(setup.device, non_blocking=True).float() if x is not None else None,
+            c.to(setup.device, non_blocking=True) if c is not None else None)
 
 
 def _std_log_time(t: torch.Tensor, labels: Mapping[str, Any]) -> torch.Tensor:
@@ -140,26 +163,31 @@ def head_loss(cfg: DeepSurvConfig, model: nn.Module, batch: Mapping[str, torch.T
               labels: Mapping[str, Any], distributed: bool = True, rng: np.random.Generator | None = None
               ) -> torch.Tensor:
     """The head's training loss on one batch (Cox: over the global batch when `distributed`)."""
-    from pycox.models import loss as pl
-
-    from raypipe.losses import cox_ph_loss, cox_ph_loss_distributed
-
     x, c = _inputs(batch, setup)
     time, event = batch["time_days"].to(setup.device), batch["event"].to(setup.device)
     if cfg.head == "coxtime":
         return _coxtime_loss(cfg, model, x, c, time, event, labels, rng or np.random.default_rng(0))
     with autocast(setup):
         out = model(x, c)
-    out = out.float()
+    idx = batch["idx"].to(setup.device) if cfg.head in ("logistic_hazard", "deephit") else None
+    return output_loss(cfg, out.float(), time, event, idx, distributed)
+
+
+def output_loss(cfg: DeepSurvConfig, out: torch.Tensor, time: torch.Tensor, event: torch.Tensor,
+                idx: torch.Tensor | None, distributed: bool = True) -> torch.Tensor:
+    """The loss of the Cox or discrete-time heads from the network's outputs (not Cox-Time: it samples controls)."""
+    from pycox.models import loss as pl
+
+    from raypipe.losses import cox_ph_loss, cox_ph_loss_distributed
+
     if cfg.head == "cox":
         cox = cox_ph_loss_distributed if distributed else cox_ph_loss
         return cox(out, time, event, ties=cfg.ties)
-    idx = batch["idx"].to(setup.device)
     if cfg.head == "logistic_hazard":
         return pl.nll_logistic_hazard(out, idx, event)
     from pycox.models.data import pair_rank_mat
 
-    rank = torch.from_numpy(pair_rank_mat(idx.cpu().numpy(), event.cpu().numpy())).to(setup.device)
+    rank = torch.from_numpy(pair_rank_mat(idx.cpu().numpy(), event.cpu().numpy())).to(out.device)
     nll = pl.nll_pmf(out, idx, event)
     ranking = pl.rank_loss_deephit_single(out, idx, event, rank, torch.tensor(cfg.deephit_sigma))
     return cfg.deephit_alpha * nll + (1 - cfg.deephit_alpha) * ranking
@@ -194,6 +222,13 @@ def _coxtime_loss(cfg: DeepSurvConfig, model: nn.Module, x: torch.Tensor | None,
 def raw_outputs(cfg: DeepSurvConfig, model: nn.Module, batch: Mapping[str, torch.Tensor], setup: DeviceSetup,
                 labels: Mapping[str, Any]) -> np.ndarray:
     """Network output per row: log-risk (Cox), logits (discrete heads) or g at the horizon (Cox-Time)."""
+    return output_tensor(cfg, model, batch, setup, labels).cpu().numpy()
+
+
+@torch.no_grad()
+def output_tensor(cfg: DeepSurvConfig, model: nn.Module, batch: Mapping[str, torch.Tensor], setup: DeviceSetup,
+                  labels: Mapping[str, Any]) -> torch.Tensor:
+    """`raw_outputs` as a float32 tensor on the worker's device."""
     net = unwrap(model)
     x, c = _inputs(batch, setup)
     with autocast(setup):
@@ -203,7 +238,7 @@ def raw_outputs(cfg: DeepSurvConfig, model: nn.Module, batch: Mapping[str, torch
             out = net(x, c, _std_log_time(horizon, labels))
         else:
             out = net(x, c)
-    return out.float().cpu().numpy()
+    return out.float()
 
 
 def risk_score(cfg: DeepSurvConfig, outputs: np.ndarray, labels: Mapping[str, Any]) -> np.ndarray:
@@ -220,11 +255,15 @@ def risk_score(cfg: DeepSurvConfig, outputs: np.ndarray, labels: Mapping[str, An
 class DeepSurvWorkerTask(WorkerTask):
     """Hooks of the shared worker loop for DeepSurv and the pycox heads."""
 
+    distributed_validation = True
+
     def __init__(self, cfg: DeepSurvConfig, loop_config: Mapping[str, Any]) -> None:
         super().__init__(cfg, loop_config)
         self.clinical = ClinicalEncoder.from_dict(loop_config.get("clinical"))
         self.labels = loop_config["labels"]
         self.rng = np.random.default_rng(cfg.seed)
+        self.loader: MemoryLoader | None = None
+        self.val: XrayValidationRows | None = None
 
     def build_model(self) -> nn.Module:
         return build(self.cfg, len(self.clinical.columns), self.loop_config["in_chans"])
@@ -245,11 +284,16 @@ class DeepSurvWorkerTask(WorkerTask):
         import ray.train
 
         cfg = self.cfg
-        collate = XrayBatch(cfg.image_size, cfg.uses_image, self.clinical, self.labels.get("cuts"))
-        return ray.train.get_dataset_shard("train").iter_torch_batches(
-            batch_size=batch_size, collate_fn=collate, device="cpu",
-            local_shuffle_buffer_size=cfg.shuffle_buffer or None, local_shuffle_seed=cfg.seed + epoch,
-        )
+        moves = StudyMoves(cfg.augment_flip, cfg.augment_shift, cfg.seed)
+        shard = ray.train.get_dataset_shard("train")
+        if not cfg.cache_train:
+            collate = XrayBatch(cfg.image_size, cfg.uses_image, self.clinical, self.labels.get("cuts"),
+                                dtype=np.float16, moves=moves, epoch=epoch)
+            return stream_batches(cfg, shard, epoch, batch_size, collate, pin=self.setup.device.type == "cuda")
+        if self.loader is None:
+            collate = XrayBatch(cfg.image_size, cfg.uses_image, self.clinical, self.labels.get("cuts"), dtype=np.float16)
+            self.loader = train_loader(cfg, shard, batch_size, collate, moves)
+        return self.loader.epoch(epoch)
 
     def train_step(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, int] | None:
         n = int(batch["time_days"].shape[0])
@@ -258,7 +302,54 @@ class DeepSurvWorkerTask(WorkerTask):
         return head_loss(self.cfg, model, batch, self.setup, self.labels, distributed=True, rng=self.rng), n
 
     def validate(self, model: nn.Module) -> dict[str, float]:
-        return _validate(self.cfg, model, self.setup, self.clinical, self.labels)
+        import ray.train
+
+        if self.val is None:
+            collate = XrayBatch(self.cfg.image_size, self.cfg.uses_image, self.clinical, self.labels.get("cuts"),
+                                dtype=np.float16)
+            shard = ray.train.get_dataset_shard("val")
+            self.val = xray_validation_rows(shard.iter_batches(batch_size=64, batch_format="numpy"), collate)
+        return validate_shares(self.cfg, model, self.setup, self.val, self.labels)
+
+
+def stream_batches(cfg: DeepSurvConfig, shard: Any, epoch: int, batch_size: int, collate: XrayBatch,
+                   pin: bool = False) -> Any:
+    """One epoch streamed through Ray Data (`cache_train: false`), float16 images."""
+    return shard.iter_torch_batches(
+        batch_size=batch_size, collate_fn=collate, device="cpu", prefetch_batches=cfg.prefetch_batches,
+        pin_memory=pin, local_shuffle_buffer_size=cfg.shuffle_buffer or None, local_shuffle_seed=cfg.seed + epoch,
+    )
+
+
+def train_loader(cfg: DeepSurvConfig, shard: Any, batch_size: int, collate: XrayBatch,
+                 moves: StudyMoves | None = None) -> MemoryLoader:
+    """Read this worker's training rows once into memory and serve shuffled, prefetched batches from there."""
+    rows = read_rows(shard.iter_batches(batch_size=64, batch_format="numpy", prefetch_batches=cfg.prefetch_batches),
+                     collate)
+    log.info("training rows cached in memory: %d studies, %.1f MiB", len(rows), rows.nbytes / 2**20)
+    return MemoryLoader(rows, batch_size, None, shuffle=cfg.shuffle_buffer > 0, seed=cfg.seed,
+                        prefetch=cfg.prefetch_batches, moves=moves)
+
+
+def read_rows(batches: Iterable[Mapping[str, Any]], collate: XrayBatch) -> CachedRows:
+    """Drain numpy batches into memory: images (float16, resized once when asked) and the tabular inputs."""
+    return cache_rows(batches, "image" if collate.uses_image else None, False, collate.tabular, collate.images)
+
+
+class XrayValidationRows:
+    """Validation rows as this rank scores them: all rows' labels (sorted by study id), this rank's share of inputs."""
+
+    def __init__(self, n: int, targets: Mapping[str, np.ndarray], share: CachedRows) -> None:
+        self.n, self.targets, self.share = n, dict(targets), share
+
+
+def xray_validation_rows(batches: Iterable[Mapping[str, Any]], collate: XrayBatch) -> XrayValidationRows:
+    """Read the (unsplit) validation rows once; keep every row's labels and this rank's round-robin share."""
+    rows = read_rows(batches, collate)
+    order = np.argsort(rows.study_ids.astype(str), kind="stable")
+    share = rows.take(order[share_of(len(order))])
+    targets = {k: v[order] for k, v in rows.tabular.items() if k in ("time_days", "event", "idx")}
+    return XrayValidationRows(len(order), targets, share)
 
 
 def train_loop_deepsurv(loop_config: dict) -> None:
@@ -266,32 +357,50 @@ def train_loop_deepsurv(loop_config: dict) -> None:
     run_worker_loop(DeepSurvWorkerTask(DeepSurvConfig.model_validate(loop_config["config"]), loop_config))
 
 
-@torch.no_grad()
-def _validate(cfg: DeepSurvConfig, model: nn.Module, setup: DeviceSetup, clinical: ClinicalEncoder | None,
-              labels: Mapping[str, Any]) -> dict[str, float]:
-    """Loss (per batch) and Harrell's C over the whole validation set, on rank 0."""
-    import ray.train
+def _output_width(cfg: DeepSurvConfig) -> int:
+    """Outputs per row: one (Cox, Cox-Time) or one per interval of the grid (discrete heads)."""
+    return cfg.num_durations if cfg.head in ("logistic_hazard", "deephit") else 1
 
-    model.eval()
-    collate = XrayBatch(cfg.image_size, cfg.uses_image, clinical, labels.get("cuts"))
-    outs, times, events = [], [], []
-    total, count = 0.0, 0
-    for b in ray.train.get_dataset_shard("val").iter_torch_batches(
-        batch_size=cfg.eval_batch_size, collate_fn=collate, device="cpu"
-    ):
-        out = raw_outputs(cfg, model, b, setup, labels)
-        if cfg.head != "coxtime":
-            loss = head_loss(cfg, unwrap(model), b, setup, labels, distributed=False)
-            n = int(b["time_days"].shape[0])
-            total, count = total + float(loss) * n, count + n
-        outs.append(out)
-        times.append(b["time_days"].numpy())
-        events.append(b["event"].numpy())
-    if not outs:
+
+@torch.no_grad()
+def validate_shares(cfg: DeepSurvConfig, model: nn.Module, setup: DeviceSetup, val: XrayValidationRows,
+              labels: Mapping[str, Any]) -> dict[str, float]:
+    """Loss (per batch of `eval_batch_size`) and Harrell's C over the whole validation set.
+
+    Each rank scores its share; the outputs are gathered in study-id order and every rank computes the
+    metrics from all of them, so they do not depend on the number of workers.
+    """
+    net = unwrap(model)
+    net.eval()
+    share, bs = val.share, cfg.eval_batch_size
+    parts = [torch.zeros((0, _output_width(cfg)), device=setup.device)]
+    for i in range(0, len(share), bs):
+        b: dict[str, torch.Tensor] = {k: torch.from_numpy(v[i:i + bs]) for k, v in share.tabular.items()}
+        if share.images is not None:
+            b["x"] = torch.from_numpy(share.images[i:i + bs])
+        out = output_tensor(cfg, net, b, setup, labels)
+        parts.append(out.reshape(out.shape[0], -1))
+    flat = gather_shares(torch.cat(parts), val.n, setup.device)
+    return xray_validation_metrics(cfg, flat, {k: torch.from_numpy(v) for k, v in val.targets.items()}, labels)
+
+
+def xray_validation_metrics(cfg: DeepSurvConfig, flat: torch.Tensor, targets: Mapping[str, torch.Tensor],
+                            labels: Mapping[str, Any]) -> dict[str, float]:
+    """Validation loss and Harrell's C from all rows' outputs (n, width) and labels (CPU, the same row order)."""
+    n, bs = int(flat.shape[0]), cfg.eval_batch_size
+    if n == 0:
         return {"val_loss": float("nan"), "val_c_index": float("nan")}
-    score = risk_score(cfg, np.concatenate(outs), labels)
-    c = c_index_or_nan(np.concatenate(times).astype(float), np.concatenate(events).astype(float), score)
-    return {"val_loss": total / count if count else float("nan"), "val_c_index": c}
+    out = flat[:, 0] if flat.shape[1] == 1 and cfg.head in ("cox", "coxtime") else flat
+    total = 0.0
+    if cfg.head != "coxtime":
+        for i in range(0, n, bs):
+            idx = targets["idx"][i:i + bs] if "idx" in targets else None
+            loss = output_loss(cfg, out[i:i + bs], targets["time_days"][i:i + bs], targets["event"][i:i + bs], idx,
+                               distributed=False)
+            total += float(loss) * int(min(bs, n - i))
+    score = risk_score(cfg, out.numpy(), labels)
+    c = c_index_or_nan(targets["time_days"].numpy().astype(float), targets["event"].numpy().astype(float), score)
+    return {"val_loss": total / n if cfg.head != "coxtime" else float("nan"), "val_c_index": c}
 
 
 # ---------------------------------------------------------------------------------------------- driver

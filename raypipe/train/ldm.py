@@ -10,10 +10,15 @@ Reads top to bottom:
 3. `train_epoch`: one pass over batches for one stage, for `train_local` (tests, notebooks, no Ray).
 4. `LDMWorkerTask` / `train_loop_ldm` (every Ray Train worker, on the shared skeleton
    `raypipe.train.loop`): epochs 1..vae_epochs train the VAE, the rest the two
-   UNets (+ the small text encoder unless a pretrained CLIP is configured, which stays frozen); DDP
-   over the stage's `Objective`, bf16 autocast on CUDA, EMA of the LDM weights (diffusers' `EMAModel`,
-   saved in the checkpoint), one checkpoint per epoch and resume via `raypipe.train.common`.
-   The latent scaling factor (1 / SD of the training latents) is measured once after the VAE stage.
+   UNets (+ the small text encoder unless a pretrained CLIP is configured, which stays frozen). The
+   steps run through Hugging Face Accelerate inside the Ray Train worker, as diffusers'
+   train_text_to_image.py does: `Accelerator(mixed_precision, gradient_accumulation_steps)` reuses Ray's
+   process group and wraps the stage's `Objective` in DDP; `accelerator.accumulate` / `backward` /
+   `clip_grad_norm_`, the optimiser steps once per accumulation window; EMA of the LDM weights
+   (diffusers' `EMAModel`, saved in the checkpoint) after every real step; one checkpoint per epoch and
+   resume via `raypipe.train.common`. With `pretrained_sd` the model starts from a local Stable Diffusion
+   directory (`raypipe.models.ldm.stable_diffusion`) and keeps SD's latent scaling factor; otherwise the
+   factor (1 / SD of the training latents) is measured once after the VAE stage.
 5. `fit_ldm` on the driver: manifest -> Ray Data (radiographs read and resized on the fly) -> train ->
    model.pt (flat state_dict: vae., structure_unet., prompt_unet., text_encoder.; EMA weights),
    model_meta.json (builder + kwargs + sampler settings), config.yaml, metrics.csv, metrics.json.
@@ -30,9 +35,10 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from raypipe import storage
 from raypipe.train.common import (
     TrainState,
     all_reduce_mean,
@@ -56,6 +62,12 @@ class LDMTrainConfig(RayRunConfig):
 
     model: str = Field("diffx", description="registry name: diffx (SD v1 sizes) or diffx_tiny")
     model_kwargs: dict[str, Any] = Field(default_factory=dict, description="builder overrides (sizes, text path)")
+    pretrained_sd: str = Field(
+        ..., description="a local diffusers-format Stable Diffusion directory to fine-tune (the thesis's setting; "
+                         "docs/WEIGHTS.md), or 'none' for random initialisation, stated explicitly")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimiser step (Accelerate)")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
+        "auto", description="Accelerate's mixed precision; auto: bf16 on CUDA when amp, else no")
     display_name: str = "diffx"
     clinical_prompts: bool = Field(True, description="add the thesis's clinical attributes to training prompts")
     cond_drop_prob: float = Field(0.1, ge=0, lt=1, description="prompt dropout (empty prompt) for guidance")
@@ -82,9 +94,28 @@ class LDMTrainConfig(RayRunConfig):
         description="raypipe.generate.SamplerSettings saved with the model",
     )
 
+    @model_validator(mode="after")
+    def _check_pretrained_sd(self) -> "LDMTrainConfig":
+        from raypipe.models.ldm.stable_diffusion import check_sd_directory
+
+        if self.pretrained_sd == "none":
+            return self
+        if self.model_kwargs.get("text_encoder_path"):
+            raise ValueError("pretrained_sd already brings SD's CLIP text encoder; drop model_kwargs.text_encoder_path")
+        try:
+            check_sd_directory(self.pretrained_sd)
+        except ValueError as e:
+            raise ValueError(f"pretrained_sd: {e}") from None
+        return self
+
     @property
     def name(self) -> str:
         return self.display_name
+
+    @property
+    def sd_directory(self) -> str | None:
+        """The Stable Diffusion directory to fine-tune, None for random initialisation."""
+        return None if self.pretrained_sd == "none" else self.pretrained_sd
 
     @property
     def epochs(self) -> int:
@@ -94,22 +125,38 @@ class LDMTrainConfig(RayRunConfig):
 
 # ---------------------------------------------------------------------------------------------- model
 def model_kwargs(cfg: LDMTrainConfig) -> dict[str, Any]:
-    """Registry builder kwargs of this run."""
-    return dict(cfg.model_kwargs)
+    """Registry builder kwargs of this run (with a Stable Diffusion directory: its architectures)."""
+    if cfg.sd_directory is None:
+        return dict(cfg.model_kwargs)
+    from raypipe.models.ldm.stable_diffusion import diffx_kwargs_from_sd
+
+    return {**diffx_kwargs_from_sd(cfg.sd_directory), **cfg.model_kwargs}
 
 
-def build(cfg: LDMTrainConfig) -> Any:
-    """The `DiffXModel` of this config (`raypipe.models.registry.build_model`)."""
+def build(cfg: LDMTrainConfig, load_weights: bool = False) -> Any:
+    """The `DiffXModel` of this config; with `load_weights`, Stable Diffusion's weights copied in when configured."""
     from raypipe.models.registry import build_model
 
-    return build_model(cfg.model, **model_kwargs(cfg))
+    model = build_model(cfg.model, **model_kwargs(cfg))
+    if load_weights and cfg.sd_directory is not None:
+        from raypipe.models.ldm.stable_diffusion import load_stable_diffusion
+
+        report = load_stable_diffusion(model, cfg.sd_directory)
+        log.info("fine-tuning Stable Diffusion from %s (%d tensors; structure UNet +%d zero input channels; "
+                 "latent scale %.5f)", report.path, report.tensors, report.structure_extra_channels, report.latent_scale)
+    return model
+
+
+def text_trainable(cfg: LDMTrainConfig) -> bool:
+    """The small text encoder trains with the UNets; a pretrained CLIP (own path or SD's) stays frozen."""
+    return not (cfg.model_kwargs.get("text_encoder_path") or cfg.sd_directory)
 
 
 def image_size(cfg: LDMTrainConfig) -> int:
     """Training image side from the builder defaults and overrides."""
     from raypipe.models.registry import default_config
 
-    return int({**default_config(cfg.model), **cfg.model_kwargs}["image_size"])
+    return int({**default_config(cfg.model), **model_kwargs(cfg)}["image_size"])
 
 
 def set_trainable(model: Any, text_trainable: bool) -> None:
@@ -287,7 +334,7 @@ def train_local(model: Any, images: Tensor, prompts: Sequence[str], cfg: LDMTrai
 
     setup = setup or select_device(cfg.amp)
     seed_everything(cfg.seed)
-    set_trainable(model, not cfg.model_kwargs.get("text_encoder_path"))
+    set_trainable(model, text_trainable(cfg))
     objective = Objective(model, ddpm_scheduler(), cfg.kl_weight, cfg.cond_drop_prob)
     history: dict[str, list[float]] = {"vae": [], "unet": []}
     bs = cfg.batch_size
@@ -302,8 +349,9 @@ def train_local(model: Any, images: Tensor, prompts: Sequence[str], cfg: LDMTrai
     for epoch in range(cfg.vae_epochs):
         history["vae"].append(train_epoch(objective, opt, batches(epoch), "vae", setup, cfg.grad_clip,
                                           max_steps=cfg.max_steps_per_epoch)["loss"])
-    model.vae.latent_scale.fill_(measure_latent_scale(model, (images[s:s + bs].to(setup.device)
-                                                              for s in range(0, len(images), bs))))
+    if cfg.sd_directory is None:  # a Stable Diffusion start keeps SD's scaling_factor
+        model.vae.latent_scale.fill_(measure_latent_scale(model, (images[s:s + bs].to(setup.device)
+                                                                  for s in range(0, len(images), bs))))
     opt, ema = make_optimizer(model, "unet", cfg), make_ema(model, cfg)
     for epoch in range(cfg.unet_epochs):
         history["unet"].append(train_epoch(objective, opt, batches(10_000 + epoch), "unet", setup, cfg.grad_clip,
@@ -369,8 +417,6 @@ class LDMWorkerTask(WorkerTask):
     state is reloaded only when it belongs to the stage being resumed.
     """
 
-    prepare_kwargs = {"find_unused_parameters": True}
-
     def __init__(self, cfg: LDMTrainConfig, loop_config: Mapping[str, Any]) -> None:
         from raypipe.models.ldm.schedule import ddpm_scheduler
 
@@ -382,10 +428,11 @@ class LDMWorkerTask(WorkerTask):
         self.opt_state: dict[str, Any] | None = None
         self.parts: dict[str, float] = {}
         self.part_steps = 0
+        self.accelerator: Any = None
 
     def build_model(self) -> nn.Module:
-        model = build(self.cfg)
-        set_trainable(model, not self.cfg.model_kwargs.get("text_encoder_path"))
+        model = build(self.cfg, load_weights=True)  # a resume overwrites the weights afterwards
+        set_trainable(model, text_trainable(self.cfg))
         self.model = model
         return model
 
@@ -408,6 +455,24 @@ class LDMWorkerTask(WorkerTask):
     def trainable(self, model: nn.Module) -> nn.Module:
         return Objective(model, self.scheduler, self.cfg.kl_weight, self.cfg.cond_drop_prob)
 
+    def prepare(self, module: nn.Module) -> nn.Module:
+        """Accelerate wraps the objective (DDP over Ray's process group, mixed-precision forward)."""
+        self.accelerator = make_accelerator(self.cfg, self.setup.device)
+        return self.accelerator.prepare(module)
+
+    def step_context(self, net: nn.Module) -> Any:
+        return self.accelerator.accumulate(net)
+
+    def backward(self, loss: Tensor) -> None:
+        self.accelerator.backward(loss)  # divides by gradient_accumulation_steps, scales fp16 losses
+
+    def sync_gradients(self) -> bool:
+        return bool(self.accelerator.sync_gradients)
+
+    def clip_gradients(self, model: nn.Module) -> None:
+        if self.cfg.grad_clip:
+            self.accelerator.clip_grad_norm_(stage_parameters(model, self.stage), self.cfg.grad_clip)
+
     def _stage_of(self, epoch: int) -> Stage:
         return "vae" if epoch <= self.cfg.vae_epochs else "unet"
 
@@ -420,7 +485,12 @@ class LDMWorkerTask(WorkerTask):
         optimizer = make_optimizer(model, stage, cfg)
         if self.opt_state and state.extra.get("stage") == stage:
             optimizer.load_state_dict(self.opt_state)
+        optimizer = self.accelerator.prepare_optimizer(optimizer)
+        self.accelerator.step = 0  # a new stage starts a new accumulation window
+        model.zero_grad(set_to_none=True)
         if stage == "unet":
+            if not state.extra.get("latent_scale") and cfg.sd_directory is not None:
+                state.extra["latent_scale"] = float(model.vae.latent_scale)  # SD's scaling_factor, as SD's UNet saw it
             if not state.extra.get("latent_scale"):
                 batch = per_worker_batch(cfg.batch_size, self.world)
                 scale = measure_latent_scale(model, (x.to(setup.device) for x, _ in _islice(
@@ -446,8 +516,7 @@ class LDMWorkerTask(WorkerTask):
 
     def train_step(self, model: nn.Module, batch: tuple[Tensor, list[str]]) -> tuple[Tensor, int]:
         images, prompts = batch
-        with autocast(self.setup):
-            loss, parts = model(images.to(self.setup.device, non_blocking=True), prompts, self.stage)
+        loss, parts = model(images.to(self.setup.device, non_blocking=True), prompts, self.stage)  # Accelerate's autocast
         for k, v in parts.items():
             self.parts[k] = self.parts.get(k, 0.0) + v
         self.part_steps += 1
@@ -476,6 +545,31 @@ class LDMWorkerTask(WorkerTask):
         return extra
 
 
+def mixed_precision(cfg: LDMTrainConfig, device: torch.device) -> str:
+    """Accelerate's mixed-precision mode: the configured one, or bf16 on CUDA when `amp` (fp32 on CPU)."""
+    if cfg.mixed_precision != "auto":
+        return cfg.mixed_precision
+    return "bf16" if (cfg.amp and device.type == "cuda") else "no"
+
+
+def make_accelerator(cfg: LDMTrainConfig, device: torch.device) -> Any:
+    """An `Accelerator` inside a Ray Train worker: it finds Ray's process group already initialised and reuses it.
+
+    Ray Train sets RANK / WORLD_SIZE / LOCAL_RANK and ACCELERATE_TORCH_DEVICE and calls
+    `init_process_group` before the loop runs; Accelerate's state then skips its own initialisation. On CPU
+    workers `cpu=True` is needed, otherwise Accelerate would see no GPU and train without DDP.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    return Accelerator(
+        mixed_precision=mixed_precision(cfg, device),
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        cpu=device.type == "cpu",
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],  # one stage's parts idle
+    )
+
+
 def train_loop_ldm(loop_config: dict) -> None:
     """Ray Train worker loop of Diff-X (the shared skeleton, `raypipe.train.loop`)."""
     run_worker_loop(LDMWorkerTask(LDMTrainConfig.model_validate(loop_config["config"]), loop_config))
@@ -493,7 +587,7 @@ def read_training_manifest(data: str) -> pd.DataFrame:
     """The radiograph (XR) rows of a manifest (a file, or a folder holding manifest.csv)."""
     from raypipe.io.manifest import load_manifest
 
-    path = os.path.join(data, "manifest.csv") if os.path.isdir(data) else data
+    path = storage.join(data, "manifest.csv") if storage.is_dir(data) else data
     table = load_manifest(path)
     xr = table[table["modality"] == "XR"].reset_index(drop=True)
     if xr.empty:
@@ -554,7 +648,7 @@ def write_model_dir(cfg: LDMTrainConfig, payload: Mapping[str, Any], out: str) -
     ema = state.get("extra", {}).get("ema")
     if cfg.use_ema and ema:
         model = build(cfg)
-        set_trainable(model, not cfg.model_kwargs.get("text_encoder_path"))
+        set_trainable(model, text_trainable(cfg))
         model.load_state_dict(weights)
         for p, shadow in zip(ldm_parameters(model), ema["shadow_params"], strict=True):
             p.data.copy_(shadow)

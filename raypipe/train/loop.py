@@ -3,20 +3,33 @@
 `run_worker_loop(task)` is what each Ray Train worker executes: set threads and seeds, build the model
 (identical initial weights on every rank), the optimiser, resume from Ray's checkpoint, wrap in DDP, then
 per epoch: re-seed, `begin_epoch`, stream the worker's shard through `train_step` (backward, clipping and
-the optimiser step happen here), average the loss over workers, `end_epoch`, validate on rank 0 and share
-the metrics with every rank (so early stopping agrees), update the early-stopping state, log one line and
-report (checkpoint + metrics) through `raypipe.train.common.report_epoch`.
+the optimiser step happen here), average the loss over workers, `end_epoch`, validate (split over every
+rank and gathered when the task sets `distributed_validation`; otherwise on rank 0, shared with every
+rank, so early stopping agrees), update the early-stopping state, log one line and report (checkpoint +
+metrics) through `raypipe.train.common.report_epoch`. The loss is summed on the device (no per-step sync).
+
+Each epoch row carries its time breakdown (`EpochTimer`): `time_step_s` (forward + backward + optimiser
+steps; CUDA events on a GPU, read once per epoch), `time_data_s` (waiting for batches), `time_val_s`,
+`time_epoch_s` (start of the epoch to its report) and `epoch_started` (Unix time; the difference of two
+consecutive starts is an epoch's full wall time, checkpoint included).
 
 A task subclasses `WorkerTask` and fills in `build_model`, `train_batches`, `train_step` and `validate`
 (the way Ray's training templates factor `train_epoch` / `eval_epoch`); the other hooks have defaults.
 The config a task receives must carry the shared loop fields (`seed`, `epochs`, `patience`, `monitor`,
 `monitor_mode`, `min_delta`, `lr`, `weight_decay`, `optimizer`, `grad_clip`, `amp`, `torch_threads`,
 `freeze_batchnorm`, `stop_after_epoch`); tasks without early stopping set `monitor` to None.
+
+Backward, clipping and the step go through the hooks `prepare`, `step_context`, `backward`,
+`sync_gradients` and `clip_gradients`, so a task may run them through Hugging Face Accelerate (the LDM
+does): the optimiser steps, and gradients are cleared, only when `sync_gradients` says an accumulation
+window is complete; `optimizer_steps` per epoch counts those steps, `steps` the micro-batches.
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -49,6 +62,8 @@ class WorkerTask:
 
     #: kwargs for `ray.train.torch.prepare_model` (e.g. find_unused_parameters)
     prepare_kwargs: Mapping[str, Any] = {}
+    #: True: every rank calls `validate` on its share of the validation rows and gets the gathered metrics
+    distributed_validation: bool = False
 
     def __init__(self, cfg: Any, loop_config: Mapping[str, Any]) -> None:
         self.cfg = cfg
@@ -70,7 +85,7 @@ class WorkerTask:
         raise NotImplementedError
 
     def validate(self, model: nn.Module) -> dict[str, float]:
-        """Validation metrics (rank 0 only; the loop shares them with the other ranks)."""
+        """Validation metrics (rank 0 only, shared by the loop; on every rank with `distributed_validation`)."""
         raise NotImplementedError
 
     # -- optional hooks
@@ -99,6 +114,30 @@ class WorkerTask:
     def clip_parameters(self, model: nn.Module) -> Iterable[nn.Parameter]:
         """The parameters whose gradient norm `grad_clip` bounds."""
         return model.parameters()
+
+    def prepare(self, module: nn.Module) -> nn.Module:
+        """Wrap the trainable module for data-parallel training (default: Ray's `prepare_model`, i.e. DDP)."""
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(module, move_to_device=False,
+                                            parallel_strategy_kwargs=dict(self.prepare_kwargs) or None)
+
+    def step_context(self, net: nn.Module) -> AbstractContextManager:
+        """Context around one micro-batch's forward and backward (e.g. Accelerate's `accumulate`)."""
+        return nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward pass of one micro-batch's loss."""
+        loss.backward()
+
+    def sync_gradients(self) -> bool:
+        """Whether this micro-batch ends an accumulation window, so the optimiser steps (default: every batch)."""
+        return True
+
+    def clip_gradients(self, model: nn.Module) -> None:
+        """Bound the gradient norm by the config's `grad_clip` (when set) before the optimiser step."""
+        if getattr(self.cfg, "grad_clip", None):
+            nn.utils.clip_grad_norm_(list(self.clip_parameters(model)), self.cfg.grad_clip)
 
     def after_step(self, model: nn.Module) -> None:
         """Called after every optimiser step (e.g. an EMA update)."""
@@ -131,10 +170,58 @@ def worker_logging() -> None:
         logger.addHandler(handler)
 
 
+class EpochTimer:
+    """Time breakdown of one epoch: steps (CUDA events on a GPU, no per-step sync), waiting for data, validation."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = torch.device(device).type == "cuda"
+        self.started_unix, self.started = time.time(), time.perf_counter()
+        self.step_s, self.data_s, self.val_s = 0.0, 0.0, 0.0
+        self.events: list[tuple[Any, Any]] = []
+        self.t0 = 0.0
+
+    def batches(self, batches: Iterable[Any]) -> Iterator[Any]:
+        """The batches, timing how long the loop waits for each one."""
+        it = iter(batches)
+        while True:
+            t = time.perf_counter()
+            try:
+                b = next(it)
+            except StopIteration:
+                self.data_s += time.perf_counter() - t
+                return
+            self.data_s += time.perf_counter() - t
+            yield b
+
+    def step_started(self) -> None:
+        """Mark the start of a training step."""
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.events.append((ev, None))
+        else:
+            self.t0 = time.perf_counter()
+
+    def step_ended(self) -> None:
+        """Mark the end of the current training step."""
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.events[-1] = (self.events[-1][0], ev)
+        else:
+            self.step_s += time.perf_counter() - self.t0
+
+    def row(self) -> dict[str, float]:
+        """The epoch's timing columns (synchronises CUDA once to read the step events)."""
+        if self.cuda and self.events:
+            torch.cuda.synchronize()
+            self.step_s = sum(a.elapsed_time(b) for a, b in self.events) / 1e3
+        return {"time_step_s": self.step_s, "time_data_s": self.data_s, "time_val_s": self.val_s,
+                "time_epoch_s": time.perf_counter() - self.started, "epoch_started": self.started_unix}
+
+
 def run_worker_loop(task: WorkerTask) -> TrainState:
     """Run the task's epochs in this Ray Train worker (see module doc); returns the final state."""
-    import ray.train.torch
-
     worker_logging()
     cfg = task.cfg
     if getattr(cfg, "torch_threads", None):
@@ -149,14 +236,14 @@ def run_worker_loop(task: WorkerTask) -> TrainState:
     optimizer = task.make_optimizer(model)
     task.init_model(model)
     state = task.resume_state(model, optimizer)
-    net = ray.train.torch.prepare_model(task.trainable(model), move_to_device=False,
-                                        parallel_strategy_kwargs=dict(task.prepare_kwargs) or None)
+    net = task.prepare(task.trainable(model))
     batch = per_worker_batch(cfg.batch_size, task.world)
     monitor = getattr(cfg, "monitor", None)
     mode = getattr(cfg, "monitor_mode", "max")
     patience = getattr(cfg, "patience", None)
     if patience is not None and state.should_stop(patience):
         log.info("early stopping had already ended this run at epoch %d", state.epoch)
+    model.zero_grad(set_to_none=True)
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         if patience is not None and state.should_stop(patience):
             break
@@ -165,29 +252,40 @@ def run_worker_loop(task: WorkerTask) -> TrainState:
         net.train()
         if getattr(cfg, "freeze_batchnorm", False):
             freeze_batchnorm(net)
+        timer = EpochTimer(setup.device)
         extra = task.begin_epoch(net, optimizer, epoch)
         total = torch.zeros((), dtype=torch.float64, device=setup.device)  # summed on the device: no per-step sync
-        count, steps = 0, 0
-        for b in task.train_batches(epoch, batch):
-            step = task.train_step(net, b)
-            if step is None:
-                continue
-            loss, n = step
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if getattr(cfg, "grad_clip", None):
-                nn.utils.clip_grad_norm_(list(task.clip_parameters(model)), cfg.grad_clip)
-            optimizer.step()
-            task.after_step(model)
+        count, steps, updates = 0, 0, 0
+        for b in timer.batches(task.train_batches(epoch, batch)):
+            timer.step_started()
+            with task.step_context(net):
+                step = task.train_step(net, b)
+                if step is None:
+                    timer.step_ended()
+                    continue
+                loss, n = step
+                task.backward(loss)
+                if task.sync_gradients():  # gradients of the window are complete: clip, step, clear
+                    task.clip_gradients(model)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    task.after_step(model)
+                    updates += 1
             total += loss.detach().double() * n
             count, steps = count + n, steps + 1
+            timer.step_ended()
         train_loss = all_reduce_mean(float(total) / max(count, 1), float(count), setup.device)
         task.end_epoch(net, epoch, batch)
-        metrics = broadcast_from_rank0(task.validate(net) if task.rank == 0 else None, setup.device)
+        val_start = time.perf_counter()
+        if task.distributed_validation:
+            metrics = task.validate(net)
+        else:
+            metrics = broadcast_from_rank0(task.validate(net) if task.rank == 0 else None, setup.device)
+        timer.val_s = time.perf_counter() - val_start
         state.epoch = epoch
         row: dict[str, Any] = {"epoch": epoch, **extra, "train_loss": train_loss,
                                "train_samples": all_reduce_mean(float(count), 1.0, setup.device) * task.world,
-                               "steps": steps, **metrics}
+                               "steps": steps, "optimizer_steps": updates, **metrics, **timer.row()}
         if monitor:
             improved = state.update(metrics.get(monitor, float("nan")), mode, getattr(cfg, "min_delta", 0.0))
             row.update(best_epoch=state.best_epoch, improved=int(improved))
@@ -196,7 +294,7 @@ def run_worker_loop(task: WorkerTask) -> TrainState:
         state.extra = {**state.extra, **task.extra_state()}
         if task.rank == 0:
             log.info("epoch %d/%d: %s", epoch, cfg.epochs,
-                     ", ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)))
+                     ", ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float) and k != "epoch_started"))
         report = dict(row)
         if monitor:
             score = score_for_ranking(metrics.get(monitor), mode)

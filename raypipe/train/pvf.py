@@ -23,6 +23,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from raypipe import storage
 from raypipe.config import ScaleRange
 from raypipe.losses import masked_bce
 from raypipe.metrics import auroc_or_nan
@@ -136,14 +137,14 @@ class PVFInputs:
 
 def read_table(data: str) -> tuple[pd.DataFrame, str]:
     """Studies with their metadata and the data kind ("manifest" or "shards")."""
-    if os.path.isdir(data) and not os.path.isfile(os.path.join(data, "manifest.csv")):
+    if storage.is_dir(data) and not storage.is_file(storage.join(data, "manifest.csv")):
         from raypipe.data.xray_pipeline import load_xray_shards
 
         meta = load_xray_shards(data, backend="ray").drop_columns(["image"]).to_pandas()
         return meta.assign(study_id=meta["study_id"].astype(str)), "shards"
     from raypipe.io.manifest import load_manifest
 
-    path = os.path.join(data, "manifest.csv") if os.path.isdir(data) else data
+    path = storage.join(data, "manifest.csv") if storage.is_dir(data) else data
     table = load_manifest(path)
     return table[table["modality"] == "XR"].reset_index(drop=True), "manifest"
 
@@ -398,7 +399,10 @@ def _write_gradcam(model: nn.Module, items: list[tuple[str, torch.Tensor]], fold
 
     from raypipe.explain.gradcam import grad_cam, overlay
 
-    os.makedirs(folder, exist_ok=True)
+    import io
+
     for sid, x in items:
         cam = grad_cam(model, model.gradcam_layer, x)[0].numpy()
-        Image.fromarray(overlay(x[0, 0].numpy(), cam)).save(os.path.join(folder, f"{sid}.png"))
+        buf = io.BytesIO()
+        Image.fromarray(overlay(x[0, 0].numpy(), cam)).save(buf, format="PNG")
+        storage.atomic_write_bytes(storage.join(folder, f"{sid}.png"), buf.getvalue())

@@ -16,7 +16,7 @@ from pydantic import Field, model_validator
 
 from raypipe.config import ScaleRange
 from raypipe.models.pretrained import check_pretrained
-from raypipe.train.config import RayRunConfig
+from raypipe.train.config import InputConfig, RayRunConfig
 
 # Paper 001: model 1 = age + sex, model 2 = + BMI, model 3 = + glucocorticoids + secondary osteoporosis.
 CLINICAL_MODELS: dict[int, tuple[str, ...]] = {
@@ -73,7 +73,7 @@ class KeypointTrainConfig(RayRunConfig):
         return self.display_name or self.model
 
 
-class DeepSurvConfig(RayRunConfig):
+class DeepSurvConfig(InputConfig, RayRunConfig):
     """DeepSurv on X-ray shards (papers/001); `variant` and `clinical_model` pick the paper's comparisons."""
 
     model: str = Field("deepsurv", description="registry name: deepsurv or deepsurv_tiny")
@@ -103,6 +103,10 @@ class DeepSurvConfig(RayRunConfig):
     epochs: int = Field(100, ge=1)
     grad_clip: float | None = Field(5.0, gt=0)
     shuffle_buffer: int = Field(256, ge=0)
+    augment_flip: float = Field(0.0, ge=0, le=1, description="training: probability of a left-right flip of a study's "
+                                "L1-L5 input (paper: not stated)")
+    augment_shift: float = Field(0.0, ge=0, lt=0.5, description="training: largest translation of the input, as a "
+                                 "fraction of its side (paper: not stated)")
     freeze_batchnorm: bool = False
 
     label: str = Field("fracture_5y", description="binary label reported with the predictions")

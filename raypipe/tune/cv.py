@@ -39,7 +39,7 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -49,6 +49,9 @@ from raypipe.config import StrictModel
 from raypipe.train.fold import FoldTask
 
 log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:  # annotations only: tracking imports Ray Train
+    from raypipe.tracking import Tracking
 
 EXTERNAL_SUFFIX = "@external"
 DEV_SPLIT = "val"
@@ -68,7 +71,8 @@ class CVConfig(StrictModel):
     label: str | None = Field(None, description="stratification label; default: the config's label, else event")
     development_site: str | None = Field(None, description="site of the development set; default: the commonest")
     external: bool = Field(True, description="score the external set (other site or split test) with every fold")
-    max_concurrent_trials: int | None = Field(None, ge=1, description="folds at once; default: what the CPUs fit")
+    max_concurrent_trials: int = Field(
+        1, ge=1, description="folds trained at once (each asks for its workers' CPUs/GPUs; an autoscaler adds nodes)")
     max_failures: int = Field(1, ge=0, description="Tune retries per fold trial (FailureConfig)")
     trial_cpus: float = Field(0.5, gt=0, description="CPUs of a trial's driver function (Train workers ask for theirs)")
     gradcam_studies: int = Field(4, ge=0, description="validation studies with a Grad-CAM grid in OUT/gradcam")
@@ -167,6 +171,7 @@ class TrialSpec:
     out_dir: str
     plan: FoldPlan
     config_digest: str
+    worker_resources: dict[str, float] | None = None  # each fold's Train worker share (`run_trials` sets it)
 
 
 def fold_dir(out_dir: str, fold: int) -> str:
@@ -209,7 +214,10 @@ def run_fold(config: dict[str, Any], spec: TrialSpec, callbacks: Sequence[Any] =
         log.info("fold %d already finished: not trained again", fold)
         return dict(done["metrics"])
     patients = spec.plan.patients(fold)
-    task = FoldTask(fold=fold, n_folds=spec.plan.n_folds, config=spec.config, data_dir=spec.data_dir,
+    cfg = spec.config
+    if spec.worker_resources:  # this fold's share of the cluster for its Train workers (not part of the digest)
+        cfg = cfg.model_copy(update={"resources_per_worker": {**spec.worker_resources, **cfg.resources_per_worker}})
+    task = FoldTask(fold=fold, n_folds=spec.plan.n_folds, config=cfg, data_dir=spec.data_dir,
                     out_dir=path, patients=patients, callbacks=tuple(callbacks))
     started = time.time()
     metrics = {k: float(v) for k, v in dict(spec.fit(task)).items()}
@@ -239,22 +247,15 @@ def fold_trainable(spec: TrialSpec, trial_cpus: float = 0.5) -> Any:
     return tune.with_resources(tune.with_parameters(fold_trial, spec=spec), {"CPU": trial_cpus})
 
 
-def _max_concurrent(cfg: Any, cv: CVConfig) -> int:
-    """Folds at once: as many as the cluster's CPUs hold next to Ray Data, at least one."""
+def fold_plan(cfg: Any, cv: CVConfig) -> Any:
+    """Folds at once (`cv.max_concurrent_trials`) and each fold's worker resources (`raypipe.cluster.trial_resources`)."""
     import ray
 
-    if cv.max_concurrent_trials:
-        return min(cv.max_concurrent_trials, cv.folds)
-    from raypipe.ray_utils import worker_resources
+    from raypipe.cluster import trial_resources
 
-    workers = int(getattr(cfg, "num_workers", 1) or 1)
-    res = worker_resources(workers, use_gpu=getattr(cfg, "use_gpu", None))
-    if res.use_gpu:
-        per_gpu = max(1, int(ray.cluster_resources().get("GPU", 1)) // workers)
-        return max(1, min(cv.folds, per_gpu))
-    total = float(ray.cluster_resources().get("CPU", 1))
-    need = workers * res.cpus_per_worker + cv.trial_cpus
-    return max(1, min(cv.folds, int((total - res.data_cpus_reserved) // need)))
+    return trial_resources(ray.cluster_resources(), int(getattr(cfg, "num_workers", 1) or 1), cv.folds,
+                           cv.max_concurrent_trials, use_gpu=bool(getattr(cfg, "use_gpu", False)),
+                           gpus_per_worker=float(getattr(cfg, "gpus_per_worker", 1.0)), trial_cpus=cv.trial_cpus)
 
 
 def build_trial_spec(model: str, config: Any, data_dir: str, out_dir: str, plan: FoldPlan,
@@ -268,12 +269,22 @@ def build_trial_spec(model: str, config: Any, data_dir: str, out_dir: str, plan:
     return TrialSpec(fit=fit, config=config, data_dir=data_dir, out_dir=out_dir, plan=plan, config_digest=digest)
 
 
-def run_trials(spec: TrialSpec, cv: CVConfig) -> Any:
-    """Fit one Tune trial per fold, or restore the experiment in OUT (finished folds are not rerun)."""
+def run_trials(spec: TrialSpec, cv: CVConfig, tracking: Tracking | None = None) -> Any:
+    """Fit one Tune trial per fold, or restore the experiment in OUT (finished folds are not rerun).
+
+    `tracking`: one MLflow run per fold trial with its per-epoch metrics.
+    """
+    import dataclasses
+
     from ray import tune
 
     from raypipe import storage
+    from raypipe.tracking import tracking_callbacks
 
+    plan = fold_plan(spec.config, cv)
+    log.info("CV: %d fold(s) at once (cv.max_concurrent_trials), Train workers with %s each", plan.max_concurrent,
+             plan.worker_resources)
+    spec = dataclasses.replace(spec, worker_resources=plan.worker_resources)
     path = experiment_path(spec.out_dir)
     trainable = fold_trainable(spec, cv.trial_cpus)
     if tune.Tuner.can_restore(path):
@@ -283,9 +294,10 @@ def run_trials(spec: TrialSpec, cv: CVConfig) -> Any:
         tuner = tune.Tuner(
             trainable,
             param_space={"fold": tune.grid_search(list(range(spec.plan.n_folds)))},
-            tune_config=tune.TuneConfig(max_concurrent_trials=_max_concurrent(spec.config, cv), reuse_actors=False),
+            tune_config=tune.TuneConfig(max_concurrent_trials=plan.max_concurrent, reuse_actors=False),
             run_config=tune.RunConfig(name=EXPERIMENT_NAME, storage_path=storage.join(spec.out_dir, "ray_results"),
-                                      failure_config=tune.FailureConfig(max_failures=cv.max_failures), verbose=1),
+                                      failure_config=tune.FailureConfig(max_failures=cv.max_failures), verbose=1,
+                                      callbacks=tracking_callbacks(tracking) or None),
         )
     grid = tuner.fit()
     failed = sorted(int(r.config["fold"]) for r in grid if r.error is not None)
@@ -437,17 +449,19 @@ class CVResult:
 
 
 def run_cv(model: str, config: Any, data_dir: str, out_dir: str, cv: CVConfig | None = None,
-           fold_fit: FoldFit | None = None) -> CVResult:
+           fold_fit: FoldFit | None = None, tracking: Tracking | None = None) -> CVResult:
     """k-fold CV of task `model` (`raypipe.tasks`) on the shards in `data_dir`; writes OUT (see module doc).
 
-    `fold_fit` replaces the task's fold-fit function (e.g. a wrapper that records or fails on purpose).
+    `fold_fit` replaces the task's fold-fit function (e.g. a wrapper that records or fails on purpose);
+    `tracking` logs every fold trial and the CV's summary to MLflow.
     """
     from raypipe import storage
     from raypipe.config import config_hash, dump_config
     from raypipe.data.subsets import shard_meta
     from raypipe.predictions import write_predictions
-    from raypipe.ray_utils import init_ray
+    from raypipe.ray_utils import describe_devices, init_ray, require_gpus
     from raypipe.tasks import get_task
+    from raypipe.tracking import log_run_outputs
 
     cv = cv or CVConfig()
     entry = get_task(model)
@@ -455,7 +469,12 @@ def run_cv(model: str, config: Any, data_dir: str, out_dir: str, cv: CVConfig | 
     data = str(data_dir) if storage.is_uri(data_dir) else os.path.abspath(data_dir)
     meta = shard_meta(data)  # fails with "no preprocessed shards" before anything starts
     storage.makedirs(out)
+    workers, use_gpu = int(getattr(config, "num_workers", 1)), bool(getattr(config, "use_gpu", False))
+    gpus = float(getattr(config, "gpus_per_worker", 1.0))
+    log.info("%s, %d fold(s) at once", describe_devices(workers, use_gpu, gpus, what="CV folds train"),
+             min(cv.max_concurrent_trials, cv.folds))
     init_ray()
+    require_gpus(workers * gpus if use_gpu else 0, f"raypipe cv {model}")
     seed = cv.seed if cv.seed is not None else int(getattr(config, "seed", 0))
     label = cv.label or getattr(config, "label", None) or entry.stratify or "event"
     plan = assign_folds(meta, cv.folds, seed, label, cv.development_site, cv.external)
@@ -477,7 +496,7 @@ def run_cv(model: str, config: Any, data_dir: str, out_dir: str, cv: CVConfig | 
     log.info("CV %s: %d folds over %d development patients, %d external", model, cv.folds, len(plan.fold_of),
              len(plan.external))
 
-    run_trials(spec, cv)
+    run_trials(spec, cv, tracking)
 
     predictions = collect_predictions(out, plan)
     n_boot = cv.n_boot if cv.n_boot is not None else int(getattr(config, "n_boot", 1000))
@@ -495,6 +514,9 @@ def run_cv(model: str, config: Any, data_dir: str, out_dir: str, cv: CVConfig | 
         log.warning("Grad-CAM gallery skipped: %s", exc)
     for line in summary_table(metrics):
         log.info("%s", line)
+    log_run_outputs(tracking, out, n_boot=min(n_boot, 200), seed=seed,
+                    artifacts=[storage.join(out, "metrics.csv"), storage.join(out, "folds.csv"),
+                               storage.join(out, "config.yaml")])
     return CVResult(out_dir=out, predictions=predictions, metrics=metrics, plan=plan, config=config, gradcam=gradcam)
 
 
@@ -530,13 +552,16 @@ def load_cv_configs(model: str, config_path: str | None, folds: int | None = Non
 
 
 def cv_cli(model: str, config: str | None, folds: int | None, data: str, out: str | None,
-           overrides: Mapping[str, Any] | None = None) -> CVResult:
-    """`raypipe cv MODEL --config C --folds K --data DIR --out DIR`: run the CV, print its summary table."""
+           overrides: Mapping[str, Any] | None = None, mlflow: bool = False) -> CVResult:
+    """`raypipe cv MODEL --config C --folds K --data DIR --out DIR [--mlflow]`: run the CV, print its summary table."""
     from raypipe import storage
+    from raypipe.tracking import resolve_tracking, run_name_for
 
     model_cfg, cv = load_cv_configs(model, config, folds, overrides)
     out = out or os.path.join("runs", f"cv_{model.replace('-', '_')}")
-    result = run_cv(model, model_cfg, data, out, cv)
+    tracking = resolve_tracking(out, run_name_for("cv", model_cfg.name, out),
+                                {**model_cfg.model_dump(mode="json"), "cv": cv.model_dump(mode="json")}, enabled=mlflow)
+    result = run_cv(model, model_cfg, data, out, cv, tracking=tracking)
     print("\n".join(summary_table(result.metrics)))  # the command's output, not a log line
     print(f"predictions: {storage.join(result.out_dir, 'predictions.parquet')}")
     return result

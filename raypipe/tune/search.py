@@ -11,13 +11,14 @@ space:                            # dotted config keys -> distributions
   model_kwargs.dropout: {type: uniform, low: 0.0, high: 0.5}
   model_kwargs.hidden_sizes: {type: choice, values: [[16], [32, 32]]}
 asha: {grace_period: 2, reduction_factor: 2}   # max_t defaults to the base config's epochs
-max_concurrent_trials: 1          # optional; default: what `ray.cluster_resources()` holds
+max_concurrent_trials: 1          # trials at once (default 1); never sized from the cluster at submit time
 trial_cpus: 0.25
 trial_resources: {}               # optional custom resources per trial (e.g. a node-type label)
 ```
-Concurrency and each trial's Ray Train worker resources are derived from the cluster
-(`raypipe.cluster.trial_resources`): on GPU clusters one GPU per worker, on CPU clusters the CPUs left
-after Ray Data's share divided over the concurrent trials. Models: `deepsurv` (X-ray), `cnn-rnn` and
+Concurrency is the spec's `max_concurrent_trials`; GPUs are the base config's `use_gpu` / `gpus_per_worker`
+(`raypipe tune --gpus N` / `--cpu` override them), requested even before the cluster has GPU nodes; each
+worker's CPU share is the CPUs left after Ray Data's divided over the concurrent trials
+(`raypipe.cluster.trial_resources`). Models: `deepsurv` (X-ray), `cnn-rnn` and
 `multitask` (CT; e.g. `jobs/configs/ct_search.yaml`).
 Each trial is a function (Ray Train V2: never `Tuner(trainer)`) that merges its sample into the base config
 and calls the model's fit function, which builds and fits its own TorchTrainer with Tune's
@@ -37,8 +38,7 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 from pydantic import BaseModel, Field
@@ -46,6 +46,9 @@ from pydantic import BaseModel, Field
 from raypipe.config import StrictModel
 
 log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:  # annotations only: tracking imports Ray Train
+    from raypipe.tracking import Tracking
 
 EXPERIMENT_NAME = "tune"
 JSON_PREFIX = "json:"  # choice values that are not scalars travel through Optuna as JSON strings
@@ -78,7 +81,7 @@ class SearchSpec(StrictModel):
     space: dict[str, Distribution]
     asha: AshaSettings = Field(default_factory=AshaSettings)
     seed: int = 0
-    max_concurrent_trials: int | None = Field(None, ge=1, description="default: what the cluster's resources hold")
+    max_concurrent_trials: int = Field(1, ge=1, description="trials at once (each asks for its workers' CPUs/GPUs)")
     trial_cpus: float = Field(0.25, gt=0, description="CPUs of a trial's driver function (Train workers ask for theirs)")
     trial_resources: dict[str, float] = Field(default_factory=dict, description="extra custom resources per trial")
     workers_per_trial: int | None = Field(None, ge=1, description="Ray Train workers per trial; default: config's")
@@ -99,16 +102,14 @@ def searchable(name: str) -> Any:
 # ---------------------------------------------------------------------------------------------- spec
 def load_search_spec(path: str | os.PathLike) -> tuple[SearchSpec, dict[str, Any]]:
     """The spec and its base config mapping (the `config` file, then `base` on top)."""
+    from raypipe import storage
     from raypipe.config import parse_config, read_yaml
 
     raw = read_yaml(path)
     spec = parse_config(SearchSpec, raw, str(path))
     base: dict[str, Any] = {}
     if spec.config:
-        base_path = Path(spec.config)
-        if not base_path.is_absolute():
-            base_path = Path(path).resolve().parent / base_path
-        base = read_yaml(base_path)
+        base = read_yaml(storage.resolve(spec.config, storage.parent(path)))  # relative to the spec, local or URI
     return spec, _merge(base, spec.base)
 
 
@@ -206,8 +207,11 @@ def search_trial(sample: dict[str, Any], task: SearchTask) -> None:
 
 
 def run_search(model: str, spec: SearchSpec, base: Mapping[str, Any], trials: int, data_dir: str,
-               out_dir: str) -> Any:
-    """Optuna TPE + ASHA over `spec.space`, `trials` trials; returns the Tune ResultGrid."""
+               out_dir: str, tracking: Tracking | None = None) -> Any:
+    """Optuna TPE + ASHA over `spec.space`, `trials` trials; returns the Tune ResultGrid.
+
+    `tracking`: one MLflow run per trial with its per-epoch metrics.
+    """
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
@@ -216,6 +220,8 @@ def run_search(model: str, spec: SearchSpec, base: Mapping[str, Any], trials: in
 
     from raypipe import storage
     from raypipe.cluster import trial_resources
+    from raypipe.ray_utils import describe_devices, require_gpus
+    from raypipe.tracking import tracking_callbacks
 
     entry = searchable(model)
     base = dict(base)
@@ -224,8 +230,11 @@ def run_search(model: str, spec: SearchSpec, base: Mapping[str, Any], trials: in
         base["epochs"] = spec.asha.max_t
     base_cfg = entry.config_class().model_validate(base)
     workers = spec.workers_per_trial or int(getattr(base_cfg, "num_workers", 1) or 1)
-    plan = trial_resources(ray.cluster_resources(), workers, trials, trial_cpus=spec.trial_cpus,
-                           max_concurrent=spec.max_concurrent_trials)
+    use_gpu, gpus = bool(getattr(base_cfg, "use_gpu", False)), float(getattr(base_cfg, "gpus_per_worker", 1.0))
+    plan = trial_resources(ray.cluster_resources(), workers, trials, spec.max_concurrent_trials, use_gpu=use_gpu,
+                           gpus_per_worker=gpus, trial_cpus=spec.trial_cpus)
+    log.info("%s", describe_devices(workers, use_gpu, gpus, what="search trials train"))
+    require_gpus(workers * gpus if use_gpu else 0, f"raypipe tune {model}")
     log.info("search: %d trial(s), %d at once, trial driver %.2f CPU %s, %d worker(s) per trial with %s", trials,
              plan.max_concurrent, plan.trial_cpus, spec.trial_resources or "", workers, plan.worker_resources)
     task = SearchTask(model=model, base=base, data_dir=data_dir, out_dir=out_dir,
@@ -250,7 +259,8 @@ def run_search(model: str, spec: SearchSpec, base: Mapping[str, Any], trials: in
                                         search_alg=OptunaSearch(seed=spec.seed), scheduler=scheduler,
                                         max_concurrent_trials=plan.max_concurrent, reuse_actors=False),
             run_config=tune.RunConfig(name=EXPERIMENT_NAME, storage_path=storage.join(out_dir, "ray_results"),
-                                      failure_config=tune.FailureConfig(max_failures=spec.max_failures), verbose=1),
+                                      failure_config=tune.FailureConfig(max_failures=spec.max_failures), verbose=1,
+                                      callbacks=tracking_callbacks(tracking) or None),
         )
     return tuner.fit()
 
@@ -317,16 +327,18 @@ def results_markdown(table: pd.DataFrame, metric: str, mode: str) -> str:
 
 
 def tune_cli(model: str, config: str, trials: int, data: str, out: str | None,
-             overrides: Mapping[str, Any] | None = None) -> int:
+             overrides: Mapping[str, Any] | None = None, mlflow: bool = False) -> int:
     """`raypipe tune MODEL --config SPEC --trials N --data DIR --out DIR`: search, write the table and best config.
 
-    `overrides` (`--set key=value`) change the base training config before the search.
+    `overrides` (`--set key=value`, `--gpus N`, `--cpu`) change the base training config before the search;
+    `mlflow` (or MLFLOW_TRACKING_URI) tracks every trial, then a summary run with the results and best config.
     """
     import yaml
 
     from raypipe import storage
     from raypipe.config import set_dotted
     from raypipe.ray_utils import init_ray
+    from raypipe.tracking import log_final, log_run_outputs, resolve_tracking, run_name_for
 
     if not data or not config:
         raise SystemExit(f"raypipe tune {model}: --config (a search spec YAML) and --data are required")
@@ -341,8 +353,10 @@ def tune_cli(model: str, config: str, trials: int, data: str, out: str | None,
     out = str(out) if storage.is_uri(out) else os.path.abspath(out)
     data = str(data) if storage.is_uri(data) else os.path.abspath(data)
     storage.makedirs(out)
+    tracking = resolve_tracking(out, run_name_for("tune", model, out), {**base, "search": spec.model_dump(mode="json")},
+                                enabled=mlflow)
     init_ray()
-    grid = run_search(model, spec, base, trials, data, out)
+    grid = run_search(model, spec, base, trials, data, out, tracking)
     table = results_table(grid, spec.metric, spec.mode, storage.join(out, "trials"))
     storage.atomic_write_text(storage.join(out, "results.csv"), table.to_csv(index=False))
     storage.atomic_write_text(storage.join(out, "report.md"), results_markdown(table, spec.metric, spec.mode))
@@ -354,6 +368,15 @@ def tune_cli(model: str, config: str, trials: int, data: str, out: str | None,
     storage.atomic_write_text(storage.join(out, "best_config.yaml"),
                               yaml.safe_dump(best_cfg.model_dump(mode="json", exclude={"run_name"}), sort_keys=False))
     log.info("best trial: %s", json.dumps(decode(best.config)))
+    if tracking is not None:  # the best trial's outputs (when it ran to the end) and the search's tables
+        best_id = str((best.metrics or {}).get("trial_id", os.path.basename(str(best.path))))
+        tables = [storage.join(out, n) for n in ("results.csv", "report.md", "best_config.yaml")]
+        best_value = {f"best_{spec.metric}": float(best.metrics[spec.metric])}
+        best_dir = storage.join(out, "trials", best_id)
+        if storage.exists(storage.join(best_dir, "metrics.json")):
+            log_run_outputs(tracking, best_dir, seed=spec.seed, artifacts=tables, extra_metrics=best_value)
+        else:
+            log_final(tracking, None, None, tables, extra_metrics=best_value)
     print(table.to_string(index=False))  # the command's output, not a log line
     print(f"best config: {storage.join(out, 'best_config.yaml')}")
     return 0

@@ -9,7 +9,7 @@ sampling live in `raypipe.train.ldm` and `raypipe.generate`.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -55,29 +55,55 @@ class DiffXModel(nn.Module):
         text_layers: int = 12,
         text_heads: int = 12,
         max_length: int = 32,
+        unet_config: Mapping[str, Any] | None = None,
+        vae_config: Mapping[str, Any] | None = None,
+        text_config: Mapping[str, Any] | None = None,
+        tokenizer_path: str | None = None,
     ) -> None:
         super().__init__()
+        sd_parts = (unet_config, vae_config, text_config, tokenizer_path)
+        if any(x is not None for x in sd_parts) and not all(x is not None for x in sd_parts):
+            raise ValueError("unet_config, vae_config, text_config and tokenizer_path come together (a Stable "
+                             "Diffusion directory, raypipe.models.ldm.stable_diffusion.diffx_kwargs_from_sd)")
+        if vae_config is not None:
+            vae_channels = vae_config["block_out_channels"]
         factor = downsample_factor(vae_channels)
         if image_size % factor:
             raise ValueError(f"image_size {image_size} is not a multiple of the VAE's factor {factor}")
         self.image_size, self.latent_channels, self.lowres_channels = image_size, latent_channels, lowres_channels
         self.latent_size = image_size // factor
-        self.vae = build_vae(image_size=image_size, block_out_channels=vae_channels,
-                             layers_per_block=vae_layers_per_block, latent_channels=latent_channels,
-                             norm_num_groups=vae_norm_groups)
+        if unet_config is not None and vae_config is not None and text_config is not None:
+            self._build_from_sd_configs(unet_config, vae_config, text_config, tokenizer_path or "")
+        else:
+            self.vae = build_vae(image_size=image_size, block_out_channels=vae_channels,
+                                 layers_per_block=vae_layers_per_block, latent_channels=latent_channels,
+                                 norm_num_groups=vae_norm_groups)
+            self.text_encoder = build_text_encoder(path=text_encoder_path, hidden_size=text_hidden,
+                                                   num_layers=text_layers, num_heads=text_heads, max_length=max_length)
+            self.tokenizer = load_tokenizer(text_encoder_path, max_length)
+            unet_kw = dict(sample_size=self.latent_size, latent_channels=latent_channels,
+                           block_out_channels=unet_channels, layers_per_block=unet_layers_per_block,
+                           cross_attention_dim=int(self.text_encoder.config.hidden_size),
+                           attention_head_dim=attention_heads, norm_num_groups=norm_num_groups)
+            self.structure_unet = build_structure_unet(lowres_channels=lowres_channels, **unet_kw)
+            self.prompt_unet = build_prompt_unet(**unet_kw)
         self.vae.register_buffer("latent_scale", torch.tensor(1.0))
-        self.text_encoder = build_text_encoder(path=text_encoder_path, hidden_size=text_hidden,
-                                               num_layers=text_layers, num_heads=text_heads, max_length=max_length)
-        self.tokenizer = load_tokenizer(text_encoder_path, max_length)
-        unet_kw = dict(sample_size=self.latent_size, latent_channels=latent_channels,
-                       block_out_channels=unet_channels, layers_per_block=unet_layers_per_block,
-                       cross_attention_dim=int(self.text_encoder.config.hidden_size),
-                       attention_head_dim=attention_heads, norm_num_groups=norm_num_groups)
-        self.structure_unet = build_structure_unet(lowres_channels=lowres_channels, **unet_kw)
-        self.prompt_unet = build_prompt_unet(**unet_kw)
         probe = self.tokenizer([_PROBE_PROMPT], padding="max_length", max_length=max_length, truncation=True,
                                return_tensors="pt")["input_ids"]
         self.register_buffer("probe_ids", probe, persistent=False)
+
+    def _build_from_sd_configs(self, unet: Mapping[str, Any], vae: Mapping[str, Any], text: Mapping[str, Any],
+                               tokenizer_path: str) -> None:
+        """Stable Diffusion's architectures (random weights): grey VAE, structure UNet widened by the low-res input."""
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        self.vae = AutoencoderKL.from_config({**vae, "in_channels": 1, "out_channels": 1})
+        self.prompt_unet = UNet2DConditionModel.from_config(dict(unet))
+        widened = int(unet.get("in_channels", self.latent_channels)) + self.lowres_channels
+        self.structure_unet = UNet2DConditionModel.from_config({**unet, "in_channels": widened})
+        self.text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(dict(text)))
+        self.tokenizer = load_tokenizer(tokenizer_path)
 
     # ------------------------------------------------------------------------------------------ parts
     def lowres(self, image: Tensor) -> Tensor:
