@@ -23,6 +23,7 @@ from raypipe.metrics.binary import auroc_ci
 from raypipe.metrics.survival import concordance_ci
 
 CHANCE = 0.5
+TARGET_GAP = 0.10   # issue 14's bar: a model within 0.10 of its ceiling on the same rows has learned what is there
 TRUTH_COLUMNS = ("study_id", "patient_id", "modality", "true_lp", "true_image_lp", "true_clinical_lp", "deformity",
                  "time_days", "event", "fracture_5y", "prevalent_fracture")
 ROWS_OF_SPLIT = {"val": "out-of-fold", "external": "external", "test": "test"}
@@ -60,8 +61,9 @@ class Comparison:
         """Whether the model's 95 % CI excludes chance (0.5) from below."""
         return self.model.ci_low > CHANCE
 
-    def line(self) -> str:
-        """`CT CNN-RNN out-of-fold AUROC 0.78 [0.70, 0.85] (ceiling 0.82 on the same rows, chance 0.50)`."""
+    def line(self, why_short: str = "") -> str:
+        """`CT CNN-RNN out-of-fold AUROC 0.78 [0.70, 0.85] (ceiling 0.82 on the same rows, chance 0.50)`; below
+        chance or more than TARGET_GAP under the ceiling, a second line says why (`why_short`: the caller's reason)."""
         m = self.model
         text = (f"{m.model} {m.rows} {m.metric} {m.value:.2f} [{m.ci_low:.2f}, {m.ci_high:.2f}] (ceiling "
                 f"{self.ceiling.value:.2f} from {self.ceiling.score} on the same {m.n} rows, chance {CHANCE:.2f})")
@@ -70,6 +72,8 @@ class Comparison:
             text += (f"\n  -> not distinguishable from chance: {m.n} rows with {m.n_pos} {what} are too few for this "
                      f"model to learn the planted signal and for the CI to exclude 0.5; bench/ceiling.py runs a larger "
                      f"cohort (bench/RESULTS.md has its figures)")
+        elif self.gap > TARGET_GAP:
+            text += f"\n  -> above chance but {self.gap:.2f} below its ceiling" + (f": {why_short}" if why_short else "")
         return text
 
 
