@@ -27,13 +27,17 @@ def _cohort(n: int = 120, seed: int = 3) -> tuple[pd.DataFrame, pd.DataFrame]:
     })
     manifest["prevalent_fracture"] = (manifest["deformity"] >= 0.2).astype(int)
     score = image + rng.normal(scale=1.0, size=n)
-    oof = pd.DataFrame({"study_id": manifest["study_id"][:80], "model": "m", "split": "val", "score": score[:80]})
-    ext = pd.concat([pd.DataFrame({"study_id": manifest["study_id"][80:], "model": "m@external", "split": "external",
+    oof = pd.DataFrame({"study_id": manifest["study_id"][:80], "model": "deepsurv", "split": "val", "score": score[:80]})
+    ext = pd.concat([pd.DataFrame({"study_id": manifest["study_id"][80:], "model": "deepsurv@external", "split": "external",
                                    "score": score[80:] + d}) for d in (-0.2, 0.2)], ignore_index=True)
-    return manifest, pd.concat([oof, ext], ignore_index=True)
+    # what a CV writes after its model: clinical baselines (shorter names) out of fold and on the external set
+    base = pd.concat([oof.assign(model="cox_m1", score=-score[:80]),
+                      ext.assign(model="cox_m1@external", score=-ext["score"])], ignore_index=True)
+    return manifest, pd.concat([oof, ext, base], ignore_index=True)
 
 
 def test_figures_agree_with_sklearn_and_lifelines_on_the_same_rows() -> None:
+    """The main model (written first) is the one compared, never a clinical baseline with a shorter name."""
     manifest, preds = _cohort()
     comps, figs = compare(preds, manifest, "DeepSurv", "survival", "true_lp", n_boot=20)
     oof, ext = comps
@@ -42,7 +46,7 @@ def test_figures_agree_with_sklearn_and_lifelines_on_the_same_rows() -> None:
     # Harrell's C: higher risk score = shorter time, so lifelines gets the negated score
     assert oof.model.value == pytest.approx(concordance_index(dev["time_days"], -preds["score"][:80], dev["event"]))
     assert oof.ceiling.value == pytest.approx(concordance_index(dev["time_days"], -dev["true_lp"], dev["event"]))
-    ext_score = preds[preds["split"] == "external"].groupby("study_id")["score"].mean().loc[held["study_id"]]
+    ext_score = preds[preds["model"] == "deepsurv@external"].groupby("study_id")["score"].mean().loc[held["study_id"]]
     assert ext.model.value == pytest.approx(concordance_index(held["time_days"], -ext_score.to_numpy(), held["event"]))
 
     comps, _ = compare(preds, manifest, "CT", "fracture_5y", "true_image_lp", splits=("val",), n_boot=20)

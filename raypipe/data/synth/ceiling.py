@@ -91,13 +91,15 @@ def truth_table(manifest: pd.DataFrame) -> pd.DataFrame:
 
 
 def main_model_rows(predictions: pd.DataFrame) -> pd.DataFrame:
-    """Each split's rows of the run's main model: the shortest model name (a CV writes `name` out of fold and
-    `name` + suffix for external rows; multitask heads and horizons carry longer names)."""
-    keep = []
-    for _, part in predictions.groupby("split", sort=False):
-        main = min(part["model"].astype(str).unique(), key=len)
-        keep.append(part[part["model"].astype(str) == main])
-    return pd.concat(keep, ignore_index=True) if keep else predictions.iloc[:0]
+    """The rows of the run's main model: the first model the run wrote (what `raypipe evaluate` takes as its
+    reference), named `NAME` out of fold and `NAME@external` on the external set. A CV also writes its clinical
+    baselines (`coxph_m1`, `frax_mof`, ...) and the multitask model its heads (`NAME-prevalent`, `NAME-5y`): those
+    are not the model held to the ceiling."""
+    if predictions.empty:
+        return predictions
+    main = str(predictions["model"].iloc[0]).split("@", 1)[0]
+    names = predictions["model"].astype(str)
+    return predictions[(names == main) | names.str.startswith(main + "@")].reset_index(drop=True)
 
 
 def split_rows(predictions: pd.DataFrame, truth: pd.DataFrame, split: str) -> pd.DataFrame:
