@@ -132,8 +132,9 @@ class Demo:
         self.state["pvf_run"] = out
         _indent(self._against_ceiling(
             "pVF", out, "prevalent_fracture", "deformity", ("test",), self.state["xray_manifest"],
-            why_short="the tiny config sees the whole 512 x 384 radiograph at 256 x 128, where a 20 % wedge is 2-3 px, "
-                      "and trains from random initialisation for minutes; the paper's B4 at 1024 x 512 needs a GPU"))
+            why_short="the tiny classifier trains from random initialisation for 20 epochs on a few hundred "
+                      "radiographs, where a 20 % wedge is a few pixels; it needs ~40 epochs on 500 (bench/ceiling.py "
+                      "--models pvf, bench/RESULTS.md), the paper's B4 at 1024 x 512 a GPU"))
         return f"prevalent-fracture classifier (EfficientNet, CLAHE) -> {out}"
 
     def train_ldm(self) -> str:

@@ -64,8 +64,9 @@ def _comparison(value: float, lo: float, ceiling: float) -> Comparison:
 
 
 def test_line_explains_near_chance_and_far_below_the_ceiling() -> None:
-    near = _comparison(0.55, 0.45, 0.9).line("ignored when near chance")
-    assert "not distinguishable from chance" in near and "20 positives" in near
+    near = _comparison(0.55, 0.45, 0.9).line()
+    assert "not distinguishable from chance (100 rows, 20 positives): too few" in near
+    assert "chance (100 rows, 20 positives): 2-3 px wedges" in _comparison(0.55, 0.45, 0.9).line("2-3 px wedges")
     far = _comparison(0.70, 0.60, 1.0).line("2-3 px wedges")
     assert "0.30 below its ceiling: 2-3 px wedges" in far
     close = _comparison(1.0 - TARGET_GAP + 0.01, 0.8, 1.0).line("unused")

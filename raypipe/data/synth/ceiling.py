@@ -69,9 +69,9 @@ class Comparison:
                 f"{self.ceiling.value:.2f} from {self.ceiling.score} on the same {m.n} rows, chance {CHANCE:.2f})")
         if not self.above_chance:
             what = "positives" if m.metric == "AUROC" else "events"
-            text += (f"\n  -> not distinguishable from chance: {m.n} rows with {m.n_pos} {what} are too few for this "
-                     f"model to learn the planted signal and for the CI to exclude 0.5; bench/ceiling.py runs a larger "
-                     f"cohort (bench/RESULTS.md has its figures)")
+            text += (f"\n  -> not distinguishable from chance ({m.n} rows, {m.n_pos} {what}): " + (why_short or (
+                     "too few for this model to learn the planted signal and for the CI to exclude 0.5; "
+                     "bench/ceiling.py runs a larger cohort (bench/RESULTS.md has its figures)")))
         elif self.gap > TARGET_GAP:
             text += f"\n  -> above chance but {self.gap:.2f} below its ceiling" + (f": {why_short}" if why_short else "")
         return text
