@@ -4,7 +4,7 @@
     python bench/bench_fit_ct.py --tiny     # CPU smoke: 12 patients, cnn_rnn_tiny, 2 epochs
 
 Runs the project's commands as a user would: `raypipe synth ct`, `raypipe preprocess ct` (Ray Data shards),
-then `raypipe train ct --set ...` (Ray Train, one worker, the real input path). Each output line of the
+then `raypipe train cnn-rnn --set ...` (Ray Train, one worker, the real input path). Each output line of the
 training command is time-stamped as it arrives; samples/s counts the epochs after the first (the first pays
 Ray Train and Ray Data start-up): the `train_samples` of metrics.csv over the time between the first and the
 last epoch line. The GPU's busy share is the mean of `nvidia-smi` utilisation samples (every 200 ms) in that
@@ -123,8 +123,8 @@ def main() -> None:
              "--set", "qc_pictures=false", "--allow-errors"], a.timeout)
     shutil.rmtree(out, ignore_errors=True)
     sets = {"model": a.model, "pretrained": "none", "epochs": a.epochs, "patience": a.epochs, "batch_size": a.batch,
-            "num_workers": 1, "n_boot": 0, "max_failures": 0}
-    cmd = [*raypipe, "train", "ct", "--data", str(shards), "--out", str(out)]
+            "num_workers": 1, "n_boot": 10, "max_failures": 0}
+    cmd = [*raypipe, "train", "cnn-rnn", "--data", str(shards), "--out", str(out)]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
     gpu = GpuSampler()

@@ -6,7 +6,7 @@
 #      (bench/_gpu.py: H100 SXM / H200 989 TFLOP/s, H100 PCIe 756);
 #   3. Diff-X seconds per patient (4 time points x 10 seeds, 50 steps) at full size (SD v1 UNets, 512 x 512)
 #      in bf16, random init (speed does not depend on the weights);
-#   4. a real 1-GPU Ray Train fit (raypipe synth/preprocess/train ct, cnn_rnn, random init, 3 epochs):
+#   4. a real 1-GPU Ray Train fit (raypipe synth ct, preprocess ct, train cnn-rnn, random init, 3 epochs):
 #      samples/s after the first epoch and the GPU's busy share (nvidia-smi);
 #   5. Serve vs in-process p50 for one X-ray client (bench/serve_load.py --quick, tiny models).
 # Every step runs under `timeout` with min(its cap, what is left of GPU_CHECK_BUDGET_S = 470 s), so the whole

@@ -24,7 +24,9 @@ Cost per patient: the inversion (``steps`` structure-LDM passes on the baseline 
 trajectory (``steps`` more) run at batch 1 once per patient and are shared by every seed and year (features
 are broadcast into the prompt LDM's batch); the last inversion is kept, so a second call on the same image
 (e.g. `reconstruction_quality` after `generate_study`) does not redo it. The prompt LDM denoises all
-years x seeds as one batch (``max_batch`` per pass).
+years x seeds as one batch (``max_batch`` per pass). `DiffXPipeline.generate_many` runs several patients
+(Serve's batched requests) through one inversion, one structure trajectory and one prompt batch per step;
+the injection gives each sample its own patient's features.
 
 Precision: bf16 autocast on CUDA by default (`pipeline_from_dir(bf16=None)`: the CLI, the batch job and
 Serve), fp32 on CPU; ``bf16=False`` forces fp32 on a GPU.
@@ -172,19 +174,21 @@ class DiffXPipeline:
         return e_u + g * (e_c - e_u)
 
     @torch.no_grad()
-    def invert(self, image: Tensor, prompt: str) -> tuple[Tensor, Tensor, Tensor]:
+    def invert(self, image: Tensor, prompt: str | Sequence[str]) -> tuple[Tensor, Tensor, Tensor]:
         """DDIM inversion through the structure LDM: returns (x_T, low-res image, prompt embedding).
 
-        The last result is kept and returned again for the same image, prompt and settings.
+        `image` may hold several baseline images (N, 1, H, W), each with its own prompt (a list of N).
+        The last result is kept and returned again for the same images, prompts and settings.
         """
         m = self.model
         image = image.to(self.device, torch.float32)
-        key = (_tensor_digest(image), prompt, int(self.settings.steps), str(self.amp_dtype))
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        key = (_tensor_digest(image), tuple(prompts), int(self.settings.steps), str(self.amp_dtype))
         if self._inversion is not None and self._inversion[0] == key:
             return self._inversion[1]
         with self._autocast():
             lowres = m.lowres(image)
-            text = m.encode_text([prompt])
+            text = m.encode_text(prompts)
             z = m.encode(image).float()
             self.inverse_scheduler.set_timesteps(self.settings.steps, device=self.device)
             for t in self.inverse_scheduler.timesteps:
@@ -201,16 +205,34 @@ class DiffXPipeline:
     @torch.no_grad()
     def __call__(self, image: Tensor, baseline_prompt: str, prompts: Sequence[str], seeds: Sequence[int]) -> Tensor:
         """Diff-X images (len(prompts), len(seeds), 1, H, W) in [-1, 1] from one baseline image (1, 1, H, W)."""
+        return self.generate_many(image, [baseline_prompt], [prompts], [seeds])[0]
+
+    @torch.no_grad()
+    def generate_many(self, images: Tensor, baseline_prompts: Sequence[str], prompts: Sequence[Sequence[str]],
+                      seeds: Sequence[Sequence[int]]) -> list[Tensor]:
+        """Diff-X for several baseline images at once: per image r, (len(prompts[r]), len(seeds[r]), 1, H, W).
+
+        One structure forward over all N images and one prompt forward over all their (prompt, seed)
+        samples per step (chunked by `max_batch`); the injection picks each sample's own image's
+        features. Noise is drawn per sample from its seed, so a request's images do not depend on
+        which other requests share the batch.
+        """
         m, s = self.model, self.settings
-        x_t, lowres, text_s = self.invert(image, baseline_prompt)
-        n_p, n_s = len(prompts), len(seeds)
-        pairs = [(i, j) for i in range(n_p) for j in range(n_s)]
+        n = images.shape[0]
+        if not (len(baseline_prompts) == len(prompts) == len(seeds) == n):
+            raise ValueError(f"{n} images need as many baseline prompts, prompt lists and seed lists")
+        x_t, lowres, text_s = self.invert(images, list(baseline_prompts))
+        flat = [p for r in range(n) for p in prompts[r]]
+        first = np.cumsum([0] + [len(p) for p in prompts])
+        pairs = [(r, i, j) for r in range(n) for i in range(len(prompts[r])) for j in range(len(seeds[r]))]
         with self._autocast():
-            text_p = m.encode_text(list(prompts))
+            text_p = m.encode_text(flat)
             uncond = m.encode_text([""]) if s.guidance_scale != 1.0 else None
+        text_rows = torch.tensor([int(first[r]) + i for r, i, _ in pairs], device=text_p.device)
+        owner = torch.tensor([r for r, _, _ in pairs], device=self.device)
         z_s = x_t
-        z_p = x_t.expand(len(pairs), -1, -1, -1).clone()
-        gens = self.generators([int(seeds[j]) for _, j in pairs])
+        z_p = x_t.index_select(0, owner).clone()
+        gens = self.generators([int(seeds[r][j]) for r, _, j in pairs])
         self.scheduler.set_timesteps(s.steps, device=self.device)
         steps = len(self.scheduler.timesteps)
         self.injection.reset()
@@ -221,11 +243,12 @@ class DiffXPipeline:
                 self.injection.inject_attention = k < s.attention_fraction * steps
                 with self._autocast():
                     eps_s = m.structure_eps(z_s, t, text_s, lowres).float()  # records the features
-                    eps_p = torch.cat([
-                        self._prompt_eps(z_p[c:c + s.max_batch], t,
-                                         text_p[[i for i, _ in pairs[c:c + s.max_batch]]], uncond)
-                        for c in range(0, len(pairs), s.max_batch)
-                    ])  # injects them
+                    chunks = []
+                    for c in range(0, len(pairs), s.max_batch):
+                        self.injection.owner = owner[c:c + s.max_batch]
+                        chunks.append(self._prompt_eps(z_p[c:c + s.max_batch], t,
+                                                       text_p.index_select(0, text_rows[c:c + s.max_batch]), uncond))
+                    eps_p = torch.cat(chunks)  # injects them
                 self.injection.enabled = False
                 z_s = self.scheduler.step(eps_s, t, z_s, eta=0.0).prev_sample
                 noise = self.noise(z_p.shape[1:], gens)
@@ -233,7 +256,14 @@ class DiffXPipeline:
                 self._step_done("denoise")
         finally:
             self.injection.enabled = False
-        return self._decode(z_p).reshape(n_p, n_s, *image.shape[1:])
+            self.injection.owner = None
+        decoded = self._decode(z_p)
+        out, start = [], 0
+        for r in range(n):
+            size = len(prompts[r]) * len(seeds[r])
+            out.append(decoded[start:start + size].reshape(len(prompts[r]), len(seeds[r]), *images.shape[1:]))
+            start += size
+        return out
 
     @torch.no_grad()
     def sample_single(self, prompts: Sequence[str], seeds: Sequence[int]) -> Tensor:

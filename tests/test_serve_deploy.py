@@ -22,7 +22,7 @@ import yaml
 from raypipe.ray_utils import LOCAL_SYSTEM_CONFIG
 from tests._scaleout import ROOT, VENV_BIN, free_port, kill_group, kill_marked
 
-pytestmark = pytest.mark.slow  # a Ray head, nine deployments and a first request: ~1-3 min on 2 loaded cores
+pytestmark = pytest.mark.slow  # a Ray head, eight deployments and a first request: ~1-3 min on 2 loaded cores
 
 httpx = pytest.importorskip("httpx")
 
@@ -119,7 +119,7 @@ def test_serve_deploy_config_builds_app_and_scores_over_http(head, tmp_path: Pat
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     status = _wait_running(address, env, "raypipe")
-    assert set(status["deployments"]) >= {"ApiIngress", "XrayModel", "PVFModel", "RiskAggregator"}
+    assert set(status["deployments"]) >= {"ApiIngress", "XrayPreprocess", "XrayModel", "PVFModel"}
 
     auth = {"Authorization": f"Bearer {token}"}
     with httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=300) as c:

@@ -283,6 +283,14 @@ def test_dynamic_batching_groups_concurrent_requests(served: dict, shared_data: 
     assert sum(sizes) == 8 and max(sizes) > 1, sizes
 
 
+def test_models_stay_on_the_cpu_when_the_deployment_has_no_gpu(served: dict) -> None:
+    from ray import serve
+
+    for name in ("CTModel", "XrayModel", "PVFModel", "GeneratorModel"):
+        st = serve.get_deployment_handle(name, app_name=APP).status.remote().result(timeout_s=60)
+        assert st["enabled"] and st["device"] == "cpu", (name, st)  # no num_gpus here: never CUDA
+
+
 def test_replica_killed_mid_load_is_replaced_and_no_request_lost(served: dict, shared_data: Path) -> None:
     import ray
 

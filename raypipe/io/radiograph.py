@@ -20,7 +20,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
@@ -81,6 +81,16 @@ def read_radiograph(path: PathLike, max_pixels: int = MAX_PIXELS) -> Radiograph:
     return _read_dicom_radiograph(p, max_pixels)
 
 
+def read_radiograph_bytes(data: bytes, label: str = "image", max_pixels: int = MAX_PIXELS) -> Radiograph:
+    """`read_radiograph` of an in-memory upload (no temp file); `label` names it in errors instead of a path."""
+    import io
+
+    src = io.BytesIO(data)
+    if data[:8].startswith(_RASTER_MAGIC):
+        return _read_raster(src, max_pixels, label)
+    return _read_dicom_radiograph(src, max_pixels, label)
+
+
 def read_dicom_header(path: PathLike) -> Dataset:
     """The DICOM header (no pixels) read leniently, for deciding what a file is."""
     import pydicom
@@ -130,11 +140,12 @@ def window_to_unit(values: np.ndarray, center: float, width: float, function: st
     return np.clip((x - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
 
 
-def _read_raster(path: Path, max_pixels: int = MAX_PIXELS) -> Radiograph:
+def _read_raster(src: Path | BinaryIO, max_pixels: int = MAX_PIXELS, label: str | None = None) -> Radiograph:
     from PIL import Image, UnidentifiedImageError
 
+    path = Path(label) if label is not None else src
     try:
-        with Image.open(path, formats=["PNG", "JPEG", "TIFF", "BMP"]) as img:
+        with Image.open(src, formats=["PNG", "JPEG", "TIFF", "BMP"]) as img:
             w, h = img.size
             if w * h * max(1, len(img.getbands())) > max_pixels:
                 raise ImageReadError(path, f"image has {w}x{h} pixels; at most {max_pixels} allowed", field="pixels")
@@ -149,6 +160,8 @@ def _read_raster(path: Path, max_pixels: int = MAX_PIXELS) -> Radiograph:
             else:
                 arr = np.asarray(img.convert("L")).astype(np.float64)
                 top = 255.0
+    except ImageReadError:
+        raise  # the size refusal above keeps its own message (it is a ValueError too)
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
         raise ImageReadError(path, f"cannot read image: {type(exc).__name__}") from exc
     pixels = np.clip(arr / top, 0.0, 1.0).astype(np.float32)
@@ -157,7 +170,7 @@ def _read_raster(path: Path, max_pixels: int = MAX_PIXELS) -> Radiograph:
     return Radiograph(pixels=pixels, pixel_spacing=None, photometric="MONOCHROME2", path=str(path))
 
 
-def _read_dicom_radiograph(path: Path, max_pixels: int = MAX_PIXELS) -> Radiograph:
+def _read_dicom_radiograph(src: Path | BinaryIO, max_pixels: int = MAX_PIXELS, label: str | None = None) -> Radiograph:
     import pydicom
     from pydicom.dataset import FileMetaDataset
     from pydicom.errors import InvalidDicomError
@@ -165,8 +178,9 @@ def _read_dicom_radiograph(path: Path, max_pixels: int = MAX_PIXELS) -> Radiogra
 
     # Truncation is detected from the dataset's structure, not from warnings: `warnings.catch_warnings`
     # is process-global, so under concurrent requests one file's warning could fail another's read.
+    path = Path(label) if label is not None else src
     try:
-        ds = pydicom.dcmread(path, force=True)
+        ds = pydicom.dcmread(src, force=True)
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on damaged headers
         raise ImageReadError(path, f"not a readable DICOM file ({type(exc).__name__})") from exc
     if "PixelData" not in ds:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -52,54 +52,77 @@ def summarise_future(bpvf: float, gpvf: Mapping[float, Sequence[float]], low: fl
             "gpvf_by_year": per_year, "risk_group": agg["group"], "thresholds": agg["thresholds"]}
 
 
+@dataclass
+class FutureRequest:
+    """One generation request: a radiograph in [0, 1], age, sex, horizons (years), seeds, clinical attributes."""
+
+    pixels: np.ndarray
+    age: float
+    sex: str
+    years: Sequence[float]
+    seeds: Sequence[int]
+    clinical: Mapping[str, Any] = field(default_factory=dict)
+
+
 class FutureGenerator:
     """Adapter over `raypipe.generate`'s Diff-X pipeline for one published `ldm` model."""
 
-    def __init__(self, version: ModelVersion, generate_fn: Callable[..., list[GeneratedImage]]) -> None:
+    def __init__(self, version: ModelVersion, generate_fn: Callable[[list[FutureRequest]], list[list[GeneratedImage]]]
+                 ) -> None:
         self.version = version
         self.info = model_info(version)
         self._generate = generate_fn
 
     @classmethod
-    def from_registry(cls, registry: str | Path, name: str = "ldm", version: str = "latest") -> "FutureGenerator":
-        """Load the Diff-X pipeline for a published model; `GeneratorUnavailable` when raypipe.generate is absent."""
+    def from_registry(cls, registry: str | Path, name: str = "ldm", version: str = "latest",
+                      device: str | None = None) -> "FutureGenerator":
+        """Load the Diff-X pipeline for a published model on `device` (default: CUDA when torch sees it)."""
         v = open_version(registry, name, version)
         try:
             gen = importlib.import_module("raypipe.generate")
         except ImportError as e:
             raise GeneratorUnavailable(f"Diff-X generation is not available in this build ({e})", field="ldm") from e
-        return cls(v, _adapt(gen, v))
+        return cls(v, _adapt(gen, v, device))
 
     def generate(self, pixels: np.ndarray, age: float, sex: str, years: Sequence[float],
                  seeds: Sequence[int], clinical: Mapping[str, Any] | None = None) -> list[GeneratedImage]:
         """One image per (year, seed) for a radiograph in [0, 1]; the prompts carry the clinical attributes
         (`raypipe.generate.CLINICAL_PROMPT_KEYS` found in `clinical`) when the model was trained with them."""
-        return self._generate(pixels=pixels, age=age, sex=sex, years=list(years), seeds=list(seeds),
-                              clinical=dict(clinical or {}))
+        return self._generate([FutureRequest(pixels, age, sex, list(years), list(seeds), dict(clinical or {}))])[0]
+
+    def generate_many(self, requests: Sequence[FutureRequest]) -> list[list[GeneratedImage]]:
+        """Several requests in one batched Diff-X run (one forward per step over all of them); per request its images."""
+        return self._generate(list(requests)) if requests else []
 
 
-def _adapt(gen: Any, version: ModelVersion) -> Callable[..., list[GeneratedImage]]:
-    """Bind `raypipe.generate`'s pipeline (loaded from the registry folder) to a call returning `GeneratedImage`s."""
+def _adapt(gen: Any, version: ModelVersion, device: str | None = None
+           ) -> Callable[[list[FutureRequest]], list[list[GeneratedImage]]]:
+    """Bind `raypipe.generate`'s pipeline (loaded from the registry folder) to a batched call returning `GeneratedImage`s."""
     import torch
 
     from raypipe.preprocess.pvf import crop_ldm_content, from_ldm_output, ldm_input
 
     try:
-        pipe = gen.pipeline_from_dir(version.path)
+        pipe = gen.pipeline_from_dir(version.path, device=device)
     except Exception as e:  # noqa: BLE001 - an incompatible model disables generation, not the app
         raise GeneratorUnavailable(f"cannot load the Diff-X pipeline ({type(e).__name__}: {e})", field="ldm") from e
 
-    def call(pixels: np.ndarray, age: float, sex: str, years: list[float], seeds: list[int],
-             clinical: dict[str, Any]) -> list[GeneratedImage]:
-        ys = [float(y) for y in years]
+    def call(requests: list[FutureRequest]) -> list[list[GeneratedImage]]:
+        years = [[float(y) for y in q.years] for q in requests]
         # the training prompt: clinical attributes exactly when the model was trained with them (model_meta.json)
-        base, prompts = gen.future_prompts(age, sex, ys, clinical if pipe.clinical_prompts else None)
-        image = torch.from_numpy(ldm_input(pixels, pipe.model.image_size))[None]
+        prompts = [gen.future_prompts(q.age, q.sex, ys, dict(q.clinical) if pipe.clinical_prompts else None)
+                   for q, ys in zip(requests, years)]
+        images = torch.from_numpy(np.stack([ldm_input(q.pixels, pipe.model.image_size) for q in requests]))
         with torch.no_grad():
-            images = pipe(image, base, [prompts[y] for y in ys], [int(s) for s in seeds])
-        grey = from_ldm_output(images[:, :, 0].float().numpy())  # (years, seeds, S, S) in [0, 1]
-        # cut back to the radiograph's own box in the padded square: GpVF is scored on BpVF's geometry
-        return [GeneratedImage(y, int(s), crop_ldm_content(grey[i, j], pixels.shape), prompts[y])
-                for i, y in enumerate(ys) for j, s in enumerate(seeds)]
+            outs = pipe.generate_many(images, [base for base, _ in prompts],
+                                      [[per[y] for y in ys] for (_, per), ys in zip(prompts, years)],
+                                      [[int(s) for s in q.seeds] for q in requests])
+        result = []
+        for q, ys, (_, per), out in zip(requests, years, prompts, outs):
+            grey = from_ldm_output(out[:, :, 0].float().numpy())  # (years, seeds, S, S) in [0, 1]
+            # cut back to the radiograph's own box in the padded square: GpVF is scored on BpVF's geometry
+            result.append([GeneratedImage(y, int(s), crop_ldm_content(grey[i, j], q.pixels.shape), per[y])
+                           for i, y in enumerate(ys) for j, s in enumerate(q.seeds)])
+        return result
 
     return call

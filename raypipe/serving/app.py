@@ -6,7 +6,7 @@ failure a client can cause is a 4xx JSON `{"error", "field", "status", "request_
 is a 500 JSON with only the request id. Logs carry request ids, routes, sizes, statuses and timings,
 never file names, form values or DICOM header fields.
 
-Retry contract: the ingress and the aggregator retry a model call whose replica died (the inputs are
+Retry contract: the ingress and the preprocessing replicas retry a model call whose replica died (the inputs are
 already-checked arrays and scoring is pure, so repeating it is safe), so a model replica killed
 mid-request costs latency, not the request. If retries run out the answer is 503 with `Retry-After`;
 clients retry on 503 only (never on other statuses). Calls that parse uploaded bytes (preprocessing)
@@ -30,7 +30,6 @@ from raypipe.serving.deployments import (
     GeneratorModel,
     JobStore,
     PVFModel,
-    RiskAggregator,
     XrayModel,
     XrayPreprocess,
     call,
@@ -51,7 +50,7 @@ from raypipe.serving.uploads import (
 log = logging.getLogger("ray.serve.raypipe")  # a child of Serve's logger: lands in the replica logs
 
 DEPLOYMENT_NAMES: tuple[str, ...] = ("ApiIngress", "CTPreprocess", "XrayPreprocess", "CTModel", "XrayModel",
-                                     "PVFModel", "GeneratorModel", "RiskAggregator", "JobStore")
+                                     "PVFModel", "GeneratorModel", "JobStore")
 PUBLIC_PATHS = ("/healthz",)
 STUDY_TYPES = tuple(dict.fromkeys(ZIP_TYPES + NIFTI_TYPES))
 RADIOGRAPH_TYPES = tuple(dict.fromkeys(DICOM_TYPES + IMAGE_TYPES))
@@ -219,6 +218,21 @@ def _caused_by(exc: BaseException, kind: type) -> bool:
     return False
 
 
+UPLOAD_SPOOL_BYTES = 32 * 1024 * 1024  # file parts up to this stay in memory while the form is parsed
+
+
+def keep_uploads_in_memory(limit: int) -> None:
+    """File parts up to `limit` bytes are parsed into memory, not a temp file (Starlette spools above 1 MiB).
+
+    Every part is read into memory right after parsing anyway (the bytes go to a preprocessing replica),
+    so a temp file only adds a write, a read and a thread hop per 64 KiB chunk; the body limit
+    (`max_request_bytes`, checked while the body streams in) still bounds what one request holds.
+    """
+    from starlette.formparsers import MultiPartParser
+
+    MultiPartParser.spool_max_size = int(limit)
+
+
 def _form(request: Request) -> Any:
     """Parse a multipart form with part-count limits (use as `async with`); anything else is 415."""
     ctype = request.headers.get("content-type", "")
@@ -312,13 +326,14 @@ _FUTURE_DOC = {"requestBody": {"required": True, "content": {"multipart/form-dat
 class ApiIngress:
     """FastAPI ingress: validates uploads and composes the scoring deployments."""
 
-    def __init__(self, ct_pre: Any, ct_model: Any, aggregator: Any, xray_pre: Any, pvf_model: Any, jobs: Any,
+    def __init__(self, ct_pre: Any, xray_pre: Any, pvf_model: Any, jobs: Any,
                  handles: dict[str, Any], available: dict[str, Any], options: dict[str, Any]) -> None:
-        self.ct_pre, self.ct_model, self.aggregator = ct_pre, ct_model, aggregator
+        self.ct_pre = ct_pre
         self.xray_pre, self.pvf_model, self.jobs = xray_pre, pvf_model, jobs
         self.handles, self.available = handles, available
         self.opts = ServeOptions.model_validate(options)
         api.state.settings = {"api_token": self.opts.api_token, "max_request_bytes": self.opts.max_request_bytes}
+        keep_uploads_in_memory(min(self.opts.max_request_bytes, UPLOAD_SPOOL_BYTES))
 
     def _need(self, *roles: str) -> None:
         for role in roles:
@@ -368,9 +383,8 @@ class ApiIngress:
                     raise ServingError(422, "mask_labels must be verse, totalseg or a JSON label map", "mask_labels")
                 gradcam = _bool_field(form, "gradcam")
             log.info("request %s ct: study=%d masks=%d bytes", request.scope["state"]["request_id"], len(study), len(masks))
-            inp = await call(self.ct_pre.preprocess, study, masks, body, labels or None, clinical, retries=0,
+            out = await call(self.ct_pre.score, study, masks, body, labels or None, clinical, gradcam, retries=0,
                              lost_field="study")
-            out = await call(self.ct_model.score, (inp, gradcam), retries=self.opts.handle_retries)
             resp = {"probability": out["probability"], "horizon_years": 5, "model": out["model"], "qc": out["qc"]}
             if gradcam:
                 resp["gradcam_png"] = out["gradcam_png"]
@@ -394,8 +408,7 @@ class ApiIngress:
             self._need("xray")
             image, keypoints, clinical, _ = await self._xray_form(request)
             log.info("request %s xray: image=%d bytes", request.scope["state"]["request_id"], len(image))
-            return 200, await call(self.aggregator.score_xray, image, keypoints, clinical,
-                                   retries=self.opts.handle_retries)
+            return 200, await call(self.xray_pre.score, image, keypoints, clinical, retries=0, lost_field="image")
         return await _respond(request, work())
 
     @api.post("/v1/xray/future", openapi_extra=_FUTURE_DOC, status_code=202)
@@ -476,7 +489,7 @@ def resolve_models(registry: str, options: ServeOptions) -> dict[str, dict[str, 
 
 def build_app(registry: str, names: dict[str, str | None] | None = None,
               options: ServeOptions | dict[str, Any] | None = None) -> Any:
-    """The Serve application: ingress over preprocessing, batched models, aggregator and job store."""
+    """The Serve application: ingress over preprocessing replicas that call the batched models, and the job store."""
     from raypipe import storage
 
     opts = options if isinstance(options, ServeOptions) else ServeOptions.model_validate(options or {})
@@ -492,34 +505,34 @@ def build_app(registry: str, names: dict[str, str | None] | None = None,
     limits = {"max_zip_files": opts.max_zip_files, "max_unpacked_bytes": opts.max_unpacked_bytes,
               "max_voxels": opts.max_voxels, "max_pixels": opts.max_pixels}
     batch = opts.batch.model_dump()
-    threads = opts.torch_threads
+    threads = opts.torch_threads  # None: each replica uses as many threads as Ray gave it CPUs
+    retries = opts.handle_retries
 
     def o(dep: Any) -> Any:
         name = dep.name
-        actor = {"num_cpus": opts.num_cpus.get(name, 0.1)}
+        actor: dict[str, Any] = {"num_cpus": opts.num_cpus.get(name, 0.1)}
         if opts.num_gpus.get(name):
             actor["num_gpus"] = opts.num_gpus[name]
         if name in ("CTPreprocess", "XrayPreprocess") and opts.preprocess_max_replicas > 1:
             return dep.options(ray_actor_options=actor, autoscaling_config={
                 "min_replicas": 1, "initial_replicas": 1, "max_replicas": opts.preprocess_max_replicas,
-                "target_ongoing_requests": 2, "upscale_delay_s": 2.0})
+                "target_ongoing_requests": opts.preprocess_target_ongoing, "upscale_delay_s": 2.0})
         return dep.options(ray_actor_options=actor)
 
-    ct_pre = o(CTPreprocess).bind(registry, names_r["ct"], vers["ct"], limits)
-    xray_pre = o(XrayPreprocess).bind(registry, names_r, vers, limits, threads)
     ct_model = o(CTModel).bind(registry, names_r["ct"], vers["ct"], threads, batch)
     xray_model = o(XrayModel).bind(registry, names_r["xray"], vers["xray"], threads, batch)
     pvf_model = o(PVFModel).bind(registry, names_r["pvf"], vers["pvf"], threads, batch)
+    ct_pre = o(CTPreprocess).bind(registry, names_r["ct"], vers["ct"], limits, threads, ct_model, retries)
+    xray_pre = o(XrayPreprocess).bind(registry, names_r, vers, limits, threads, xray_model, pvf_model, available,
+                                      retries)
     generator = o(GeneratorModel).bind(registry, names_r["ldm"], vers["ldm"], threads,
                                        {"max_batch_size": min(2, batch["max_batch_size"]),
                                         "batch_wait_timeout_s": batch["batch_wait_timeout_s"]})
-    aggregator = o(RiskAggregator).bind(xray_pre, xray_model, pvf_model, available, opts.handle_retries)
-    jobs = o(JobStore).bind(generator, pvf_model, opts.job_ttl_s, opts.max_jobs, opts.handle_retries,
+    jobs = o(JobStore).bind(generator, pvf_model, opts.job_ttl_s, opts.max_jobs, retries,
                             opts.max_jobs_per_client, opts.job_dir or storage.join(registry, ".jobs"))
     handles = {"CTPreprocess": ct_pre, "XrayPreprocess": xray_pre, "CTModel": ct_model, "XrayModel": xray_model,
-               "PVFModel": pvf_model, "GeneratorModel": generator, "RiskAggregator": aggregator, "JobStore": jobs}
-    return o(ApiIngress).bind(ct_pre, ct_model, aggregator, xray_pre, pvf_model, jobs, handles, available,
-                              opts.model_dump())
+               "PVFModel": pvf_model, "GeneratorModel": generator, "JobStore": jobs}
+    return o(ApiIngress).bind(ct_pre, xray_pre, pvf_model, jobs, handles, available, opts.model_dump())
 
 
 def build_app_from_env() -> Any:

@@ -1,4 +1,4 @@
-"""Ray Serve deployments behind the HTTP ingress: preprocessing, batched models, the risk aggregator, the job store.
+"""Ray Serve deployments behind the HTTP ingress: preprocessing (calls the batched models), batched models, job store.
 
 Every model deployment is always part of the app; one whose model is absent from the registry starts
 "disabled" (no weights, `status()` says why), so the app's shape does not depend on what is published
@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -94,18 +93,46 @@ def _open(registry: str, name: str | None, version: str | None) -> tuple[Any, st
         return None, f"model {name!r} cannot be loaded: {getattr(e, 'reason', e)}"
 
 
-def _set_threads(n: int) -> None:
-    import torch
+def threads_for(requested: int | None, assigned_cpus: float | None) -> int:
+    """Intra-op threads of a replica: the requested number, else the CPUs Ray assigned it (at least 1)."""
+    if requested:
+        return max(1, int(requested))
+    return max(1, int(assigned_cpus or 0))
 
-    torch.set_num_threads(max(1, int(n)))
 
-
-def replica_device() -> str:
-    """"cuda" when Ray gave this replica a GPU (num_gpus in its actor options) and torch sees it, else "cpu"."""
+def _set_threads(requested: int | None) -> int:
+    """Size torch's, SimpleITK's and OpenCV's thread pools to this replica's CPUs (no oversubscription)."""
     import ray
     import torch
 
-    return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+    n = threads_for(requested, ray.get_runtime_context().get_assigned_resources().get("CPU"))
+    torch.set_num_threads(n)
+    try:
+        import SimpleITK as sitk
+
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(n)
+    except ImportError:
+        pass
+    try:
+        import cv2
+
+        cv2.setNumThreads(n)
+    except ImportError:
+        pass
+    return n
+
+
+def choose_device(gpu_ids: list[Any], cuda_available: bool) -> str:
+    """"cuda" only when Ray assigned GPUs (the deployment's num_gpus) and torch can use CUDA, else "cpu"."""
+    return "cuda" if gpu_ids and cuda_available else "cpu"
+
+
+def replica_device() -> str:
+    """The device of this replica's models (`choose_device` on Ray's GPU ids and torch's CUDA check)."""
+    import ray
+    import torch
+
+    return choose_device(list(ray.get_gpu_ids()), torch.cuda.is_available())
 
 
 def b64png(data: bytes) -> str:
@@ -125,7 +152,8 @@ class _Disabled:
 
     async def status(self) -> dict[str, Any]:
         """Ready (replica constructed) plus whether its model is loaded or why not."""
-        return {"ready": True, "enabled": self.error is None, "reason": self.error, "model": self.info}
+        return {"ready": True, "enabled": self.error is None, "reason": self.error, "model": self.info,
+                "device": getattr(self, "device", None)}
 
 
 class _Batched(_Disabled):
@@ -172,13 +200,16 @@ class _Batched(_Disabled):
 class CTPreprocess(_Disabled):
     """Uploaded CT (DICOM zip or NIfTI) + masks (zip or NIfTI multilabel) -> 14-slice crops + QC; no weights."""
 
-    def __init__(self, registry: str, name: str | None, version: str | None, limits: dict[str, int]) -> None:
+    def __init__(self, registry: str, name: str | None, version: str | None, limits: dict[str, int],
+                 threads: int | None = None, ct_model: Any = None, retries: int = 3) -> None:
         from raypipe.scoring.ct import CTPreprocessor
         from raypipe.scoring.common import model_info
 
         from raypipe.preprocess.config import LEVEL_ORDER
         from raypipe.scoring.ct import MASK_NAMES_EXTRA
 
+        _set_threads(threads)
+        self.ct_model, self.retries = ct_model, retries
         quiet_replica()
         v, self.error = _open(registry, name, version)
         self.pre = CTPreprocessor(v) if v is not None else None
@@ -223,17 +254,31 @@ class CTPreprocess(_Disabled):
             return ServingError(503, self.error)
         return await run_guarded(self._preprocess, study, masks, body_mask, mask_labels, clinical)
 
+    async def score(self, study: bytes, masks: bytes, body_mask: bytes | None, mask_labels: Any,
+                    clinical: dict[str, Any], gradcam: bool = False) -> Any:
+        """Bytes in, the batched CT model's answer out (the crops go one hop, never back through the ingress)."""
+        inp = await self.preprocess(study, masks, body_mask, mask_labels, clinical)
+        if isinstance(inp, ServingError):
+            return inp
+        try:
+            return await call(self.ct_model.score, (inp, gradcam), retries=self.retries)
+        except ServingError as e:  # returned, not raised: a bad input is not a replica error
+            return e
+
 
 @serve.deployment(name="XrayPreprocess", max_ongoing_requests=4, health_check_period_s=HEALTH_CHECK_PERIOD_S)
 class XrayPreprocess(_Disabled):
     """Uploaded radiograph -> keypoints (request or keypoint model) -> aligned patches + pVF input."""
 
     def __init__(self, registry: str, names: dict[str, str | None], versions: dict[str, str | None],
-                 limits: dict[str, int], threads: int = 1) -> None:
+                 limits: dict[str, int], threads: int | None = None, xray_model: Any = None, pvf_model: Any = None,
+                 available: dict[str, Any] | None = None, retries: int = 3) -> None:
         from raypipe.scoring.common import model_info
         from raypipe.scoring.xray import KeypointModel, XrayPreprocessor
 
-        _set_threads(threads)
+        threads = _set_threads(threads)
+        self.xray_model, self.pvf_model = xray_model, pvf_model
+        self.available, self.retries = available or {}, retries
         quiet_replica()
         xray, self.error = _open(registry, names.get("xray"), versions.get("xray"))
         pvf, _ = _open(registry, names.get("pvf"), versions.get("pvf"))
@@ -245,13 +290,13 @@ class XrayPreprocess(_Disabled):
         if xray is None and pvf is not None:
             self.error = None  # the pVF path still works
 
-    def _radiograph(self, data: bytes, wd: Path, redactor: Redactor) -> Any:
-        from raypipe.io.radiograph import read_radiograph
+    def _radiograph(self, data: bytes, redactor: Redactor) -> Any:
+        """Sniffed and size-checked upload -> `Radiograph`, decoded from memory (no temp file)."""
+        from raypipe.io.radiograph import read_radiograph_bytes
         from raypipe.serving.intake import dicom_header, dicom_pixels
 
         if is_png_or_jpeg(data):
             check_raster_size(data, "image", self.limits.max_pixels)
-            path = wd / "image.img"
         else:
             ds = dicom_header(data)
             if ds is None:
@@ -259,23 +304,20 @@ class XrayPreprocess(_Disabled):
             redactor.add_dataset(ds)
             if dicom_pixels(ds, "image") > self.limits.max_pixels * 4096:
                 raise UploadError(413, "image", "DICOM image declares too many pixels x frames")
-            path = wd / "image.dcm"
-        path.write_bytes(data)
-        return read_radiograph(path, self.limits.max_pixels)
+        return read_radiograph_bytes(data, "image", self.limits.max_pixels)
 
     def _preprocess(self, image: bytes, keypoints: dict | None, clinical: dict[str, Any], need_survival: bool,
                     keep_pixels: bool) -> Any:
         redactor = Redactor()
-        with request_workdir() as wd:
-            try:
-                rad = self._radiograph(image, wd, redactor)
-                inp = self.pre.from_radiograph(rad, keypoints, clinical, need_survival)
-                return (inp, rad.pixels) if keep_pixels else inp
-            except Exception as e:  # noqa: BLE001
-                problem = as_serving_error(e, wd, "image")
-                if problem is not None:
-                    raise ServingError(problem.status, redactor.redact(problem.message), problem.field) from None
-                raise
+        try:
+            rad = self._radiograph(image, redactor)
+            inp = self.pre.from_radiograph(rad, keypoints, clinical, need_survival)
+            return (inp, rad.pixels) if keep_pixels else inp
+        except Exception as e:  # noqa: BLE001
+            problem = as_serving_error(e, None, "image")
+            if problem is not None:
+                raise ServingError(problem.status, redactor.redact(problem.message), problem.field) from None
+            raise
 
     async def preprocess(self, image: bytes, keypoints: dict | None, clinical: dict[str, Any],
                          need_survival: bool = True, keep_pixels: bool = False) -> Any:
@@ -283,6 +325,21 @@ class XrayPreprocess(_Disabled):
         if self.error is not None:
             return ServingError(503, self.error)
         return await run_guarded(self._preprocess, image, keypoints, clinical, need_survival, keep_pixels)
+
+    async def score(self, image: bytes, keypoints: dict | None, clinical: dict[str, Any]) -> Any:
+        """Radiograph bytes (+ keypoints, clinical) -> log-risk, S(t), 5-year risk, keypoints used, pVF score.
+
+        The replica that parsed the upload calls the batched models itself: the prepared arrays go one
+        hop (DeepSurv input and pVF input separately, each small enough to travel inline, not through
+        the object store) and only the small JSON-ready answer comes back to the ingress.
+        """
+        inp = await self.preprocess(image, keypoints, clinical, True)
+        if isinstance(inp, ServingError):
+            return inp
+        try:
+            return await score_prepared_xray(inp, self.xray_model, self.pvf_model, self.available, self.retries)
+        except ServingError as e:  # returned, not raised: a bad input is not a replica error
+            return e
 
     async def status(self) -> dict[str, Any]:
         """Ready, plus whether the keypoint model is available for requests without keypoints."""
@@ -294,13 +351,14 @@ class XrayPreprocess(_Disabled):
 class CTModel(_Batched):
     """The published CT CNN-RNN; concurrent requests are grouped by `@serve.batch` into one forward pass."""
 
-    def __init__(self, registry: str, name: str | None, version: str | None, threads: int = 1,
+    def __init__(self, registry: str, name: str | None, version: str | None, threads: int | None = None,
                  batch: dict[str, Any] | None = None) -> None:
         from raypipe.scoring.ct import CTPredictor
 
-        _set_threads(threads)
+        threads = _set_threads(threads)
         v, self.error = _open(registry, name, version)
-        self.predictor = CTPredictor(v, threads).to(replica_device()) if v is not None else None
+        self.device = replica_device()
+        self.predictor = CTPredictor(v, threads).to(self.device) if v is not None else None
         self.info = self.predictor.info if self.predictor else None
         self._init_batching(batch)
 
@@ -325,13 +383,14 @@ class CTModel(_Batched):
 class XrayModel(_Batched):
     """The published radiograph DeepSurv model, batched: log-risk, S(t) 1..10 years, 5-year risk."""
 
-    def __init__(self, registry: str, name: str | None, version: str | None, threads: int = 1,
+    def __init__(self, registry: str, name: str | None, version: str | None, threads: int | None = None,
                  batch: dict[str, Any] | None = None) -> None:
         from raypipe.scoring.xray import XrayPredictor
 
-        _set_threads(threads)
+        threads = _set_threads(threads)
         v, self.error = _open(registry, name, version)
-        self.predictor = XrayPredictor(v, None, None, threads).to(replica_device()) if v is not None else None
+        self.device = replica_device()
+        self.predictor = XrayPredictor(v, None, None, threads).to(self.device) if v is not None else None
         self.info = self.predictor.info if self.predictor else None
         self._init_batching(batch)
 
@@ -355,13 +414,14 @@ class XrayModel(_Batched):
 class PVFModel(_Batched):
     """The published pVF classifier, batched: score in [0, 1] per prepared image."""
 
-    def __init__(self, registry: str, name: str | None, version: str | None, threads: int = 1,
+    def __init__(self, registry: str, name: str | None, version: str | None, threads: int | None = None,
                  batch: dict[str, Any] | None = None) -> None:
         from raypipe.scoring.xray import PVFPredictor
 
-        _set_threads(threads)
+        threads = _set_threads(threads)
         v, self.error = _open(registry, name, version)
-        self.predictor = PVFPredictor(v, threads).to(replica_device()) if v is not None else None
+        self.device = replica_device()
+        self.predictor = PVFPredictor(v, threads).to(self.device) if v is not None else None
         self.info = self.predictor.info if self.predictor else None
         self._init_batching(batch)
 
@@ -388,29 +448,33 @@ class PVFModel(_Batched):
 class GeneratorModel(_Batched):
     """The Diff-X generator (papers/004): future radiographs per (year, seed); disabled without `raypipe.generate`."""
 
-    def __init__(self, registry: str, name: str | None, version: str | None, threads: int = 1,
+    def __init__(self, registry: str, name: str | None, version: str | None, threads: int | None = None,
                  batch: dict[str, Any] | None = None) -> None:
         v, self.error = _open(registry, name, version)
         self.generator = None
         if v is not None:
             from raypipe.scoring.future import FutureGenerator
 
-            _set_threads(threads)
+            threads = _set_threads(threads)
 
             try:
-                self.generator = FutureGenerator.from_registry(registry, name, version)
+                self.device = replica_device()
+                self.generator = FutureGenerator.from_registry(registry, name, version, device=self.device)
             except Exception as e:  # noqa: BLE001 - generation unavailable disables /v1/xray/future only
                 self.error = f"Diff-X generation unavailable: {getattr(e, 'reason', e)}"
         self.info = self.generator.info if self.generator else None
         self._init_batching(batch)
 
     def _run(self, items: list[dict[str, Any]]) -> list[list[Any]]:
-        return [self.generator.generate(i["pixels"], i["age"], i["sex"], i["years"], i["seeds"], i.get("clinical"))
-                for i in items]
+        """All requests of the batch in one batched Diff-X run (one forward per step over all of them)."""
+        from raypipe.scoring.future import FutureRequest
+
+        return self.generator.generate_many([FutureRequest(i["pixels"], i["age"], i["sex"], i["years"], i["seeds"],
+                                                           i.get("clinical") or {}) for i in items])
 
     @serve.batch(max_batch_size=2, batch_wait_timeout_s=0.0)
     async def predict(self, items: list[dict[str, Any]]) -> list[Any]:
-        """Generation requests -> lists of `GeneratedImage` (one per year x seed)."""
+        """Generation requests -> lists of `GeneratedImage` (one per year x seed); the batch runs as one."""
         self._require()
         self.recorder.record(len(items))
         return await asyncio.to_thread(self._run_items, self._run, items)
@@ -421,40 +485,27 @@ class GeneratorModel(_Batched):
 
 
 # ------------------------------------------------------------------------------------------ composition
-@serve.deployment(name="RiskAggregator", max_ongoing_requests=64, health_check_period_s=HEALTH_CHECK_PERIOD_S)
-class RiskAggregator(_Disabled):
-    """Radiograph scoring graph: preprocess, then DeepSurv and pVF concurrently, merged into one answer."""
+async def score_prepared_xray(inp: Any, xray_model: Any, pvf_model: Any, available: dict[str, Any],
+                              retries: int = 3) -> dict[str, Any]:
+    """A prepared `XrayInput` -> DeepSurv and pVF concurrently (batched deployments), merged into one answer."""
+    from dataclasses import replace
 
-    def __init__(self, xray_pre: Any, xray_model: Any, pvf_model: Any, available: dict[str, Any],
-                 retries: int = 3) -> None:
-        self.xray_pre, self.xray_model, self.pvf_model = xray_pre, xray_model, pvf_model
-        self.available, self.retries = available, retries
-
-    async def score_xray(self, image: bytes, keypoints: dict | None, clinical: dict[str, Any]) -> dict[str, Any]:
-        """Radiograph bytes (+ keypoints, clinical) -> log-risk, S(t), 5-year risk, keypoints used, pVF score."""
-        try:
-            return await self._score_xray(image, keypoints, clinical)
-        except ServingError as e:  # returned, not raised: a bad upload is not a replica error
-            return e
-
-    async def _score_xray(self, image: bytes, keypoints: dict | None, clinical: dict[str, Any]) -> dict[str, Any]:
-        inp = await call(self.xray_pre.preprocess, image, keypoints, clinical, True, retries=0, lost_field="image")
-        surv = call(self.xray_model.score, inp, retries=self.retries)
-        has_pvf = self.available.get("pvf", {}).get("ok") and inp.pvf_image is not None
-        pvf = call(self.pvf_model.score, inp.pvf_image, retries=self.retries) if has_pvf else None
-        s = await surv
-        p = await pvf if pvf is not None else None
-        models = {"xray": s["model"]}
-        if has_pvf:
-            models["pvf"] = self.available["pvf"]["info"]
-        if inp.keypoints_source == "model" and self.available.get("keypoints", {}).get("ok"):
-            models["keypoints"] = self.available["keypoints"]["info"]
-        qc = {**inp.qc, "warnings": list(inp.qc.get("warnings", [])) + s.get("warnings", [])}
-        if not has_pvf:
-            qc["warnings"].append(self.available.get("pvf", {}).get("reason") or "pVF model not available")
-        return {"log_risk": s["log_risk"], "survival": s["survival"], "risk_5y": s["risk_5y"],
-                "keypoints": inp.keypoints, "keypoints_source": inp.keypoints_source, "pvf_score": p,
-                "models": models, "qc": qc}
+    has_pvf = bool(available.get("pvf", {}).get("ok")) and inp.pvf_image is not None
+    surv = call(xray_model.score, replace(inp, pvf_image=None), retries=retries)
+    pvf = call(pvf_model.score, inp.pvf_image, retries=retries) if has_pvf else None
+    s = await surv
+    p = await pvf if pvf is not None else None
+    models = {"xray": s["model"]}
+    if has_pvf:
+        models["pvf"] = available["pvf"]["info"]
+    if inp.keypoints_source == "model" and available.get("keypoints", {}).get("ok"):
+        models["keypoints"] = available["keypoints"]["info"]
+    qc = {**inp.qc, "warnings": list(inp.qc.get("warnings", [])) + s.get("warnings", [])}
+    if not has_pvf:
+        qc["warnings"].append(available.get("pvf", {}).get("reason") or "pVF model not available")
+    return {"log_risk": s["log_risk"], "survival": s["survival"], "risk_5y": s["risk_5y"],
+            "keypoints": inp.keypoints, "keypoints_source": inp.keypoints_source, "pvf_score": p,
+            "models": models, "qc": qc}
 
 
 @serve.deployment(name="JobStore", num_replicas=1, max_ongoing_requests=256,

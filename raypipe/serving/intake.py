@@ -156,17 +156,55 @@ def check_gzip_size(data: bytes, field_name: str, max_bytes: int) -> int:
     return total
 
 
-def _nifti_file(data: bytes, dest: Path, field_name: str, limits: Limits, budget: _Budget) -> Path:
-    """Write a NIfTI upload (plain or gzip) after its header passed; gzip is kept (the header bounds decoding)."""
+def gunzip_to_file(data: bytes, path: Path, field_name: str, max_bytes: int) -> int:
+    """Decompress a gzip stream into `path` in 1 MiB chunks, refusing more than `max_bytes` (413) or corrupt data (400).
+
+    One pass both checks the size and writes what the reader opens, so the upload is not inflated twice.
+    """
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    total, pending = 0, data
+    with open(path, "wb") as out:
+        try:
+            while pending:
+                chunk = d.decompress(pending, 1 << 20)
+                total += len(chunk)
+                if total > max_bytes:
+                    raise UploadError(413, field_name, f"gzip data expands beyond {max_bytes} bytes (more than its header declares)")
+                out.write(chunk)
+                pending = d.unconsumed_tail
+            tail = d.flush()
+        except zlib.error:
+            raise UploadError(400, field_name, "corrupt gzip data") from None
+        total += len(tail)
+        if total > max_bytes:
+            raise UploadError(413, field_name, f"gzip data expands beyond {max_bytes} bytes")
+        out.write(tail)
+    if not d.eof:
+        raise UploadError(400, field_name, "truncated gzip data")
+    return total
+
+
+def _nifti_file(data: bytes, dest: Path, field_name: str, limits: Limits, budget: _Budget,
+                inflate: bool = False) -> Path:
+    """Write a NIfTI upload (plain or gzip) after its header passed; gzip is kept (the header bounds decoding).
+
+    `inflate` writes a gzip upload decompressed instead (checked in the same pass): for the study, which
+    the reader would otherwise inflate a second time; masks stay compressed (many, and large once inflated).
+    """
     head = nifti_header_bytes(data)
     if head is None:
         raise UploadError(415, field_name, "not a NIfTI file (no NIfTI-1/2 header)")
     nbytes = check_nifti(head, field_name, limits.max_voxels)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if is_gzip(data) and inflate:
+        path = dest.with_name(dest.name + ".nii")
+        written = gunzip_to_file(data, path, field_name, nbytes + (1 << 20))  # header + extensions: 1 MiB at most
+        budget.take(written, field_name)
+        return path
     budget.take(len(data), field_name)  # bytes written; decoding is bounded per file by the checked header
     if is_gzip(data):  # the stream may not hold more than the header declares: a gzip bomb stops here
         check_gzip_size(data, field_name, nbytes + (1 << 20))  # header + extensions: 1 MiB at most
     path = dest.with_name(dest.name + (".nii.gz" if is_gzip(data) else ".nii"))
-    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return path
 
@@ -250,7 +288,7 @@ def materialise_study(data: bytes, workdir: Path, limits: Limits, redactor: Reda
     """A CT upload -> a NIfTI file or a folder of one DICOM series (neutral names), all sizes checked first."""
     f = "study"
     if not is_zip(data):
-        return _nifti_file(data, workdir / "study", f, limits, budget)
+        return _nifti_file(data, workdir / "study", f, limits, budget, inflate=True)
     niftis, slices, series, voxels = [], [], set(), 0
     for k, name, blob in zip_members(data, f, limits, budget):
         redactor.add(name)
@@ -275,7 +313,7 @@ def materialise_study(data: bytes, workdir: Path, limits: Limits, redactor: Reda
     if len(niftis) > 1:
         raise UploadError(422, f, f"zip holds {len(niftis)} NIfTI files: send one study")
     if niftis:
-        return _nifti_file(niftis[0], workdir / "study", f, limits, budget)
+        return _nifti_file(niftis[0], workdir / "study", f, limits, budget, inflate=True)
     if not slices:
         raise UploadError(415, f, "zip holds no DICOM or NIfTI image (files are identified by content)")
     if len(series) > 1:

@@ -45,12 +45,15 @@ class ServeOptions(BaseModel):
     max_jobs_per_client: int = Field(4, ge=1, description="queued + running + unfetched jobs per client; 429 above")
     max_years: int = Field(20, ge=1)
     max_seeds: int = Field(16, ge=1)
-    torch_threads: int = Field(1, ge=1, description="intra-op threads per model replica (replicas share cores)")
+    torch_threads: int | None = Field(None, ge=1, description="intra-op threads (torch, SimpleITK, OpenCV) per replica; "
+                                      "None: the CPUs Ray assigned to the replica (at least 1)")
     handle_retries: int = Field(3, ge=0, description="retries of a call whose replica died (inference is idempotent)")
     num_cpus: dict[str, float] = Field(default_factory=lambda: {
         "ApiIngress": 0.2, "CTPreprocess": 0.4, "XrayPreprocess": 0.4, "CTModel": 0.4, "XrayModel": 0.3,
-        "PVFModel": 0.3, "GeneratorModel": 0.3, "RiskAggregator": 0.1, "JobStore": 0.1})
+        "PVFModel": 0.3, "GeneratorModel": 0.3, "JobStore": 0.1})
     preprocess_max_replicas: int = Field(2, ge=1, description="preprocessing replicas autoscale 1..N on queue length")
+    preprocess_target_ongoing: float = Field(2.0, gt=0, description="autoscaling target: ongoing requests per "
+                                             "preprocessing replica (queued + running)")
     num_gpus: dict[str, float] = Field(default_factory=dict, description="e.g. {'CTModel': 0.5} on GPU nodes")
 
     @field_validator("names")

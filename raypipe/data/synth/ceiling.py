@@ -23,6 +23,7 @@ from raypipe.metrics.binary import auroc_ci
 from raypipe.metrics.survival import concordance_ci
 
 CHANCE = 0.5
+TARGET_GAP = 0.10   # issue 14's bar: a model within 0.10 of its ceiling on the same rows has learned what is there
 TRUTH_COLUMNS = ("study_id", "patient_id", "modality", "true_lp", "true_image_lp", "true_clinical_lp", "deformity",
                  "time_days", "event", "fracture_5y", "prevalent_fracture")
 ROWS_OF_SPLIT = {"val": "out-of-fold", "external": "external", "test": "test"}
@@ -60,16 +61,19 @@ class Comparison:
         """Whether the model's 95 % CI excludes chance (0.5) from below."""
         return self.model.ci_low > CHANCE
 
-    def line(self) -> str:
-        """`CT CNN-RNN out-of-fold AUROC 0.78 [0.70, 0.85] (ceiling 0.82 on the same rows, chance 0.50)`."""
+    def line(self, why_short: str = "") -> str:
+        """`CT CNN-RNN out-of-fold AUROC 0.78 [0.70, 0.85] (ceiling 0.82 on the same rows, chance 0.50)`; below
+        chance or more than TARGET_GAP under the ceiling, a second line says why (`why_short`: the caller's reason)."""
         m = self.model
         text = (f"{m.model} {m.rows} {m.metric} {m.value:.2f} [{m.ci_low:.2f}, {m.ci_high:.2f}] (ceiling "
                 f"{self.ceiling.value:.2f} from {self.ceiling.score} on the same {m.n} rows, chance {CHANCE:.2f})")
         if not self.above_chance:
             what = "positives" if m.metric == "AUROC" else "events"
-            text += (f"\n  -> not distinguishable from chance: {m.n} rows with {m.n_pos} {what} are too few for this "
-                     f"model to learn the planted signal and for the CI to exclude 0.5; bench/ceiling.py runs a larger "
-                     f"cohort (bench/RESULTS.md has its figures)")
+            text += (f"\n  -> not distinguishable from chance ({m.n} rows, {m.n_pos} {what}): " + (why_short or (
+                     "too few for this model to learn the planted signal and for the CI to exclude 0.5; "
+                     "bench/ceiling.py runs a larger cohort (bench/RESULTS.md has its figures)")))
+        elif self.gap > TARGET_GAP:
+            text += f"\n  -> above chance but {self.gap:.2f} below its ceiling" + (f": {why_short}" if why_short else "")
         return text
 
 
@@ -87,13 +91,15 @@ def truth_table(manifest: pd.DataFrame) -> pd.DataFrame:
 
 
 def main_model_rows(predictions: pd.DataFrame) -> pd.DataFrame:
-    """Each split's rows of the run's main model: the shortest model name (a CV writes `name` out of fold and
-    `name` + suffix for external rows; multitask heads and horizons carry longer names)."""
-    keep = []
-    for _, part in predictions.groupby("split", sort=False):
-        main = min(part["model"].astype(str).unique(), key=len)
-        keep.append(part[part["model"].astype(str) == main])
-    return pd.concat(keep, ignore_index=True) if keep else predictions.iloc[:0]
+    """The rows of the run's main model: the first model the run wrote (what `raypipe evaluate` takes as its
+    reference), named `NAME` out of fold and `NAME@external` on the external set. A CV also writes its clinical
+    baselines (`coxph_m1`, `frax_mof`, ...) and the multitask model its heads (`NAME-prevalent`, `NAME-5y`): those
+    are not the model held to the ceiling."""
+    if predictions.empty:
+        return predictions
+    main = str(predictions["model"].iloc[0]).split("@", 1)[0]
+    names = predictions["model"].astype(str)
+    return predictions[(names == main) | names.str.startswith(main + "@")].reset_index(drop=True)
 
 
 def split_rows(predictions: pd.DataFrame, truth: pd.DataFrame, split: str) -> pd.DataFrame:

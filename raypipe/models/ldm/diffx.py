@@ -117,8 +117,8 @@ class InjectionAttnProcessor:
             ctl.features[f"q:{self.key}"] = query.detach()
             ctl.features[f"k:{self.key}"] = key.detach()
         elif ctl.enabled and ctl.inject_attention and self.role == "target":
-            query = _match_batch(ctl.features[f"q:{self.key}"], batch).to(query.dtype)
-            key = _match_batch(ctl.features[f"k:{self.key}"], batch).to(key.dtype)
+            query = ctl.recorded(f"q:{self.key}", batch).to(query.dtype)
+            key = ctl.recorded(f"k:{self.key}", batch).to(key.dtype)
             ctl.injections[f"attention:{self.key}"] += 1
 
         head_dim = key.shape[-1] // attn.heads
@@ -165,6 +165,7 @@ class PlugAndPlay:
         self.inject_resnet = True
         self.inject_attention = True
         self.features: dict[str, Tensor] = {}
+        self.owner: Tensor | None = None  # source row of each target sample (batched requests); None: broadcast
         self.injections: dict[str, int] = {}
         self._handles: list[Any] = []
         self._original: dict[int, dict[str, Any]] = {}
@@ -207,9 +208,22 @@ class PlugAndPlay:
             if not (self.enabled and self.inject_resnet):
                 return None
             self.injections[key] += 1
-            return _match_batch(self.features[key], output.shape[0]).to(output.dtype)
+            return self.recorded(key, output.shape[0]).to(output.dtype)
 
         return hook
+
+    def recorded(self, key: str, batch: int) -> Tensor:
+        """The recorded source features for a target batch: rows picked by `owner` when set, else broadcast.
+
+        `owner[k]` is the source row (the baseline image) of target sample k, so one structure forward
+        over several images can feed one prompt forward over all their samples; a target batch that is
+        a whole multiple of `owner` (classifier-free guidance doubles it) repeats it.
+        """
+        stored = self.features[key]
+        owner = self.owner
+        if owner is not None and stored.shape[0] > 1 and batch % len(owner) == 0:
+            return stored.index_select(0, owner.to(stored.device).repeat(batch // len(owner)))
+        return _match_batch(stored, batch)
 
     def reset(self) -> None:
         """Forget recorded features and injection counts (between patients)."""
