@@ -133,7 +133,7 @@ class Demo:
         _indent(self._against_ceiling(
             "pVF", out, "prevalent_fracture", "deformity", ("test",), self.state["xray_manifest"],
             why_short="the tiny classifier trains from random initialisation for 20 epochs at 256 x 128, where a 20 % "
-                      "wedge is 2-3 px; at 256 x 192 and 40 epochs it reaches AUROC 0.89 (bench/ceiling.py --models "
+                      "wedge is 2-3 px; at 256 x 192 and 60 epochs it reaches AUROC 0.97 (bench/ceiling.py --models "
                       "pvf, bench/RESULTS.md), which does not fit the demo's 15 minutes on 2 cores"))
         return f"prevalent-fracture classifier (EfficientNet, CLAHE) -> {out}"
 

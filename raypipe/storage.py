@@ -153,18 +153,15 @@ def localize_files(folder: str | os.PathLike, names: Sequence[str]) -> Iterator[
     if not is_uri(folder):
         yield local_path(folder)
         return
-    tmp = task_temp_dir()
-    try:
+
+    def fetch(tmp: str) -> str:
         for name in names:
             if is_file(join(folder, name)):
                 download_tree(join(folder, name), os.path.join(tmp, name))
-        try:
-            yield tmp
-        except BaseException as e:
-            e.add_note(f"(read from {folder}, fetched to {tmp})")
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        return tmp
+
+    with _fetched(folder, fetch) as local:
+        yield local
 
 
 @contextmanager
@@ -196,17 +193,30 @@ def localize(path: str | os.PathLike) -> Iterator[str]:
     if not is_uri(path):
         yield local_path(path)
         return
-    tmp = task_temp_dir()
-    try:
+
+    def fetch(tmp: str) -> str:
         target = os.path.join(tmp, posixpath.basename(str(path).rstrip("/")) or "object")
         try:
             download_tree(path, target)
         except FileNotFoundError:
             pass  # the reader reports "not found" for the (absent) local path
+        return target
+
+    with _fetched(path, fetch) as local:
+        yield local
+
+
+@contextmanager
+def _fetched(source: str | os.PathLike, fetch: Callable[[str], str]) -> Iterator[str]:
+    """What `fetch(temp_dir)` returns while the block runs, in a fresh task-local temp dir removed afterwards;
+    errors raised in the block get a note naming `source` and the local copy."""
+    tmp = task_temp_dir()
+    try:
+        target = fetch(tmp)
         try:
             yield target
         except BaseException as e:
-            e.add_note(f"(read from {path}, fetched to {target})")
+            e.add_note(f"(read from {source}, fetched to {target})")
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

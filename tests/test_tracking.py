@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 import pytest
+import yaml
 from pydantic import BaseModel
 
 from raypipe.tracking import (
@@ -175,7 +176,9 @@ def test_raypipe_train_mlflow_end_to_end(mlflow_server: str, ray_session, tmp_pa
     exp = client.get_experiment_by_name("raypipe-e2e")
     (run,) = client.search_runs([exp.experiment_id])
     assert run.data.tags["raypipe.role"] == "train" and run.info.status == "FINISHED"
-    assert run.data.params["epochs"] == "2" and run.data.params["lr"] == "0.003" and run.data.params["use_gpu"] == "false"
+    committed_lr = float(yaml.safe_load(config.read_text())["lr"])  # the config's value, the override's beside it
+    assert run.data.params["epochs"] == "2" and float(run.data.params["lr"]) == committed_lr
+    assert run.data.params["use_gpu"] == "false"
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train_loss"))
     assert steps == [1, 2]  # one value per epoch, reported by the Ray Train workers
     expected = final_metrics(json.loads((out / "metrics.json").read_text()))
