@@ -16,10 +16,10 @@ log = logging.getLogger(__name__)
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 REAL_CT_DIR = SHARED_DATA / "ct" / "totalseg_example"
 REAL_CT = REAL_CT_DIR / "example_ct.nii.gz"
-DEMO_CT_EPOCHS = 20  # of ct_tiny's 40: see Demo.cv_ct
 REAL_CT_MASKS = REAL_CT_DIR / "example_seg"
 REAL_CT_BODY = REAL_CT_DIR / "extra_head_labels" / "spine_report_totalseg_vertebrae_body.nii.gz"
 TINY_CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
+DEMO_CT_EPOCHS = 20  # of ct_tiny's 40: see Demo.cv_ct
 
 
 class Demo:
