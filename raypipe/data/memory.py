@@ -90,8 +90,14 @@ def cache_rows(batches: Iterable[Mapping[str, Any]], image: str | None, ragged: 
     packed = np.concatenate(images) if images else None
     cnt = np.concatenate(counts) if counts else None
     starts = None if cnt is None else np.concatenate([[0], np.cumsum(cnt)[:-1]]).astype(np.int64)
-    return CachedRows(packed, starts, cnt, {k: np.concatenate(v) for k, v in parts.items()},
-                      study_keys(list(study_ids)), study_ids)
+    # Rows in study-id order, not in the order Ray Data's blocks arrived (which varies from run to run): a seeded
+    # epoch order then draws the same batches every run. Ragged volumes stay where they are (starts permuted).
+    order = np.argsort(study_ids.astype(str), kind="stable")
+    if packed is not None and cnt is None:
+        packed = packed[order]
+    return CachedRows(packed, None if starts is None else starts[order], None if cnt is None else cnt[order],
+                      {k: np.concatenate(v)[order] for k, v in parts.items()},
+                      study_keys(list(study_ids[order])), study_ids[order])
 
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:

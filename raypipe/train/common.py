@@ -336,6 +336,12 @@ def score_for_ranking(value: float, mode: str) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- trainer
+# Ray Train's controller takes a worker's report every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default 2 s) and a
+# worker's result queue holds one, so `ray.train.report` blocks until that poll: an epoch could not end in less
+# than 2 s (a tiny DeepSurv epoch is 0.3 s of compute: a 3-fold, 40-epoch CV took 437 s, of which ~240 s waiting).
+# A poll is one small actor call per worker; hanging polls are tolerated for 10 minutes, so a short interval is safe.
+REPORT_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+REPORT_POLL_S = 0.1
 PLACEMENT_DIR = "worker_placement"  # under the run folder: one JSON per worker start (rank, node id, pid)
 WORKER_RESOURCES_ENV = "RAYPIPE_WORKER_RESOURCES"  # JSON mapping merged over the derived per-worker resources
 PLACEMENT_STRATEGY_ENV = "RAYPIPE_PLACEMENT_STRATEGY"  # PACK (default) | SPREAD | STRICT_PACK | STRICT_SPREAD
@@ -429,6 +435,8 @@ def make_trainer(
 
     from raypipe.storage import join
 
+    # Ray Train's controller runs in this process's runtime env and inherits the variable (Ray propagates it).
+    os.environ.setdefault(REPORT_POLL_ENV, str(REPORT_POLL_S))
     scaling = scaling_config(run)
     return TorchTrainer(
         _with_placement_log(train_loop, join(storage_path, run.run_name, PLACEMENT_DIR)),
