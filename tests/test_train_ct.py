@@ -214,3 +214,17 @@ def test_epoch_rows_carry_their_time_breakdown(ray_session, tmp_path):
     assert starts == sorted(starts) and len(set(starts)) == 3
     for r, nxt in zip(rows, starts[1:]):
         assert nxt - float(r["epoch_started"]) >= float(r["time_epoch_s"]) - 0.01  # an epoch ends before the next starts
+
+
+def test_workers_report_through_a_short_controller_poll(ray_session, tmp_path):
+    """Ray Train's controller takes reports every REPORT_POLL_S, not its default 2 s (a tiny epoch used to wait ~1.7 s
+    for the poll): the interval `make_trainer` sets reaches the controller and, through it, every worker."""
+    from raypipe.train.common import REPORT_POLL_ENV, REPORT_POLL_S, make_trainer
+
+    seen = tmp_path / "poll.txt"
+
+    def loop(config: dict) -> None:
+        seen.write_text(os.environ.get(REPORT_POLL_ENV, "unset"))
+
+    make_trainer(loop, {}, {}, _tiny_cfg(run_name="poll"), str(tmp_path / "ray")).fit()
+    assert float(seen.read_text()) == REPORT_POLL_S
