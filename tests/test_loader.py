@@ -122,3 +122,31 @@ def test_prefetch_keeps_order_and_raises_the_producers_error() -> None:
     assert got == [0, 1, 2]
     first = next(iter(prefetched(lambda i: {"i": torch.tensor(i)}, 1000, 2)))  # abandoned early: no hang
     assert first["i"].item() == 0
+
+
+def test_cached_rows_come_in_study_order_whatever_the_block_order() -> None:
+    """Ray Data's block order varies between runs; the cache must not (seeded epochs then draw the same batches)."""
+    import numpy as np
+    import torch
+
+    from raypipe.data.memory import cache_rows
+
+    rng = np.random.default_rng(0)
+    ids = np.array([f"S{i:03d}" for i in range(6)], dtype=object)
+    vols = [rng.random((3 + i, 2, 2)).astype(np.float16) for i in range(6)]
+    label = np.arange(6, dtype=np.float32)
+
+    def batches(order):
+        return [{"study_id": ids[o], "image": [vols[i] for i in o], "y": label[o]} for o in order]
+
+    def tab(b):
+        return {"y": torch.as_tensor(b["y"])}
+
+    a = cache_rows(batches([[3, 1], [5, 0, 4], [2]]), "image", True, tab)
+    b = cache_rows(batches([[0, 1, 2], [3, 4, 5]]), "image", True, tab)
+    for rows in (a, b):
+        assert list(rows.study_ids) == list(ids)
+        assert np.array_equal(rows.tabular["y"], label)
+        for i in range(6):
+            s, c = rows.starts[i], rows.counts[i]
+            assert np.array_equal(rows.images[s:s + c], vols[i])
