@@ -6,8 +6,8 @@
 
 Steps, each a `raypipe` CLI call in a subprocess (the same commands a user types):
 `synth both` (DICOM + masks + radiographs) -> `preprocess ct` / `preprocess xray` (Ray Data) ->
-`cv cnn-rnn` and `cv deepsurv` (patient-level k-fold on the development site, external = site B + the
-manifest's `test` split) -> `train pvf` (pVF has no CV entry: its held-out `test` split is reported; `--pvf-set`
+`cv cnn-rnn`, `cv deepsurv` and `cv pvf` (patient-level k-fold on the development site with nested selection,
+external = site B + the manifest's `test` split; pVF reads the radiographs from the manifest, `--pvf-set`
 overrides, by default 256 x 192 inputs and 60 epochs).
 The figures are then computed from each run's predictions.parquet joined to the manifest's ground truth:
 
@@ -47,7 +47,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # radiographs: 256 x 192 keeps a vertebra ~1.5x taller in pixels, and the wedge needs ~60 epochs
 # (test AUROC 0.89 after 40 epochs, 0.97 after 60 on 900 patients: bench/RESULTS.md)
 PVF_SETS = ["input_size=[256,192]", "epochs=60", "patience=60"]
-TRAINED_ONCE = ("pVF",)   # no CV entry: `raypipe train`, reported on its `test` split
 MODELS = {"CT CNN-RNN": ("fracture_5y", "true_image_lp"), "DeepSurv": ("survival", "true_lp"),
           "pVF": ("prevalent_fracture", "deformity")}
 
@@ -82,9 +81,9 @@ def _compare(model: str, pred_path: Path, manifest: pd.DataFrame, modality: str,
     """One run's figures beside its ceiling on the same rows."""
     kind, ceiling = MODELS[model]
     rows = manifest[manifest["modality"] == modality]
-    # a CV's `val` rows are out of fold; a training run's `val` rows chose its checkpoint, so only `test` is held out
-    splits = ("test",) if model in TRAINED_ONCE else ("val", "external", "test")
-    return compare(pd.read_parquet(pred_path), rows, model, kind, ceiling, splits=splits, n_boot=n_boot, seed=seed)
+    # a CV's `val` rows are out of fold (its `tune` rows chose the checkpoints and are not reported)
+    return compare(pd.read_parquet(pred_path), rows, model, kind, ceiling, splits=("val", "external", "test"),
+                   n_boot=n_boot, seed=seed)
 
 
 def run(args: argparse.Namespace) -> tuple[list[Comparison], list[Figure]]:
@@ -114,9 +113,9 @@ def run(args: argparse.Namespace) -> tuple[list[Comparison], list[Figure]]:
         comps, figs = comps + c, figs + f
     if "pvf" in models:
         sets = [x for kv in args.pvf_set for x in ("--set", kv)]
-        run_dir = step(out / "pvf", args.reuse, "train", "pvf", "--config", args.pvf_config, "--data",
-                       str(manifest), "--out", str(out / "pvf"), *sets, done="predictions.parquet")
-        c, f = _compare("pVF", run_dir / "predictions.parquet", truth, "XR", args.n_boot, args.seed)
+        cv = step(out / "cv_pvf", args.reuse, "cv", "pvf", "--config", args.pvf_config, "--folds", str(args.folds),
+                  "--data", str(manifest), "--out", str(out / "cv_pvf"), *sets, done="predictions.parquet")
+        c, f = _compare("pVF", cv / "predictions.parquet", truth, "XR", args.n_boot, args.seed)
         comps, figs = comps + c, figs + f
     return comps, figs
 

@@ -376,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model", choices=cv_names(), help="task to cross-validate")
     s.add_argument("--config", default=None, help="YAML config; an optional `cv:` section sets CV options")
     s.add_argument("--folds", type=int, default=None, help="k (default: the config's cv.folds, else 10)")
-    s.add_argument("--data", required=True, help="folder of preprocessed shards")
+    s.add_argument("--data", required=True, help="folder of preprocessed shards (pvf: or a manifest)")
     s.add_argument("--out", default=None, help="CV folder (default: runs/cv_<model>); same folder resumes")
     s.add_argument("--baselines", action="store_true",
                    help="also cross-validate the clinical models (A-D, FRAX) with the same folds into OUT/clinical")

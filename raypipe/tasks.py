@@ -11,6 +11,8 @@ Contracts of the named functions:
   the run folder (`raypipe.train.outputs`: model.pt, model_meta.json, predictions, metrics) into `out`.
 - `fold_fit(task: raypipe.train.fold.FoldTask) -> dict[str, float]`: one cross-validation fold; model
   selection on an inner split of the fold's training patients only; writes the fold's run folder.
+- `study_meta(data) -> DataFrame`: one row per study of `data` (patient_id, study_id, site, split, labels),
+  what `raypipe cv` assigns folds from; default: the shards' scalar columns.
 - `after_train(out, data)` (optional): extra outputs of a finished `raypipe train` run (e.g. Grad-CAM).
 """
 from __future__ import annotations
@@ -44,6 +46,7 @@ class Task:
     after_train: str | None = None  # import path of after_train(out, data)
     paper_configs: tuple[str, ...] = ()  # jobs/configs files with the papers' settings
     tiny_config: str | None = None  # jobs/configs file that trains in minutes on 2 CPU cores
+    study_meta: str = "raypipe.data.subsets:shard_meta"  # import path of study_meta(data), read by `raypipe cv`
 
     @property
     def cv(self) -> bool:
@@ -89,7 +92,8 @@ TASKS: dict[str, Task] = {
              paper_configs=("xray_deepsurv.yaml",), tiny_config="xray_deepsurv_tiny.yaml"),
         Task("pvf", "Prevalent-fracture classifier (EfficientNet-B4, papers/004) scoring radiographs",
              "raypipe.train.pvf:PVFTrainConfig", "raypipe.train.pvf:fit_pvf", "manifest-or-xray-shards",
-             paper_configs=("pvf.yaml",), tiny_config="pvf_tiny.yaml"),
+             fold_fit="raypipe.train.pvf:fit_pvf_fold", stratify="prevalent_fracture",
+             study_meta="raypipe.train.pvf:study_table", paper_configs=("pvf.yaml",), tiny_config="pvf_tiny.yaml"),
         Task("age", "Age regressor (the pVF EfficientNet, papers/004 Methods 8): checks generated images' age",
              "raypipe.train.age:AgeRegressorConfig", "raypipe.train.age:fit_age", "manifest-or-xray-shards",
              paper_configs=("age.yaml",), tiny_config="age_tiny.yaml"),

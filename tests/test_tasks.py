@@ -30,7 +30,7 @@ def test_every_entry_resolves_and_its_configs_load(name: str) -> None:
     cls = task.config_class()
     assert issubclass(cls, RayRunConfig)  # one shared Ray-run base: workers, GPUs, failures, storage
     assert callable(task.fit_function())
-    for path in (task.fold_fit, task.gradcam, task.after_train):
+    for path in (task.fold_fit, task.gradcam, task.after_train, task.study_meta):
         if path:
             assert callable(resolve(path))
     for file in (*task.paper_configs, task.tiny_config):

@@ -74,3 +74,79 @@ def test_augmentation_scale_range_must_be_ordered_and_positive() -> None:
         for bad in ((1.1, 0.9), (0.0, 1.0)):
             with pytest.raises(ValidationError, match="scale_range"):
                 config(scale_range=bad)
+
+
+@pytest.fixture(scope="module")
+def small_xray_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 60-patient synthetic X-ray cohort (radiographs read from DICOM by Ray Data, no shards)."""
+    from raypipe.data.synth import synth_cohort
+
+    return Path(synth_cohort("xray", tmp_path_factory.mktemp("pvf_cv") / "cohort", patients=60, seed=8, workers=1))
+
+
+def _cv_config():
+    from raypipe.config import load_config
+    from raypipe.train.pvf import PVFTrainConfig
+
+    return load_config(PVFTrainConfig, Path(__file__).parents[1] / "jobs" / "configs" / "pvf_tiny.yaml",
+                       {"epochs": 2, "patience": 2, "input_size": [128, 64], "gradcam_images": 0, "n_boot": 10,
+                        "val_fraction": 0.3})
+
+
+def test_cv_pvf_scores_each_development_patient_once_with_cutoffs_from_training_patients(
+        ray_session: None, small_xray_manifest: Path, tmp_path: Path) -> None:
+    """`raypipe cv pvf` on a manifest: every development patient out of fold exactly once, the external set scored
+    by the mean of the fold models, each fold's cut-off from its inner `tune` rows (training patients)."""
+    import pandas as pd
+
+    from raypipe.tune.cv import CVConfig, TUNE_SPLIT, fold_dir, run_cv
+
+    result = run_cv("pvf", _cv_config(), str(small_xray_manifest), str(tmp_path / "cv"), CVConfig(folds=2, n_boot=10))
+    preds, plan = result.predictions, result.plan
+    oof = preds[preds["split"] == "val"]
+    assert sorted(oof["patient_id"]) == sorted(plan.fold_of)  # each development patient once
+    assert oof["label"].notna().any() and oof["score"].between(0, 1).all()
+    for k in range(2):
+        fold = read_predictions(fold_dir(str(tmp_path / "cv"), k))
+        tune = fold[fold["split"] == TUNE_SPLIT]
+        assert set(tune["patient_id"]) <= {p for p, f in plan.fold_of.items() if f != k}  # training patients only
+        assert set(fold.loc[fold["split"] == "val", "patient_id"]) == set(plan.patients(k)["val"])
+    ext = preds[preds["split"] == "external"]
+    assert set(ext["patient_id"]) == set(plan.external) and ext["fold"].eq(-1).all()
+    assert "pvf" in result.metrics["models"] and (tmp_path / "cv" / "metrics.json").is_file()
+    manifest = pd.read_csv(small_xray_manifest, dtype={"patient_id": str})
+    assert set(plan.fold_of) | set(plan.external) <= set(manifest["patient_id"])
+
+
+def test_pvf_fold_ignores_held_out_labels(ray_session: None, small_xray_manifest: Path, tmp_path: Path) -> None:
+    """Permute one fold's held-out `prevalent_fracture` labels in the manifest: the fold's scores and the cut-off
+    chosen on its `tune` rows stay the same (nothing chosen in the fold sees held-out labels)."""
+    import numpy as np
+    import pandas as pd
+
+    from raypipe.train.fold import FoldTask
+    from raypipe.train.pvf import fit_pvf_fold
+    from raypipe.tune.cv import TUNE_SPLIT, youden_cutoff
+
+    table = pd.read_csv(small_xray_manifest, dtype={"patient_id": str, "study_id": str})
+    patients = sorted(table["patient_id"].unique())
+    held_out = patients[::3]
+    fold = {"train": [p for p in patients if p not in held_out], "val": held_out}
+    rows = np.flatnonzero(table["patient_id"].isin(held_out).to_numpy())
+    permuted = table.copy()
+    labels = table["prevalent_fracture"].to_numpy()
+    permuted.loc[rows, "prevalent_fracture"] = labels[np.random.default_rng(3).permutation(rows)]
+    assert not np.array_equal(permuted["prevalent_fracture"].to_numpy(), labels, equal_nan=True)
+    other = small_xray_manifest.parent / "manifest_permuted.csv"
+    permuted.to_csv(other, index=False)
+    runs = {}
+    for name, manifest in (("as_is", small_xray_manifest), ("permuted", other)):
+        out = tmp_path / name
+        fit_pvf_fold(FoldTask(fold=0, n_folds=3, config=_cv_config(), data_dir=str(manifest), out_dir=str(out),
+                              patients=fold))
+        runs[name] = read_predictions(out).sort_values(["split", "study_id"]).reset_index(drop=True)
+    a, b = runs["as_is"], runs["permuted"]
+    assert set(a["split"]) == {"val", TUNE_SPLIT}
+    assert a["study_id"].tolist() == b["study_id"].tolist()
+    np.testing.assert_array_equal(a["score"].to_numpy(), b["score"].to_numpy())
+    assert youden_cutoff(a[a["split"] == TUNE_SPLIT]) == youden_cutoff(b[b["split"] == TUNE_SPLIT])

@@ -32,9 +32,12 @@ from raypipe.models.pretrained import check_pretrained
 from raypipe.preprocess.pvf import PVFPreprocess
 from raypipe.train.common import autocast
 from raypipe.train.config import RayRunConfig
+from raypipe.train.fold import FoldTask
 from raypipe.train.loop import CHECKPOINT_SCORE, WorkerTask, run_worker_loop
 
 log = logging.getLogger(__name__)
+
+UNUSED_ROLE = "unused"  # studies of patients a CV fold neither trains on nor scores
 
 
 _PVF = PVFPreprocess()  # the one place the pVF input defaults live
@@ -313,20 +316,31 @@ def _validate(cfg: PVFTrainConfig, model: nn.Module, setup: Any) -> dict[str, fl
 
 
 # ---------------------------------------------------------------------------------------------- driver
-def split_studies(cfg: PVFTrainConfig, data: str) -> tuple[pd.DataFrame, str, pd.Series, list[str], list[str]]:
-    """(table, data kind, role per study, labelled training study ids, validation study ids) of `data`, split
-    by patient; a clear error when the label column is absent or a side is empty."""
+def study_table(data: str) -> pd.DataFrame:
+    """One row per radiograph of `data` (manifest or shard folder) with its metadata: what `raypipe cv pvf` folds."""
+    return read_table(data)[0]
+
+
+def split_studies(cfg: PVFTrainConfig, data: str, roles: pd.Series | None = None,
+                  monitor_split: str = "val") -> tuple[pd.DataFrame, str, pd.Series, list[str], list[str]]:
+    """(table, data kind, role per study, labelled training study ids, monitored study ids) of `data`, split by
+    patient, or by `roles` (study_id -> role, as k-fold CV gives them; studies it lacks are `unused`); a clear
+    error when the label column is absent or a side is empty."""
     from raypipe.data.splits import split_by_patient
 
     table, kind = read_table(data)
     if cfg.label not in table.columns:
         raise ValueError(f"{data}: no {cfg.label!r} column to train on")
-    role = split_by_patient(table, cfg.label, cfg.seed, cfg.val_fraction, cfg.test_fraction)
+    if roles is None:
+        role = split_by_patient(table, cfg.label, cfg.seed, cfg.val_fraction, cfg.test_fraction)
+    else:
+        mapping = roles.astype(str).to_dict()
+        role = pd.Series(table["study_id"].astype(str).map(mapping).fillna(UNUSED_ROLE).to_numpy(), index=table.index)
     labelled = pd.to_numeric(table[cfg.label], errors="coerce").notna()
     train_ids = table.loc[((role == "train") & labelled).to_numpy(), "study_id"].astype(str).tolist()
-    val_ids = table.loc[(role == "val").to_numpy(), "study_id"].astype(str).tolist()
+    val_ids = table.loc[(role == monitor_split).to_numpy(), "study_id"].astype(str).tolist()
     if not train_ids or not val_ids:
-        raise ValueError(f"need training and validation studies, got {len(train_ids)} and {len(val_ids)}")
+        raise ValueError(f"need training and {monitor_split!r} studies, got {len(train_ids)} and {len(val_ids)}")
     return table, kind, role, train_ids, val_ids
 
 
@@ -343,18 +357,21 @@ class FittedRun:
 
 
 def fit_network(cfg: PVFTrainConfig, data: str, out_dir: str, callbacks: Sequence[Any], train_loop: Callable[[dict], None],
-                settings: Callable[[pd.Series], dict[str, Any]]) -> FittedRun:
-    """The driver the pVF-family tasks share: split by patient, build the Ray datasets, train `train_loop` on Ray
-    Train with the loop settings `settings(training labels)` returns (e.g. pos_weight, the age scale)."""
+                settings: Callable[[pd.Series], dict[str, Any]], roles: pd.Series | None = None,
+                monitor_split: str = "val") -> FittedRun:
+    """The driver the pVF-family tasks share: split by patient (or by `roles`), build the Ray datasets, train
+    `train_loop` on Ray Train with the loop settings `settings(training labels)` returns (e.g. pos_weight, the age
+    scale); early stopping and the checkpoint watch the `monitor_split` rows."""
     from raypipe import storage
     from raypipe.train.common import make_trainer
 
     out = str(out_dir) if storage.is_uri(out_dir) else os.path.abspath(out_dir)
     storage.makedirs(out)
     storage_path = cfg.storage_path or storage.join(out, "ray_results")
-    table, kind, role, train_ids, val_ids = split_studies(cfg, data)
+    table, kind, role, train_ids, val_ids = split_studies(cfg, data, roles, monitor_split)
     extra = settings(pd.to_numeric(table.set_index("study_id").loc[train_ids, cfg.label], errors="coerce"))
-    log.info("%s: %d train, %d val studies; %s", cfg.name, len(train_ids), len(val_ids), extra)
+    log.info("%s: %d train, %d %s studies (model selection); %s", cfg.name, len(train_ids), len(val_ids), monitor_split,
+             extra)
     run_dir = storage.join(storage_path, cfg.run_name)
     trainer = make_trainer(
         train_loop, {"config": cfg.model_dump(mode="json"), **extra, "metrics_csv": storage.join(run_dir, "metrics.csv")},
@@ -367,17 +384,36 @@ def fit_network(cfg: PVFTrainConfig, data: str, out_dir: str, callbacks: Sequenc
     return FittedRun(result, out, table, kind, role, extra)
 
 
-def fit_pvf(config: PVFTrainConfig, data: str, out_dir: str, callbacks: Sequence[Any] = ()) -> Any:
-    """Train the pVF classifier on `data` (manifest or shard folder); write the run folder into `out_dir`."""
+def fit_pvf(config: PVFTrainConfig, data: str, out_dir: str, callbacks: Sequence[Any] = (),
+            roles: pd.Series | None = None, monitor_split: str = "val") -> Any:
+    """Train the pVF classifier on `data` (manifest or shard folder); write the run folder into `out_dir`.
+
+    `roles` (study_id -> train / tune / val / external / unused) replaces the patient split, as k-fold CV does;
+    the `monitor_split` rows choose the checkpoint; every role but `train` and `unused` is scored.
+    """
 
     def class_weight(y_train: pd.Series) -> dict[str, Any]:
         n_pos = float((y_train > 0.5).sum())
         return {"pos_weight": config.pos_weight or (float(len(y_train) - n_pos) / n_pos if n_pos > 0 else 1.0),
                 "train_positives": int(n_pos)}
 
-    run = fit_network(config, data, out_dir, callbacks, train_loop_pvf, class_weight)
+    run = fit_network(config, data, out_dir, callbacks, train_loop_pvf, class_weight, roles, monitor_split)
     _write_outputs(config, run.result, data, run.kind, run.table, run.role, run.out)
     return run.result
+
+
+def fit_pvf_fold(task: FoldTask) -> dict[str, float]:
+    """Fold-fit (`raypipe.tune.cv`): pVF on the fold's training patients, split again by patient into train and
+    `tune` (checkpoint, early stopping; the CV's cut-off); the held-out fold is scored once as split `val`."""
+    from raypipe.data.splits import TUNE_ROLE, nested_fold_roles
+    from raypipe.train.fold import fold_config, fold_summary
+
+    cfg = fold_config(task.config, task.fold)
+    table = study_table(task.data_dir)
+    role = nested_fold_roles(table, task.patients, cfg.label, cfg.seed + 7919 * (task.fold + 1), cfg.val_fraction)
+    roles = pd.Series(role.replace("", UNUSED_ROLE).to_numpy(), index=table["study_id"].astype(str).to_numpy())
+    fit_pvf(cfg, task.data_dir, task.out_dir, task.callbacks, roles=roles, monitor_split=TUNE_ROLE)
+    return fold_summary(task.out_dir)
 
 
 def _write_outputs(cfg: PVFTrainConfig, result: Any, data: str, kind: str, table: pd.DataFrame, role: pd.Series,
@@ -399,8 +435,9 @@ def _write_outputs(cfg: PVFTrainConfig, result: Any, data: str, kind: str, table
                            score_kind="probability", config_hash=config_hash(cfg), **selection, label=cfg.label)
     write_run_files(out, cfg, payload["model"], latest["state"]["history"], artifact)
 
-    held = table[(role != "train").to_numpy()].copy()
-    held["split"] = role[(role != "train").to_numpy()].to_numpy()
+    scored = (~role.isin(["train", UNUSED_ROLE])).to_numpy()
+    held = table[scored].copy()
+    held["split"] = role[scored].to_numpy()
     ids = held["study_id"].astype(str).tolist()
     scores, first = _score(model, dataset_for(data, kind, table, ids, cfg), cfg)
     held["study_id"] = held["study_id"].astype(str)

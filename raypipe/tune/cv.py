@@ -457,17 +457,16 @@ def run_cv(model: str, config: Any, data_dir: str, out_dir: str, cv: CVConfig | 
     """
     from raypipe import storage
     from raypipe.config import config_hash, dump_config
-    from raypipe.data.subsets import shard_meta
     from raypipe.predictions import write_predictions
     from raypipe.ray_utils import describe_devices, init_ray, require_gpus
-    from raypipe.tasks import get_task
+    from raypipe.tasks import get_task, resolve
     from raypipe.tracking import log_run_outputs
 
     cv = cv or CVConfig()
     entry = get_task(model)
     out = str(out_dir) if storage.is_uri(out_dir) else os.path.abspath(out_dir)
     data = str(data_dir) if storage.is_uri(data_dir) else os.path.abspath(data_dir)
-    meta = shard_meta(data)  # fails with "no preprocessed shards" before anything starts
+    meta = resolve(entry.study_meta)(data)  # fails with "no preprocessed shards" before anything starts
     storage.makedirs(out)
     workers, use_gpu = int(getattr(config, "num_workers", 1)), bool(getattr(config, "use_gpu", False))
     gpus = float(getattr(config, "gpus_per_worker", 1.0))
