@@ -72,7 +72,7 @@ def train_throughput(data: Path, work: Path, workers: int, epochs: int) -> float
     from raypipe.train.config import CTTrainConfig
     from raypipe.train.ct import fit_ct
 
-    cfg = CTTrainConfig(model="cnn_rnn_tiny", model_kwargs={"dropout": 0.0}, input="bone", lr=1e-3, batch_size=16,
+    cfg = CTTrainConfig(model="cnn_rnn_tiny", pretrained="none", model_kwargs={"dropout": 0.0}, input="bone", lr=1e-3, batch_size=16,
                         epochs=epochs, patience=epochs, num_workers=workers, n_boot=10, shuffle_buffer=0,
                         max_failures=0, freeze_batchnorm=True)
     clock = work / f"clock_{workers}.txt"
