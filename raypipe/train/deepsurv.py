@@ -662,17 +662,16 @@ def prediction_frame(cfg: DeepSurvConfig, rows: pd.DataFrame, baseline: Mapping[
 def fit_deepsurv_fold(task: FoldTask) -> dict[str, float]:
     """Fold-fit (`raypipe.tune.cv`): DeepSurv on the fold's training patients, split 5:1 by patient into
     train and `tune` (early stopping, checkpoint); the held-out fold is scored once as split `val`."""
-    from raypipe.data.splits import TUNE_ROLE, nested_fold_roles
+    from raypipe.data.splits import TUNE_ROLE
     from raypipe.data.subsets import shard_meta
-    from raypipe.train.fold import fold_config, fold_summary
+    from raypipe.train.fold import UNUSED_ROLE, fold_config, fold_roles, fold_summary
 
     cfg = fold_config(task.config, task.fold)
     meta = shard_meta(task.data_dir)
-    role = nested_fold_roles(meta, task.patients, "event", cfg.seed + 7919 * (task.fold + 1), cfg.val_fraction)
-    roles = pd.Series(role.replace("", "unused").to_numpy(), index=meta["study_id"].astype(str).to_numpy())
+    roles = fold_roles(meta, task, "event", cfg.seed, cfg.val_fraction)
     fit_deepsurv(cfg, task.data_dir, task.out_dir, roles=roles, fold=task.fold, callbacks=task.callbacks,
                  monitor_split=TUNE_ROLE)
-    add_coxph_baselines(task.out_dir, meta.assign(split=role.to_numpy()), task.fold)
+    add_coxph_baselines(task.out_dir, meta.assign(split=roles.replace(UNUSED_ROLE, "").to_numpy()), task.fold)
     return fold_summary(task.out_dir)
 
 

@@ -12,6 +12,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
+UNUSED_ROLE = "unused"  # studies of patients a fold neither trains on nor scores
+
 
 @dataclass(frozen=True)
 class FoldTask:
@@ -45,3 +47,14 @@ def fold_summary(out_dir: str) -> dict[str, float]:
     if art.best_value is not None and art.monitor:
         out[art.monitor] = float(art.best_value)
     return out
+
+
+def fold_roles(meta: Any, task: FoldTask, label: str | None, seed: int, inner_fraction: float) -> Any:
+    """study_id -> role of one fold (train / tune / val / external / unused): its training patients split again
+    by patient (`nested_fold_roles`), with a seed of its own per fold."""
+    import pandas as pd
+
+    from raypipe.data.splits import nested_fold_roles
+
+    role = nested_fold_roles(meta, task.patients, label, seed + 7919 * (task.fold + 1), inner_fraction)
+    return pd.Series(role.replace("", UNUSED_ROLE).to_numpy(), index=meta["study_id"].astype(str).to_numpy())

@@ -32,12 +32,10 @@ from raypipe.models.pretrained import check_pretrained
 from raypipe.preprocess.pvf import PVFPreprocess
 from raypipe.train.common import autocast
 from raypipe.train.config import RayRunConfig
-from raypipe.train.fold import FoldTask
+from raypipe.train.fold import UNUSED_ROLE, FoldTask
 from raypipe.train.loop import CHECKPOINT_SCORE, WorkerTask, run_worker_loop
 
 log = logging.getLogger(__name__)
-
-UNUSED_ROLE = "unused"  # studies of patients a CV fold neither trains on nor scores
 
 
 _PVF = PVFPreprocess()  # the one place the pVF input defaults live
@@ -405,13 +403,11 @@ def fit_pvf(config: PVFTrainConfig, data: str, out_dir: str, callbacks: Sequence
 def fit_pvf_fold(task: FoldTask) -> dict[str, float]:
     """Fold-fit (`raypipe.tune.cv`): pVF on the fold's training patients, split again by patient into train and
     `tune` (checkpoint, early stopping; the CV's cut-off); the held-out fold is scored once as split `val`."""
-    from raypipe.data.splits import TUNE_ROLE, nested_fold_roles
-    from raypipe.train.fold import fold_config, fold_summary
+    from raypipe.data.splits import TUNE_ROLE
+    from raypipe.train.fold import fold_config, fold_roles, fold_summary
 
     cfg = fold_config(task.config, task.fold)
-    table = study_table(task.data_dir)
-    role = nested_fold_roles(table, task.patients, cfg.label, cfg.seed + 7919 * (task.fold + 1), cfg.val_fraction)
-    roles = pd.Series(role.replace("", UNUSED_ROLE).to_numpy(), index=table["study_id"].astype(str).to_numpy())
+    roles = fold_roles(study_table(task.data_dir), task, cfg.label, cfg.seed, cfg.val_fraction)
     fit_pvf(cfg, task.data_dir, task.out_dir, task.callbacks, roles=roles, monitor_split=TUNE_ROLE)
     return fold_summary(task.out_dir)
 
