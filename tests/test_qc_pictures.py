@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from raypipe.data.qc_pictures import picture_name, qc_severity, write_contact_sheet, write_picture
-from raypipe.preprocess.qc_png import contact_sheet, ct_qc_picture, xray_qc_picture
+from raypipe.preprocess.contact_sheet import contact_sheet
+from raypipe.preprocess.qc_png import ct_qc_picture, xray_qc_picture
 
 
 def _rgb(png: bytes) -> np.ndarray:

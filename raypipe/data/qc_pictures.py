@@ -61,7 +61,7 @@ def write_picture(out: str, qc: dict[str, Any]) -> None:
 
 def write_contact_sheet(out: str, qc: pd.DataFrame, n: int = CONTACT_SHEET_STUDIES) -> str | None:
     """Tile the pictures of the `n` worst studies (by `qc_severity`) into OUT/qc/contact_sheet.png; its path."""
-    from raypipe.preprocess.qc_png import contact_sheet
+    from raypipe.preprocess.contact_sheet import contact_sheet
 
     if "qc_png" not in qc.columns:
         return None

@@ -9,7 +9,8 @@ Layout of an output folder:
   shards.json                the shards of this run (what `load_shards` reads), counts, config hash
   config.yaml                the resolved preprocessing config
 
-Studies are grouped into shards of `shard_size` in manifest order; a shard's name hashes its studies and
+Studies are grouped into shards of `shard_size` in manifest order, the last few smaller (`shard_sizes`) so that
+the writers finish together; a shard's name hashes its studies and
 the output-relevant config, so a re-run (after a kill, or on a grown manifest) skips every shard whose QC
 part exists and never mixes outputs of different configs. Every file is written temp-then-rename.
 A pipeline supplies a `ShardSpec`: how to turn one manifest row into (record | None, QC row) and how to
@@ -83,13 +84,29 @@ def output_config_hash(cfg: BaseModel) -> str:
     return config_hash(cfg.model_dump(mode="json", exclude=NON_OUTPUT_FIELDS))
 
 
+def shard_sizes(n: int, shard_size: int) -> list[int]:
+    """Studies per shard for `n` studies: `shard_size`, but never more than half of the studies left.
+
+    The last wave of a run is where writers idle: with equal shards, one writer still works on a whole shard
+    while the others have nothing left. Taking at most half of what is left (16, ..., 16, 12, 6, 3, 2, 1) lets
+    the writers finish together whatever their number, for a few more small files. Depends on `n` and
+    `shard_size` only, so the plan (and a re-run's skipping) never depends on the cluster.
+    """
+    sizes, left = [], n
+    while left > 0:
+        sizes.append(min(max(1, int(shard_size)), (left + 1) // 2))
+        left -= sizes[-1]
+    return sizes
+
+
 def plan_shards(table: pd.DataFrame, cfg: Any, study_key: Callable[[dict[str, Any]], str]) -> list[ShardPlan]:
-    """Group studies into shards of `cfg.shard_size` in manifest order, named by index + hash of content."""
+    """Group studies into shards of `shard_sizes` in manifest order, named by index + hash of content."""
     chash = output_config_hash(cfg)
     records = [clean_record(r) for r in table.to_dict(orient="records")]
-    plans = []
-    for i, start in enumerate(range(0, len(records), cfg.shard_size)):
-        rows = tuple(records[start: start + cfg.shard_size])
+    plans, start = [], 0
+    for i, size in enumerate(shard_sizes(len(records), cfg.shard_size)):
+        rows = tuple(records[start: start + size])
+        start += size
         key = chash + "\n" + "\n".join(study_key(r) for r in rows)
         h = hashlib.sha1(key.encode()).hexdigest()[:10]
         plans.append(ShardPlan(index=i, name=f"part-{i:05d}-{h}", rows=rows))
@@ -205,8 +222,9 @@ def _run_with_ray(pending: list[ShardPlan], out: str, spec: ShardSpec, cfg: Any,
     log.info("%s preprocessing on Ray Data: %d shards over %d actor(s) of %g CPU", spec.kind, len(items), actors,
              cfg.cpus_per_task)
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    # one shard in flight per actor: a free actor takes the next shard, so no actor idles behind another's queue
-    pool = ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1)
+    # two shards in flight per actor: the next shard is queued at the actor when it finishes one, so it never waits
+    # ~0.2 s for Ray Data's scheduling loop between shards; the least-loaded actor gets the next shard
+    pool = ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2)
     ds = ds.map_batches(ShardWriter, fn_constructor_args=(out, spec, cfg.model_dump_json(), schema), batch_size=1,
                         batch_format="numpy", compute=pool, num_cpus=cfg.cpus_per_task)
     nodes: dict[str, str] = {}

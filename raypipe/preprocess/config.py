@@ -57,7 +57,7 @@ class CTPreprocessConfig(StrictModel):
     )
     min_vertebra_ml: float = Field(5.0, ge=0, description="smaller vertebra masks count as missing (slivers)")
     pad_value: float = Field(-1.0, description="value (after windowing) for crop pixels outside the field of view")
-    shard_size: int = Field(16, ge=1, description="studies per Parquet shard (manifest order)")
+    shard_size: int = Field(16, ge=1, description="studies per Parquet shard (manifest order; the last few smaller)")
     cpus_per_task: float = Field(1.0, gt=0, description="Ray CPUs per shard task")
     qc_pictures: bool = Field(True, description="write a QC PNG per study (OUT/qc/) and a contact sheet of the worst")
 
@@ -131,7 +131,7 @@ class XrayPreprocessConfig(StrictModel):
     keypoint_model_config: dict[str, Any] = Field(default_factory=dict, description="build_model keyword arguments")
     keypoint_input_size: int = Field(384, ge=32, description="model input side (multiple of 32 for HRNet)")
     min_keypoint_confidence: float = Field(0.1, ge=0, description="QC warning below this heatmap peak")
-    shard_size: int = Field(16, ge=1, description="studies per Parquet shard (manifest order)")
+    shard_size: int = Field(16, ge=1, description="studies per Parquet shard (manifest order; the last few smaller)")
     cpus_per_task: float = Field(1.0, gt=0, description="Ray CPUs per shard task")
     qc_pictures: bool = Field(True, description="write a QC PNG per study (OUT/qc/) and a contact sheet of the worst")
 

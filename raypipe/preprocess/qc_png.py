@@ -5,7 +5,8 @@
   vertebra mask outline (red).
 - `xray_qc_picture`: the radiograph with the L1-L5 keypoints, the L1-L5 alignment axis and the region(s) cut
   out for the model (ROI or one square per vertebra), next to the model input itself.
-- `contact_sheet`: several QC pictures tiled with a caption each (the worst studies of a run).
+The contact sheet that tiles them lives in `raypipe.preprocess.contact_sheet` (PIL only: the driver of a Ray
+run draws it without importing matplotlib).
 Pictures carry study ids and the QC message, never patient names or other DICOM header text.
 """
 
@@ -23,7 +24,6 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Polygon, Rectangle
 
 _DPI = 80
-CONTACT_SHEET_PNG_LEVEL = 3  # zlib level of the contact sheet (see `contact_sheet`)
 # outline colours per vertebra, kept apart from the yellow/cyan/red of boxes, slices and keypoints
 LEVEL_COLORS = ("#f032e6", "#f58231", "#bfef45", "#3cb44b", "#4363d8", "#911eb4", "#dcbeff", "#9a6324")
 
@@ -228,53 +228,3 @@ def xray_qc_picture(
             sub.set_title(name, color="white", fontsize=8, pad=2)
             _dark(sub)
     return _png(fig)
-
-
-def contact_sheet(items: Sequence[tuple[str, bytes]], columns: int | None = None, tile_width: int | None = None,
-                  title: str = "") -> bytes | None:
-    """Tile QC pictures (caption, PNG bytes) into one PNG, caption above each; None when none can be read.
-
-    By default wide pictures (CT: sagittal + 14 slices) go one per row at 1400 pixels, others two per row.
-    """
-    from PIL import Image, ImageDraw, ImageFont
-
-    decoded = []
-    for caption, data in items:
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                decoded.append((caption, im.convert("RGB")))
-        except (OSError, ValueError):
-            continue
-    if not decoded:
-        return None
-    wide = float(np.median([im.width / max(im.height, 1) for _, im in decoded])) > 2.2
-    columns = columns or (1 if wide else 2)
-    tile_width = tile_width or (1400 if columns == 1 else 760)
-    tiles = []
-    for caption, rgb in decoded:
-        scale = tile_width / rgb.width
-        tiles.append((caption, rgb.resize((tile_width, max(1, int(rgb.height * scale))), Image.Resampling.LANCZOS)))
-    if not tiles:
-        return None
-    cols = min(columns, len(tiles))
-    caption_h, pad, head = 40, 8, 30 if title else 0
-    rows = [tiles[i:i + cols] for i in range(0, len(tiles), cols)]
-    heights = [max(t.height for _, t in row) + caption_h for row in rows]
-    sheet = Image.new("RGB", (cols * (tile_width + pad) + pad, sum(heights) + pad * (len(rows) + 1) + head),
-                      "white")
-    draw = ImageDraw.Draw(sheet)
-    font = ImageFont.load_default(size=15)
-    if title:
-        draw.text((pad, 6), title, fill="black", font=font)
-    y = pad + head
-    for row, h in zip(rows, heights):
-        for j, (caption, tile) in enumerate(row):
-            x = pad + j * (tile_width + pad)
-            lines = textwrap.wrap(caption, tile_width // 8)[:2]
-            draw.text((x, y + 1), "\n".join(lines), fill="black", font=font, spacing=2)
-            sheet.paste(tile, (x, y + caption_h))
-        y += h + pad
-    buf = io.BytesIO()
-    # zlib level 3: a 1400 x 5000 sheet encodes in ~0.3 s instead of ~4.7 s with optimize=True, ~10 % larger
-    sheet.save(buf, format="PNG", compress_level=CONTACT_SHEET_PNG_LEVEL)
-    return buf.getvalue()

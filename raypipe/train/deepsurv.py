@@ -664,14 +664,14 @@ def fit_deepsurv_fold(task: FoldTask) -> dict[str, float]:
     train and `tune` (early stopping, checkpoint); the held-out fold is scored once as split `val`."""
     from raypipe.data.splits import TUNE_ROLE
     from raypipe.data.subsets import shard_meta
-    from raypipe.train.fold import UNUSED_ROLE, fold_config, fold_roles, fold_summary
+    from raypipe.train.fold import fold_config, fold_roles, fold_summary
 
     cfg = fold_config(task.config, task.fold)
     meta = shard_meta(task.data_dir)
     roles = fold_roles(meta, task, "event", cfg.seed, cfg.val_fraction)
     fit_deepsurv(cfg, task.data_dir, task.out_dir, roles=roles, fold=task.fold, callbacks=task.callbacks,
                  monitor_split=TUNE_ROLE)
-    add_coxph_baselines(task.out_dir, meta.assign(split=roles.replace(UNUSED_ROLE, "").to_numpy()), task.fold)
+    add_coxph_baselines(task.out_dir, meta.assign(split=roles.to_numpy()), task.fold)  # `unused` rows: neither side
     return fold_summary(task.out_dir)
 
 

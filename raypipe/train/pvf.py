@@ -319,14 +319,16 @@ def study_table(data: str) -> pd.DataFrame:
     return read_table(data)[0]
 
 
-def split_studies(cfg: PVFTrainConfig, data: str, roles: pd.Series | None = None,
-                  monitor_split: str = "val") -> tuple[pd.DataFrame, str, pd.Series, list[str], list[str]]:
+def split_studies(cfg: PVFTrainConfig, data: str, roles: pd.Series | None = None, monitor_split: str = "val",
+                  studies: tuple[pd.DataFrame, str] | None = None,
+                  ) -> tuple[pd.DataFrame, str, pd.Series, list[str], list[str]]:
     """(table, data kind, role per study, labelled training study ids, monitored study ids) of `data`, split by
     patient, or by `roles` (study_id -> role, as k-fold CV gives them; studies it lacks are `unused`); a clear
-    error when the label column is absent or a side is empty."""
+    error when the label column is absent or a side is empty. `studies` is `read_table(data)` when the caller
+    already read it (a CV fold does, to make its roles)."""
     from raypipe.data.splits import split_by_patient
 
-    table, kind = read_table(data)
+    table, kind = studies if studies is not None else read_table(data)
     if cfg.label not in table.columns:
         raise ValueError(f"{data}: no {cfg.label!r} column to train on")
     if roles is None:
@@ -356,7 +358,7 @@ class FittedRun:
 
 def fit_network(cfg: PVFTrainConfig, data: str, out_dir: str, callbacks: Sequence[Any], train_loop: Callable[[dict], None],
                 settings: Callable[[pd.Series], dict[str, Any]], roles: pd.Series | None = None,
-                monitor_split: str = "val") -> FittedRun:
+                monitor_split: str = "val", studies: tuple[pd.DataFrame, str] | None = None) -> FittedRun:
     """The driver the pVF-family tasks share: split by patient (or by `roles`), build the Ray datasets, train
     `train_loop` on Ray Train with the loop settings `settings(training labels)` returns (e.g. pos_weight, the age
     scale); early stopping and the checkpoint watch the `monitor_split` rows."""
@@ -366,7 +368,7 @@ def fit_network(cfg: PVFTrainConfig, data: str, out_dir: str, callbacks: Sequenc
     out = str(out_dir) if storage.is_uri(out_dir) else os.path.abspath(out_dir)
     storage.makedirs(out)
     storage_path = cfg.storage_path or storage.join(out, "ray_results")
-    table, kind, role, train_ids, val_ids = split_studies(cfg, data, roles, monitor_split)
+    table, kind, role, train_ids, val_ids = split_studies(cfg, data, roles, monitor_split, studies)
     extra = settings(pd.to_numeric(table.set_index("study_id").loc[train_ids, cfg.label], errors="coerce"))
     log.info("%s: %d train, %d %s studies (model selection); %s", cfg.name, len(train_ids), len(val_ids), monitor_split,
              extra)
@@ -383,7 +385,8 @@ def fit_network(cfg: PVFTrainConfig, data: str, out_dir: str, callbacks: Sequenc
 
 
 def fit_pvf(config: PVFTrainConfig, data: str, out_dir: str, callbacks: Sequence[Any] = (),
-            roles: pd.Series | None = None, monitor_split: str = "val") -> Any:
+            roles: pd.Series | None = None, monitor_split: str = "val",
+            studies: tuple[pd.DataFrame, str] | None = None) -> Any:
     """Train the pVF classifier on `data` (manifest or shard folder); write the run folder into `out_dir`.
 
     `roles` (study_id -> train / tune / val / external / unused) replaces the patient split, as k-fold CV does;
@@ -395,7 +398,7 @@ def fit_pvf(config: PVFTrainConfig, data: str, out_dir: str, callbacks: Sequence
         return {"pos_weight": config.pos_weight or (float(len(y_train) - n_pos) / n_pos if n_pos > 0 else 1.0),
                 "train_positives": int(n_pos)}
 
-    run = fit_network(config, data, out_dir, callbacks, train_loop_pvf, class_weight, roles, monitor_split)
+    run = fit_network(config, data, out_dir, callbacks, train_loop_pvf, class_weight, roles, monitor_split, studies)
     _write_outputs(config, run.result, data, run.kind, run.table, run.role, run.out)
     return run.result
 
@@ -407,8 +410,9 @@ def fit_pvf_fold(task: FoldTask) -> dict[str, float]:
     from raypipe.train.fold import fold_config, fold_roles, fold_summary
 
     cfg = fold_config(task.config, task.fold)
-    roles = fold_roles(study_table(task.data_dir), task, cfg.label, cfg.seed, cfg.val_fraction)
-    fit_pvf(cfg, task.data_dir, task.out_dir, task.callbacks, roles=roles, monitor_split=TUNE_ROLE)
+    studies = read_table(task.data_dir)  # read once: the fold's roles and the fit use the same table
+    roles = fold_roles(studies[0], task, cfg.label, cfg.seed, cfg.val_fraction)
+    fit_pvf(cfg, task.data_dir, task.out_dir, task.callbacks, roles=roles, monitor_split=TUNE_ROLE, studies=studies)
     return fold_summary(task.out_dir)
 
 
