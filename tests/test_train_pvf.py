@@ -150,3 +150,33 @@ def test_pvf_fold_ignores_held_out_labels(ray_session: None, small_xray_manifest
     assert a["study_id"].tolist() == b["study_id"].tolist()
     np.testing.assert_array_equal(a["score"].to_numpy(), b["score"].to_numpy())
     assert youden_cutoff(a[a["split"] == TUNE_SPLIT]) == youden_cutoff(b[b["split"] == TUNE_SPLIT])
+
+
+def test_cached_training_inputs_are_the_streamed_ones_read_once(ray_session: None, small_xray_manifest: Path) -> None:
+    """The memory cache (`cache_train`) holds, per radiograph, the input the streamed path decodes every epoch
+    (float16 of it), with its label; each epoch serves every radiograph once, in a seeded order per epoch."""
+    import numpy as np
+
+    from raypipe.train.pvf import cached_batches, dataset_for, input_batches, read_table, train_loader
+
+    cfg = _cv_config()
+    table, kind = read_table(str(small_xray_manifest))
+    ids = table["study_id"].astype(str).tolist()[:12]
+    ds = dataset_for(str(small_xray_manifest), kind, table, ids, cfg)
+    streamed = {sid: (x.numpy(), float(y)) for xb, yb, sids in input_batches(ds, 5)
+                for sid, x, y in zip(sids, xb, yb)}
+    loader = train_loader(cfg, ds, 5)
+    assert sorted(loader.rows.study_ids) == sorted(ids) and loader.rows.images.dtype == np.float16
+    for sid, x, y in zip(loader.rows.study_ids, loader.rows.images, loader.rows.tabular["y"]):
+        np.testing.assert_allclose(x.astype(np.float32), streamed[sid][0], atol=2e-3)
+        assert y == streamed[sid][1] or (np.isnan(y) and np.isnan(streamed[sid][1]))
+
+    def epoch(k: int) -> list[np.ndarray]:
+        return [x.numpy().copy() for x, _, _ in cached_batches(loader, k)]
+
+    first, again, second = epoch(0), epoch(0), epoch(1)
+    assert [len(b) for b in first] == [5, 5, 2] and all(b.dtype == np.float32 for b in first)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))  # same seed and epoch: same batches
+    assert not all(np.array_equal(a, b) for a, b in zip(first, second))  # a new order each epoch
+    sums = lambda bs: sorted(float(x.sum()) for b in bs for x in b)  # noqa: E731
+    assert np.allclose(sums(first), sums(second))  # every radiograph once per epoch

@@ -8,13 +8,15 @@ the prevalent fracture), ``metrics.json`` (AUROC with its bootstrap CI and the t
 `raypipe.evaluate.evaluate_frame`), Grad-CAM PNGs of a few held-out images in ``gradcam/``, and
 ``model.pt`` + ``model_meta.json`` (builder, kwargs, task "pvf", preprocessing) + ``config.yaml``,
 the same layout as `raypipe.train.ct`. ``--data`` is a manifest (radiographs read on the fly by Ray
-Data) or a folder of `raypipe preprocess xray` shards with one-channel full images.
+Data) or a folder of `raypipe preprocess xray` shards with one-channel full images. Each worker decodes its
+training radiographs once, in the first epoch, and keeps the classifier inputs in memory as float16
+(`raypipe.data.memory`; `cache_train: false` streams and decodes them every epoch instead).
 """
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -26,12 +28,13 @@ from torch import nn
 
 from raypipe import storage
 from raypipe.config import ScaleRange
+from raypipe.data.memory import MemoryLoader, cache_rows
 from raypipe.losses import masked_bce
 from raypipe.metrics import auroc_or_nan
 from raypipe.models.pretrained import check_pretrained
 from raypipe.preprocess.pvf import PVFPreprocess
 from raypipe.train.common import autocast
-from raypipe.train.config import RayRunConfig
+from raypipe.train.config import InputConfig, RayRunConfig
 from raypipe.train.fold import UNUSED_ROLE, FoldTask
 from raypipe.train.loop import CHECKPOINT_SCORE, WorkerTask, run_worker_loop
 
@@ -41,7 +44,7 @@ log = logging.getLogger(__name__)
 _PVF = PVFPreprocess()  # the one place the pVF input defaults live
 
 
-class PVFTrainConfig(RayRunConfig):
+class PVFTrainConfig(InputConfig, RayRunConfig):
     """One pVF classifier run; defaults follow Verte-X (EfficientNet-B4, 1024 x 512, CLAHE)."""
 
     model: str = Field("pvf_efficientnet_b4", description="registry name: pvf_efficientnet_b4 or pvf_tiny")
@@ -167,6 +170,22 @@ def dataset_for(data: str, kind: str, table: pd.DataFrame, ids: list[str], cfg: 
     return subset_studies(ds, ids).map_batches(fn, batch_format="pandas", batch_size=8)
 
 
+def train_loader(cfg: PVFTrainConfig, shard: Any, batch_size: int) -> MemoryLoader:
+    """Read this worker's training inputs once (float16, after CLAHE and resizing) and serve shuffled, prefetched
+    batches from memory: every later epoch (and the BatchNorm recalibration) skips decoding the radiographs."""
+    rows = cache_rows(shard.iter_batches(batch_size=64, batch_format="numpy", prefetch_batches=cfg.prefetch_batches),
+                      "x", False, lambda b: {"y": torch.from_numpy(np.asarray(b["y"], np.float32))},
+                      lambda x: x.astype(np.float16))
+    log.info("training rows cached in memory: %d radiographs, %.1f MiB", len(rows), rows.nbytes / 2**20)
+    return MemoryLoader(rows, batch_size, None, shuffle=True, seed=cfg.seed, prefetch=cfg.prefetch_batches)
+
+
+def cached_batches(loader: MemoryLoader, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, None]]:
+    """(x float32, y, None) batches of one epoch from memory, shaped as `input_batches` yields them."""
+    for b in loader.epoch(epoch):
+        yield b["x"].float(), b["y"], None
+
+
 def input_batches(ds_or_shard: Any, batch_size: int, seed: int | None = None) -> Any:
     """(x, y, study ids) torch batches of a `dataset_for` dataset or its Ray Train shard; locally shuffled with `seed`."""
     kw = {"local_shuffle_buffer_size": 64, "local_shuffle_seed": seed} if seed is not None else {}
@@ -250,6 +269,7 @@ class PVFWorkerTask(WorkerTask):
         super().__init__(cfg, loop_config)
         self.generator = torch.Generator()
         self.pos_weight: torch.Tensor | None = None
+        self.loader: MemoryLoader | None = None
 
     def build_model(self) -> nn.Module:
         self.pos_weight = torch.tensor(float(self.loop_config["pos_weight"]), device=self.setup.device)
@@ -262,7 +282,11 @@ class PVFWorkerTask(WorkerTask):
     def train_batches(self, epoch: int, batch_size: int) -> Any:
         import ray.train
 
-        return input_batches(ray.train.get_dataset_shard("train"), batch_size, self.cfg.seed + epoch)
+        if not self.cfg.cache_train:
+            return input_batches(ray.train.get_dataset_shard("train"), batch_size, self.cfg.seed + epoch)
+        if self.loader is None:
+            self.loader = train_loader(self.cfg, ray.train.get_dataset_shard("train"), batch_size)
+        return cached_batches(self.loader, epoch)
 
     def train_step(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, int]:
         x, y, _ = batch
@@ -282,9 +306,15 @@ class PVFWorkerTask(WorkerTask):
     def end_epoch(self, model: nn.Module, epoch: int, batch_size: int) -> None:
         import ray.train
 
-        if self.cfg.bn_recalibration_batches:
-            recalibrate_batchnorm(model, (x.to(self.setup.device) for x, _, _ in input_batches(
-                ray.train.get_dataset_shard("train"), batch_size)), self.cfg.bn_recalibration_batches)
+        if not self.cfg.bn_recalibration_batches:
+            return
+        batches = cached_batches(self.loader, epoch) if self.loader is not None \
+            else input_batches(ray.train.get_dataset_shard("train"), batch_size)
+        try:
+            recalibrate_batchnorm(model, (x.to(self.setup.device) for x, _, _ in batches),
+                                  self.cfg.bn_recalibration_batches)
+        finally:
+            batches.close()  # stops the prefetch thread of a cached epoch that was not drained
 
     def validate(self, model: nn.Module) -> dict[str, float]:
         return _validate(self.cfg, model, self.setup)
