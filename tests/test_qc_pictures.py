@@ -57,6 +57,16 @@ def test_ct_picture_shows_the_chosen_slices_with_boxes_and_mask_outlines(real_ct
     assert _share(bare, (255, 166, 77)) > 0  # the problem is written in orange
 
 
+def test_ct_picture_survives_a_crop_centre_outside_the_volume(real_ct) -> None:
+    """A geometry whose crop centres lie outside the volume still gives a picture: captions, no thumbnails."""
+    ct, masks, info = real_ct
+    geometry = {**info["geometry"], "centres_px": [[5000.0, 5000.0] for _ in info["geometry"]["centres_px"]]}
+    pic = _rgb(ct_qc_picture(ct.hu, masks, ct.spacing, geometry, title="REAL01_CT [ok]"))
+    full = _rgb(ct_qc_picture(ct.hu, masks, ct.spacing, info["geometry"], title="REAL01_CT [ok]"))
+    assert pic.shape == full.shape  # same layout
+    assert _share(pic[:, full.shape[1] // 3:], RED) < _share(full[:, full.shape[1] // 3:], RED) / 10  # no outlines
+
+
 def test_xray_picture_marks_keypoints_and_patch_regions() -> None:
     from raypipe.preprocess.config import XrayPreprocessConfig
     from raypipe.preprocess.xray import preprocess_radiograph

@@ -195,6 +195,8 @@ def ct_qc_picture(
         c0, c1 = int(max(0, cc - half_c)), int(min(hu.shape[2], cc + half_c + 1))
         level = str(geometry["slice_levels"][i])
         draw.text((x0, y0), f"{k + 1}: {level}  z={z}", fill=WHITE, font=_font(11))
+        if r1 <= r0 or c1 <= c0 or not 0 <= z < hu.shape[0]:  # crop centre outside the volume: caption only
+            continue
         size = _fit((c1 - c0) * sx, (r1 - r0) * sy, (THUMB, THUMB))
         ox, oy = x0 + (THUMB - size[0]) // 2, y0 + CAPTION_H + (THUMB - size[1]) // 2
         img.paste(_grey(window(hu[z, r0:r1, c0:c1], *hu_window), size), (ox, oy))

@@ -181,16 +181,17 @@ def train_loader(cfg: PVFTrainConfig, shard: Any, batch_size: int) -> MemoryLoad
 
 
 def cached_batches(loader: MemoryLoader, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, None]]:
-    """(x float32, y, None) batches of one epoch from memory, shaped as `input_batches` yields them."""
+    """(x float16, y, None) batches of one epoch from memory, shaped as `input_batches` yields them; `x` lives in a
+    reused (pinned on CUDA) buffer: copy or move it before asking for more than `prefetch + 2` further batches."""
     for b in loader.epoch(epoch):
-        yield b["x"].float(), b["y"], None
+        yield b["x"], b["y"], None
 
 
 def input_batches(ds_or_shard: Any, batch_size: int, seed: int | None = None) -> Any:
     """(x, y, study ids) torch batches of a `dataset_for` dataset or its Ray Train shard; locally shuffled with `seed`."""
     kw = {"local_shuffle_buffer_size": 64, "local_shuffle_seed": seed} if seed is not None else {}
     for b in ds_or_shard.iter_batches(batch_size=batch_size, batch_format="numpy", **kw):
-        yield torch.from_numpy(np.asarray(b["x"], np.float32)), torch.from_numpy(np.asarray(b["y"], np.float32)), \
+        yield torch.from_numpy(np.require(b["x"], np.float32, ["W"])), torch.from_numpy(np.require(b["y"], np.float32, ["W"])), \
             [str(s) for s in b["study_id"]]
 
 
@@ -290,9 +291,11 @@ class PVFWorkerTask(WorkerTask):
 
     def train_step(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, int]:
         x, y, _ = batch
+        # to the device first (float16 from the cache: half the bytes), then convert and augment there
+        x = x.to(self.setup.device, non_blocking=x.is_pinned()).float()
+        y = y.to(self.setup.device)
         if self.cfg.augment:
             x = augment_batch(x, self.cfg, self.generator)
-        x, y = x.to(self.setup.device), y.to(self.setup.device)
         if self.setup.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(self.setup):
@@ -311,7 +314,7 @@ class PVFWorkerTask(WorkerTask):
         batches = cached_batches(self.loader, epoch) if self.loader is not None \
             else input_batches(ray.train.get_dataset_shard("train"), batch_size)
         try:
-            recalibrate_batchnorm(model, (x.to(self.setup.device) for x, _, _ in batches),
+            recalibrate_batchnorm(model, (x.to(self.setup.device).float() for x, _, _ in batches),
                                   self.cfg.bn_recalibration_batches)
         finally:
             batches.close()  # stops the prefetch thread of a cached epoch that was not drained
