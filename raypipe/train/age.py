@@ -78,13 +78,11 @@ class AgeWorkerTask(PVFWorkerTask):
 
     @torch.no_grad()
     def validate(self, model: nn.Module) -> dict[str, float]:
-        import ray.train
-
         model.eval()
         pred, true = [], []
-        for x, y, _ in input_batches(ray.train.get_dataset_shard("val"), self.cfg.eval_batch_size):
+        for x, y in self.validation_batches():
             with autocast(self.setup):
-                out = model(x.to(self.setup.device)).float().cpu().numpy()
+                out = model(x.to(self.setup.device).float()).float().cpu().numpy()
             pred.append(self.mean + self.sd * out)
             true.append(y.numpy())
         if not pred:

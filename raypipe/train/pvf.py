@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -271,6 +271,7 @@ class PVFWorkerTask(WorkerTask):
         self.generator = torch.Generator()
         self.pos_weight: torch.Tensor | None = None
         self.loader: MemoryLoader | None = None
+        self.val: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def build_model(self) -> nn.Module:
         self.pos_weight = torch.tensor(float(self.loop_config["pos_weight"]), device=self.setup.device)
@@ -319,8 +320,20 @@ class PVFWorkerTask(WorkerTask):
         finally:
             batches.close()  # stops the prefetch thread of a cached epoch that was not drained
 
+    def validation_batches(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        """(x, y) validation batches: read once and kept in memory as float16 when `cache_train`, else streamed from
+        the materialised dataset every epoch (one Ray Data pass, and one progress bar in the log, per epoch)."""
+        import ray.train
+
+        if not self.cfg.cache_train:
+            return ((x, y) for x, y, _ in input_batches(ray.train.get_dataset_shard("val"), self.cfg.eval_batch_size))
+        if self.val is None:
+            self.val = [(x.half(), y) for x, y, _ in input_batches(ray.train.get_dataset_shard("val"),
+                                                                    self.cfg.eval_batch_size)]
+        return self.val
+
     def validate(self, model: nn.Module) -> dict[str, float]:
-        return _validate(self.cfg, model, self.setup)
+        return _validate(model, self.setup, self.validation_batches())
 
 
 def train_loop_pvf(loop_config: dict) -> None:
@@ -329,15 +342,13 @@ def train_loop_pvf(loop_config: dict) -> None:
 
 
 @torch.no_grad()
-def _validate(cfg: PVFTrainConfig, model: nn.Module, setup: Any) -> dict[str, float]:
+def _validate(model: nn.Module, setup: Any, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
     """Validation BCE and AUROC over the whole validation set."""
-    import ray.train
-
     model.eval()
     logits, labels, total, n = [], [], 0.0, 0
-    for x, y, _ in input_batches(ray.train.get_dataset_shard("val"), cfg.eval_batch_size):
+    for x, y in batches:
         with autocast(setup):
-            out = model(x.to(setup.device)).float().cpu()
+            out = model(x.to(setup.device).float()).float().cpu()
         total, n = total + float(masked_bce(out, y)) * len(y), n + len(y)
         logits.append(out.numpy())
         labels.append(y.numpy())
