@@ -174,7 +174,7 @@ def train_loader(cfg: PVFTrainConfig, shard: Any, batch_size: int) -> MemoryLoad
     """Read this worker's training inputs once (float16, after CLAHE and resizing) and serve shuffled, prefetched
     batches from memory: every later epoch (and the BatchNorm recalibration) skips decoding the radiographs."""
     rows = cache_rows(shard.iter_batches(batch_size=64, batch_format="numpy", prefetch_batches=cfg.prefetch_batches),
-                      "x", False, lambda b: {"y": torch.from_numpy(np.asarray(b["y"], np.float32))},
+                      "x", False, lambda b: {"y": torch.from_numpy(np.array(b["y"], np.float32))},
                       lambda x: x.astype(np.float16))
     log.info("training rows cached in memory: %d radiographs, %.1f MiB", len(rows), rows.nbytes / 2**20)
     return MemoryLoader(rows, batch_size, None, shuffle=True, seed=cfg.seed, prefetch=cfg.prefetch_batches)
