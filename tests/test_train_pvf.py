@@ -5,8 +5,10 @@ about one patient in five; at 256 x 128 (a 512 x 384 radiograph scaled by 1/3) a
 tall, so a 20-45 % wedge is a 1.5-3 px difference: learnable from random init by the 0.25-width
 EfficientNet, but slowly. Measured on the idle 2-core machine with the 500-patient cohort: validation
 AUROC ~0.65 after 12 epochs, 0.70-0.78 from epoch 23 on, held-out (val + test) 0.775 after 40 epochs
-(about 10 min, hence `slow`). Density (brightness) is a weaker correlated cue (CLAHE removes much of
-it). The bar is 0.7 on the cohort's 200 validation + test studies (about 35 positives).
+(about 10 min, hence `slow`; measured with the left-right flip, which `pvf_tiny.yaml` has not used since
+2026-12-07: without it the classifier learns faster, bench/RESULTS.md). Density (brightness) is a weaker
+correlated cue (CLAHE removes much of it). The bar is 0.7 on the cohort's 200 validation + test studies
+(about 35 positives).
 """
 from __future__ import annotations
 
