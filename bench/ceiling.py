@@ -24,9 +24,8 @@ skips steps whose output folder already exists in `--out` (resume an interrupted
 
 Cohort sizes the figures in bench/RESULTS.md are stated for (2 CPU cores): `--patients 900 --models
 cnn-rnn,deepsurv` (~30 min) and `--patients 1500 --models pvf` (~1 h): the pVF classifier needs ~400 training
-radiographs per fold (a fold of 900 patients has 245: out of fold 0.83 without the left-right flip, 0.85 with
-`--pvf-set epochs=80`, 0.75 with the flip;
-of 1500, 424 and 0.90 with the flip).
+radiographs per fold. A fold of 900 patients has 245: out of fold 0.83 without the left-right flip (0.85 with
+`--pvf-set epochs=80`), 0.75 with it; a fold of 1500 has 424: 0.90 with the flip.
 """
 from __future__ import annotations
 

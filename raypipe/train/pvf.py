@@ -325,11 +325,12 @@ class PVFWorkerTask(WorkerTask):
         the materialised dataset every epoch (one Ray Data pass, and one progress bar in the log, per epoch)."""
         import ray.train
 
+        if self.val is not None:
+            return self.val
+        streamed = input_batches(ray.train.get_dataset_shard("val"), self.cfg.eval_batch_size)
         if not self.cfg.cache_train:
-            return ((x, y) for x, y, _ in input_batches(ray.train.get_dataset_shard("val"), self.cfg.eval_batch_size))
-        if self.val is None:
-            self.val = [(x.half(), y) for x, y, _ in input_batches(ray.train.get_dataset_shard("val"),
-                                                                    self.cfg.eval_batch_size)]
+            return ((x, y) for x, y, _ in streamed)
+        self.val = [(x.half(), y) for x, y, _ in streamed]
         return self.val
 
     def validate(self, model: nn.Module) -> dict[str, float]:
