@@ -441,8 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = cmd("demo", "the whole pipeline on a small synthetic cohort (+ the real CT)")
     s.add_argument("--out", default="demo_out", help="output folder")
     s.add_argument("--patients", type=int, default=40, help="patients in the synthetic CT + radiograph cohort")
-    s.add_argument("--xray-patients", type=int, default=400,
-                   help="patients in the radiograph-only cohort DeepSurv and pVF learn from")
+    s.add_argument("--xray-patients", type=int, default=500,
+                   help="patients in the radiograph-only cohort DeepSurv and pVF learn from (500: ~300 training "
+                        "radiographs, about what the tiny pVF classifier needs)")
     s.add_argument("--seed", type=int, default=0, help="random seed")
     s.set_defaults(func=_cmd_demo)
     return p

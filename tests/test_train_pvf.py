@@ -1,46 +1,48 @@
-"""`raypipe train pvf` on synthetic radiographs: the tiny classifier learns the planted deformity.
+"""`raypipe train pvf` / `raypipe cv pvf` on synthetic radiographs: augmentation, CV bookkeeping, nested selection.
 
-Ceiling: the synthetic cohort plants wedge deformities (>= 20 % height loss, Genant grade 1+) in
-about one patient in five; at 256 x 128 (a 512 x 384 radiograph scaled by 1/3) a lumbar body is ~7 px
-tall, so a 20-45 % wedge is a 1.5-3 px difference: learnable from random init by the 0.25-width
-EfficientNet, but slowly. Measured on the idle 2-core machine with the 500-patient cohort: validation
-AUROC ~0.65 after 12 epochs, 0.70-0.78 from epoch 23 on, held-out (val + test) 0.775 after 40 epochs
-(about 10 min, hence `slow`; measured with the left-right flip, which `pvf_tiny.yaml` has not used since
-2026-12-07: without it the classifier learns faster, bench/RESULTS.md). Density (brightness) is a weaker
-correlated cue (CLAHE removes much of it). The bar is 0.7 on the cohort's 200 validation + test studies
-(about 35 positives).
+That the tiny classifier learns the planted deformity (within 0.15 of the ceiling on held-out patients, `pvf_tiny.yaml`
+as committed) is checked in `test_learning_ceiling.py`; the full-size figures are in bench/RESULTS.md.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
-from raypipe.metrics import auroc
 from raypipe.predictions import read_predictions
 
 
-@pytest.mark.slow
-def test_tiny_pvf_learns_planted_deformity(ray_session: None, xray_cohort: tuple[Path, Path], tmp_path: Path) -> None:
-    from raypipe.config import load_config
-    from raypipe.train.pvf import PVFTrainConfig, fit_pvf
+def test_pvf_family_trains_in_channels_last_on_cpu() -> None:
+    """The pVF and age tasks ask for channels_last on the CPU too (EfficientNet's depthwise convolutions step ~1.35x
+    faster in it there, bench/RESULTS.md), the ResNet tasks do not; the moved model computes in it, with the same
+    outputs, and stays fp32."""
+    import torch
 
-    manifest, _ = xray_cohort
-    cfg = load_config(PVFTrainConfig, Path(__file__).parents[1] / "jobs" / "configs" / "pvf_tiny.yaml")
-    cfg = cfg.model_copy(update={"epochs": 40, "patience": 40})  # ~10 min; the AUROC still climbs at epoch 40
-    fit_pvf(cfg, str(manifest), str(tmp_path))
-    for f in ("model.pt", "model_meta.json", "config.yaml", "metrics.json", "predictions.parquet", "metrics.csv"):
-        assert (tmp_path / f).is_file(), f
-    meta = json.loads((tmp_path / "model_meta.json").read_text())
-    assert meta["builder"] == "pvf_tiny" and meta["task"] == "pvf" and meta["preprocess"]["size"] == [256, 128]
-    assert list((tmp_path / "gradcam").glob("*.png"))
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["models"]["pvf"]["auroc"]["ci_low"] is not None
-    preds = read_predictions(tmp_path / "predictions.parquet")
-    held = preds[preds["label"].notna()]
-    assert set(held["split"]) <= {"val", "test"}
-    assert auroc(held["label"].astype(int).to_numpy(), held["score"].to_numpy()) >= 0.7
+    from raypipe.train.age import AgeWorkerTask
+    from raypipe.train.common import select_device, to_device_model
+    from raypipe.train.ct import CTWorkerTask
+    from raypipe.train.deepsurv import DeepSurvWorkerTask
+    from raypipe.train.pvf import PVFTrainConfig, PVFWorkerTask, build
+
+    assert PVFWorkerTask.cpu_channels_last and AgeWorkerTask.cpu_channels_last
+    assert not CTWorkerTask.cpu_channels_last and not DeepSurvWorkerTask.cpu_channels_last
+    cpu = torch.device("cpu")
+    assert not select_device(True, cpu).channels_last
+    setup = select_device(True, cpu, cpu_channels_last=True)
+    assert setup.channels_last and setup.amp_dtype is None
+    torch.manual_seed(0)
+    model = build(PVFTrainConfig(model="pvf_tiny", pretrained="none", input_size=(64, 48))).eval()
+    x = torch.randn(2, 1, 64, 48)
+    stem = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    seen = []
+    stem.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    with torch.no_grad():
+        ref = model(x)
+        out = to_device_model(model, setup)(x)
+    assert seen[0].is_contiguous() and not seen[0].is_contiguous(memory_format=torch.channels_last)
+    assert seen[1].is_contiguous(memory_format=torch.channels_last) and not seen[1].is_contiguous()
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_augment_batch_is_identity_without_randomness_and_mirrors_with_flip() -> None:

@@ -2,7 +2,8 @@
 
 A training loop (one per task, e.g. `raypipe.train.ct`) runs inside each Ray Train worker and uses:
 
-- `DeviceSetup` / `autocast`: bf16 autocast + channels_last on CUDA, plain fp32 on CPU;
+- `DeviceSetup` / `autocast`: bf16 autocast + channels_last on CUDA, plain fp32 on CPU (channels_last where the
+  task's model is faster with it);
 - `seed_everything`: Python, NumPy and torch RNGs from one seed (plus the rank when asked);
 - `TrainState`: epoch, best monitored value, patience counter and the per-epoch history, saved with the
   model and optimizer in every checkpoint so a resumed run continues the same early-stopping schedule
@@ -43,19 +44,22 @@ CHECKPOINT_FILE = "state.pt"
 # ---------------------------------------------------------------------------------------------- device
 @dataclass(frozen=True)
 class DeviceSetup:
-    """Where a worker computes and in which precision: bf16 autocast and channels_last only on CUDA."""
+    """Where a worker computes and in which precision: bf16 autocast on CUDA; channels_last on CUDA (and on CPU for
+    models whose task asks for it)."""
 
     device: torch.device
     amp_dtype: torch.dtype | None
     channels_last: bool
 
 
-def select_device(amp: bool = True, device: torch.device | None = None) -> DeviceSetup:
-    """The worker's device (Ray's when inside a Train worker) with bf16/channels_last on CUDA, fp32 on CPU."""
+def select_device(amp: bool = True, device: torch.device | None = None, cpu_channels_last: bool = False) -> DeviceSetup:
+    """The worker's device (Ray's when inside a Train worker) with bf16/channels_last on CUDA, fp32 on CPU
+    (channels_last there too with `cpu_channels_last`: faster for depthwise-conv nets, slower for plain ResNets)."""
     if device is None:
         device = _ray_device() or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_cuda = device.type == "cuda"
-    return DeviceSetup(device=device, amp_dtype=torch.bfloat16 if (amp and on_cuda) else None, channels_last=on_cuda)
+    return DeviceSetup(device=device, amp_dtype=torch.bfloat16 if (amp and on_cuda) else None,
+                       channels_last=on_cuda or cpu_channels_last)
 
 
 def _ray_device() -> torch.device | None:
@@ -77,7 +81,7 @@ def autocast(setup: DeviceSetup) -> contextlib.AbstractContextManager:
 
 
 def to_device_model(model: nn.Module, setup: DeviceSetup) -> nn.Module:
-    """Move a model to its device, in channels_last memory format where that is faster (CUDA)."""
+    """Move a model to its device, in channels_last memory format where that is faster (CUDA; CPU when asked)."""
     model = model.to(setup.device)
     if setup.channels_last:
         model = model.to(memory_format=torch.channels_last)
