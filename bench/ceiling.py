@@ -17,7 +17,10 @@ The figures are then computed from each run's predictions.parquet joined to the 
 - the cohort's ceiling on exactly the same rows: the same metric of `true_lp` (all planted terms) and of
   `true_image_lp` (the terms rendered in that study's image; the ceiling of an image-only model);
   for pVF also of `deformity` (the label is `deformity >= 0.20`, so its AUROC is 1);
-- chance (0.5).
+- chance (0.5);
+- per fold, the model and its ceiling on the fold's own held-out rows, and the mean of the per-fold gaps (the
+  pooled out-of-fold figure is the stricter one: it also asks the fold models to share a scale, which
+  `raypipe cv` gets by recalibrating each fold's probabilities on its inner validation patients).
 
 Output: one JSON line per figure {"name", "value", "unit"} on stdout, then a readable table. `--reuse`
 skips steps whose output folder already exists in `--out` (resume an interrupted bench).
@@ -42,7 +45,8 @@ from pathlib import Path
 import pandas as pd
 from _report import figure
 
-from raypipe.data.synth.ceiling import Comparison, Figure, compare, json_lines
+from raypipe.data.synth.ceiling import Comparison, Figure, compare, json_lines, main_model_rows, truth_table
+from raypipe.metrics import auroc_or_nan, c_index_or_nan
 
 log = logging.getLogger("bench.ceiling")
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # pVF on 2 cores: the tiny config (256 x 192, 50 epochs: the make-test budget) with 60 epochs here, where a fold's
 # validation AUROC still rises (out of fold 0.83 after 60 epochs, 0.85 after 80 on 900 patients: bench/RESULTS.md)
 PVF_SETS = ["epochs=60", "patience=60"]
+FOLDS: dict[str, list[tuple[int, int, float, float]]] = {}  # per model: (fold, rows, model, ceiling), filled by run
 MODELS = {"CT CNN-RNN": ("fracture_5y", "true_image_lp"), "DeepSurv": ("survival", "true_lp"),
           "pVF": ("prevalent_fracture", "deformity")}
 
@@ -90,6 +95,26 @@ def _compare(model: str, pred_path: Path, manifest: pd.DataFrame, modality: str,
                    n_boot=n_boot, seed=seed)
 
 
+def per_fold(model: str, pred_path: Path, manifest: pd.DataFrame, modality: str) -> list[tuple[int, int, float, float]]:
+    """(fold, rows, model, ceiling) point estimates on each fold's held-out rows: what pooling does not show."""
+    kind, ceiling = MODELS[model]
+    truth = truth_table(manifest[manifest["modality"] == modality])
+    p = main_model_rows(pd.read_parquet(pred_path))
+    p = p[p["split"] == "val"].assign(study_id=lambda d: d["study_id"].astype(str))
+    df = p[["study_id", "fold", "score"]].merge(truth, on="study_id", how="inner", validate="one_to_one")
+    out = []
+    for k, g in df.groupby("fold"):
+        if kind == "survival":
+            t, e = g["time_days"].to_numpy(float), g["event"].to_numpy(float).astype(bool)
+            m, c = c_index_or_nan(t, e, g["score"].to_numpy(float)), c_index_or_nan(t, e, g[ceiling].to_numpy(float))
+        else:
+            g = g[pd.to_numeric(g[kind], errors="coerce").notna()]
+            y = g[kind].to_numpy(float).astype(int)
+            m, c = auroc_or_nan(y, g["score"].to_numpy(float)), auroc_or_nan(y, g[ceiling].to_numpy(float))
+        out.append((int(k), len(g), float(m), float(c)))
+    return out
+
+
 def run(args: argparse.Namespace) -> tuple[list[Comparison], list[Figure]]:
     """The whole bench: cohort, preprocessing, the requested models, figures."""
     out = Path(args.out or tempfile.mkdtemp(prefix="raypipe-ceiling-")).resolve()
@@ -108,6 +133,7 @@ def run(args: argparse.Namespace) -> tuple[list[Comparison], list[Figure]]:
         cv = step(out / "cv_cnn_rnn", args.reuse, "cv", "cnn-rnn", "--config", args.ct_config, "--folds",
                   str(args.folds), "--data", str(ct), "--out", str(out / "cv_cnn_rnn"), done="predictions.parquet")
         c, f = _compare("CT CNN-RNN", cv / "predictions.parquet", truth, "CT", args.n_boot, args.seed)
+        FOLDS["CT CNN-RNN"] = per_fold("CT CNN-RNN", cv / "predictions.parquet", truth, "CT")
         comps, figs = comps + c, figs + f
     if "deepsurv" in models:        # pVF reads the radiographs from the manifest's DICOM itself
         xr = step(out / "xray", args.reuse, "preprocess", "xray", "--manifest", str(manifest), "--out",
@@ -115,12 +141,14 @@ def run(args: argparse.Namespace) -> tuple[list[Comparison], list[Figure]]:
         cv = step(out / "cv_deepsurv", args.reuse, "cv", "deepsurv", "--config", args.deepsurv_config, "--folds",
                   str(args.folds), "--data", str(xr), "--out", str(out / "cv_deepsurv"), done="predictions.parquet")
         c, f = _compare("DeepSurv", cv / "predictions.parquet", truth, "XR", args.n_boot, args.seed)
+        FOLDS["DeepSurv"] = per_fold("DeepSurv", cv / "predictions.parquet", truth, "XR")
         comps, figs = comps + c, figs + f
     if "pvf" in models:
         sets = [x for kv in args.pvf_set for x in ("--set", kv)]
         cv = step(out / "cv_pvf", args.reuse, "cv", "pvf", "--config", args.pvf_config, "--folds", str(args.folds),
                   "--data", str(manifest), "--out", str(out / "cv_pvf"), *sets, done="predictions.parquet")
         c, f = _compare("pVF", cv / "predictions.parquet", truth, "XR", args.n_boot, args.seed)
+        FOLDS["pVF"] = per_fold("pVF", cv / "predictions.parquet", truth, "XR")
         comps, figs = comps + c, figs + f
     return comps, figs
 
@@ -133,6 +161,15 @@ def report(comps: Sequence[Comparison], figs: Sequence[Figure], args: argparse.N
           file=sys.stderr)
     for c in comps:
         print(c.line() + f"  gap {c.gap:.3f}", file=sys.stderr)
+    for model, folds in FOLDS.items():
+        unit = "c_index" if MODELS[model][0] == "survival" else "auroc"
+        for k, n, m, c in folds:
+            figure(f"ceiling/{model}/fold{k}/model", m, unit, rows=n)
+            figure(f"ceiling/{model}/fold{k}/ceiling", c, unit, rows=n)
+        gaps = [c - m for _, _, m, c in folds]
+        figure(f"ceiling/{model}/out-of-fold/mean_fold_gap", sum(gaps) / len(gaps), unit)
+        print(f"{model} per fold (model / ceiling): " + ", ".join(f"{m:.3f} / {c:.3f}" for _, _, m, c in folds)
+              + f"; mean gap {sum(gaps) / len(gaps):.3f}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

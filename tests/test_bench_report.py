@@ -66,3 +66,17 @@ def test_gpu_check_dry_run_prints_only_valid_figures(tmp_path: Path) -> None:
         hits = [f for n, f in figs.items() if n.startswith(prefix)]
         assert hits, f"no figure {prefix}* in {sorted(figs)}"
         assert all(f["value"] is not None and f["value"] > 0 for f in hits), hits
+
+
+def test_memory_format_bench_times_both_formats_of_a_task() -> None:
+    env = {**os.environ, "PYTHONPATH": f"{BENCH.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    p = subprocess.run([sys.executable, str(BENCH / "bench_memory_format.py"), "--tasks", "deepsurv", "--steps", "1",
+                        "--warmup", "0", "--threads", "1"], capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    figs = {f["name"]: f for f in parse_figures(p.stdout)}
+    tag = "memory_format/deepsurv/cpu/batch64"
+    assert set(figs) == {f"{tag}/contiguous_ms_per_step", f"{tag}/channels_last_ms_per_step",
+                         f"{tag}/channels_last_speedup"}
+    assert all(f["value"] > 0 for f in figs.values()), figs
+    assert figs[f"{tag}/contiguous_ms_per_step"]["input"] == "5x64x64"
+    assert "cpu_channels_last=False" in p.stderr

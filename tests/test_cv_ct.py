@@ -122,16 +122,24 @@ def test_out_of_fold_predictions_cover_every_development_patient_once(cv_run) ->
 
 def test_external_set_is_scored_by_the_mean_of_the_fold_models(cv_run) -> None:
     from raypipe.predictions import read_predictions
+    from raypipe.tune.cv import recalibrate_fold
 
     truth, out = cv_run["truth"], cv_run["out"]
     preds = read_predictions(out / "predictions.parquet")
     ext = preds[preds["model"] == "cnn_rnn_bone@external"].set_index("study_id")
     assert sorted(ext["patient_id"]) == sorted(truth.loc[truth["site"] == "B", "patient_id"])
     assert ext["fold"].eq(-1).all() and ext["split"].eq("external").all()
-    per_fold = [read_predictions(out / "folds" / f"fold_{k:02d}" / "predictions.parquet") for k in (0, 1)]
-    scores = [f[f["split"] == "external"].set_index("study_id")["score"] for f in per_fold]
+    # each fold model's probabilities are first put on one scale by its own tune rows (Platt), then averaged
+    per_fold = [recalibrate_fold(read_predictions(out / "folds" / f"fold_{k:02d}" / "predictions.parquet"), k)
+                for k in (0, 1)]
+    scores = [f[(f["split"] == "external") & (f["model"] == "cnn_rnn_bone")].set_index("study_id")["score"]
+              for f in per_fold]
     expected = (scores[0] + scores[1]) / 2
     assert np.allclose(ext.loc[expected.index, "score"], expected)
+    oof = preds[preds["model"] == "cnn_rnn_bone"].set_index("study_id")["score"]
+    for f in per_fold:
+        val = f[(f["split"] == "val") & (f["model"] == "cnn_rnn_bone")].set_index("study_id")["score"]
+        assert np.allclose(oof.loc[val.index], val)
 
 
 def test_metrics_json_has_both_sets_with_cis(cv_run) -> None:

@@ -124,3 +124,42 @@ def test_survival_calibration_of_the_true_risk_lies_on_the_diagonal() -> None:
 def test_survival_calibration_is_undefined_beyond_follow_up() -> None:
     cal = M.survival_calibration([1, 2, 3, 6], [0, 0, 1, 0], [0.1, 0.2, 0.3, 0.4], horizon=3.5, n_groups=2)
     assert np.isnan(cal.observed[0]) and cal.observed[1] == pytest.approx(1.0 - 0.5)
+
+
+def _miscalibrated(n: int = 600, seed: int = 4, intercept: float = 0.7, slope: float = 1.6) -> tuple[np.ndarray, np.ndarray]:
+    """Outcomes drawn from sigmoid(intercept + slope * logit(p)): p is miscalibrated by a known map."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(-1.2, 1.3, n)
+    p = 1.0 / (1.0 + np.exp(-z))
+    y = (rng.random(n) < 1.0 / (1.0 + np.exp(-(intercept + slope * z)))).astype(int)
+    return y, p
+
+
+def test_logistic_recalibration_matches_sklearn_and_keeps_the_ranking() -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    y, p = _miscalibrated()
+    cal = M.fit_logistic_recalibration(y, p)
+    z = np.log(p / (1 - p))
+    ref = LogisticRegression(C=np.inf, tol=1e-12, max_iter=10_000).fit(z[:, None], y)
+    assert cal.n == len(y)
+    assert cal.intercept == pytest.approx(float(ref.intercept_[0]), abs=1e-5)
+    assert cal.slope == pytest.approx(float(ref.coef_[0, 0]), abs=1e-5)
+    assert 0.4 < cal.intercept < 1.0 and 1.3 < cal.slope < 1.9  # near the map that drew the outcomes
+    q = cal(p)
+    assert M.auroc(y, q) == pytest.approx(M.auroc(y, p))
+    assert np.all(np.diff(q[np.argsort(p)]) >= 0)
+    assert abs(q.mean() - y.mean()) < 1e-6  # maximum likelihood with an intercept matches the event share
+
+
+def test_logistic_recalibration_falls_back_when_the_slope_is_not_usable() -> None:
+    y, p = _miscalibrated(slope=-1.0)  # scores ranked the wrong way: a negative slope would reverse them
+    cal = M.fit_logistic_recalibration(y, p)
+    assert cal.slope == 1.0 and abs(cal(p).mean() - y.mean()) < 1e-6  # calibration in the large only
+    separated = M.fit_logistic_recalibration([0, 0, 0, 1, 1, 1], [0.1, 0.2, 0.3, 0.6, 0.7, 0.8])
+    assert separated.slope == 1.0 and np.isfinite(separated.intercept)
+    one_class = M.fit_logistic_recalibration([0, 0, 0], [0.1, 0.5, 0.9])
+    assert (one_class.intercept, one_class.slope) == (0.0, 1.0)
+    np.testing.assert_allclose(one_class([0.1, 0.5, 0.9]), [0.1, 0.5, 0.9])
+    with pytest.raises(ValueError, match="probabilities"):
+        M.fit_logistic_recalibration([0, 1], [0.2, 1.5])

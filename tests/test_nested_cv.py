@@ -56,7 +56,7 @@ def test_fold_predictions_ignore_held_out_labels(ray_session, tmp_path: Path) ->
     from raypipe.predictions import read_predictions
     from raypipe.train.ct import fit_ct_fold
     from raypipe.train.fold import FoldTask
-    from raypipe.tune.cv import youden_cutoff
+    from raypipe.tune.cv import fold_recalibration, youden_cutoff
 
     truth = write_planted_shards(tmp_path / "shards", 48, seed=11)
     patients = sorted(truth["patient_id"])
@@ -79,6 +79,8 @@ def test_fold_predictions_ignore_held_out_labels(ray_session, tmp_path: Path) ->
     assert not val_a["fracture_5y"].equals(val_b["fracture_5y"])  # the labels really differ
     cut_a, cut_b = youden_cutoff(a[a["split"] == TUNE_ROLE]), youden_cutoff(b[b["split"] == TUNE_ROLE])
     assert np.isfinite(cut_a) and cut_a == cut_b
+    cal_a, cal_b = fold_recalibration(a[a["split"] == TUNE_ROLE]), fold_recalibration(b[b["split"] == TUNE_ROLE])
+    assert cal_a.n > 0 and cal_a == cal_b  # the pooling's recalibration is chosen on training patients too
 
 
 def test_evaluate_reports_out_of_fold_and_external_side_by_side(tmp_path: Path) -> None:
@@ -104,3 +106,64 @@ def test_evaluate_reports_out_of_fold_and_external_side_by_side(tmp_path: Path) 
     assert ev.metrics["models"]["m"]["sensitivity"]["value"] == pytest.approx(expected.sensitivity)
     res = {r.name: r for r in ev.models}
     assert "training patients" in res["m"].threshold_source and res["m@external"].threshold == 0.5
+
+
+def _fold_frame(fold: int, offset: float, seed: int) -> pd.DataFrame:
+    """One fold model's rows: a probability model whose logit is off by `offset`, and a Cox model (log-risk)."""
+    rng = np.random.default_rng(seed)
+    parts = []
+    for split, n in (("tune", 80), ("val", 60), ("external", 40)):
+        y = (rng.random(n) < 0.25).astype(float)
+        z = 1.2 * y + rng.normal(-1.5, 1.0, n)
+        ids = [f"{'x' if split == 'external' else f'f{fold}{split}'}{i}" for i in range(n)]
+        base = {"patient_id": ids, "study_id": ids, "split": split, "fold": fold, "fracture_5y": y}
+        parts.append(pd.DataFrame({**base, "model": "cnn", "score": 1 / (1 + np.exp(-(z + offset))),
+                                   "score_kind": "probability"}))
+        parts.append(pd.DataFrame({**base, "model": "cox", "score": z + offset, "score_kind": "log_risk"}))
+    return pd.concat(parts, ignore_index=True)
+
+
+def test_fold_probabilities_are_recalibrated_on_tune_rows_only() -> None:
+    """Per-fold Platt scaling: fitted on `tune` (training patients), monotone, blind to held-out labels."""
+    from raypipe import metrics as M
+    from raypipe.tune.cv import recalibrate_fold
+
+    raw = _fold_frame(0, offset=-1.5, seed=1)
+    out = recalibrate_fold(raw, 0)
+    cnn, tune = raw["model"] == "cnn", raw["split"] == "tune"
+    cal = M.fit_logistic_recalibration(raw.loc[cnn & tune, "fracture_5y"], raw.loc[cnn & tune, "score"])
+    assert cal.intercept > 0.5  # the offset is undone
+    np.testing.assert_allclose(out.loc[cnn, "score"], cal(raw.loc[cnn, "score"]))
+    np.testing.assert_array_equal(out.loc[~cnn, "score"], raw.loc[~cnn, "score"])  # log-risk: no scale to fix
+    val = cnn & (raw["split"] == "val")
+    assert M.auroc(raw.loc[val, "fracture_5y"], out.loc[val, "score"]) == pytest.approx(
+        M.auroc(raw.loc[val, "fracture_5y"], raw.loc[val, "score"]))
+    permuted = raw.copy()
+    held = permuted["split"] != "tune"
+    permuted.loc[held, "fracture_5y"] = np.random.default_rng(2).permutation(permuted.loc[held, "fracture_5y"].to_numpy())
+    np.testing.assert_array_equal(recalibrate_fold(permuted, 0)["score"], out["score"])
+
+
+def test_pooled_out_of_fold_scores_share_one_scale(tmp_path: Path) -> None:
+    """Fold models on different scales: pooling raw scores loses AUROC that the recalibrated pooling keeps."""
+    from raypipe import metrics as M
+    from raypipe.predictions import write_predictions
+    from raypipe.tune.cv import FoldPlan, collect_predictions, fold_dir
+
+    frames = [_fold_frame(k, offset, seed=10 + k) for k, offset in enumerate((-2.0, 0.0, 2.0))]
+    plan = FoldPlan(3, 0, "fracture_5y", {p: k for k, f in enumerate(frames)
+                                          for p in f.loc[f["split"] == "val", "patient_id"]},
+                    external=tuple(sorted(set(frames[0].loc[frames[0]["split"] == "external", "patient_id"]))))
+    for k, f in enumerate(frames):
+        d = Path(fold_dir(str(tmp_path), k))
+        d.mkdir(parents=True)
+        write_predictions(f, d / "predictions.parquet")
+    pooled = collect_predictions(str(tmp_path), plan)
+    oof = pooled[(pooled["model"] == "cnn") & (pooled["split"] == "val")]
+    raw = pd.concat(frames)
+    raw = raw[(raw["model"] == "cnn") & (raw["split"] == "val")]
+    per_fold = np.mean([M.auroc(g["fracture_5y"], g["score"]) for _, g in raw.groupby("fold")])
+    auc_raw, auc_recal = M.auroc(raw["fracture_5y"], raw["score"]), M.auroc(oof["fracture_5y"], oof["score"])
+    assert auc_raw < per_fold - 0.05 and abs(auc_recal - per_fold) < 0.03, (auc_raw, auc_recal, per_fold)
+    ext = pooled[pooled["model"] == "cnn@external"]
+    assert len(ext) == 40 and ext["threshold"].notna().all()

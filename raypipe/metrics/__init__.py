@@ -3,7 +3,8 @@
 Binary: `auroc_ci`, `delong_test`, `binary_metrics(_ci)`, `youden_threshold`.
 Survival: `c_index`, `concordance_ci`, `c_index_uno`, `td_auroc`, `integrated_brier_score`,
 `kaplan_meier`, `logrank_test`, `cox_hazard_ratios`, `breslow_baseline`.
-Clinical usefulness: `net_benefit`, `net_benefit_survival` (decision curves), `survival_calibration`.
+Clinical usefulness: `net_benefit`, `net_benefit_survival` (decision curves), `survival_calibration`;
+`fit_logistic_recalibration` (Platt scaling, e.g. per CV fold on its inner validation rows).
 Stratification (Diff-X): `risk_groups`, `group_incidence`, `group_hazard_ratios`.
 Images and agreement: `psnr`, `ssim`, `ms_ssim`, `bland_altman`, `correlation_ci`.
 metrics.json: `binary_summary`, `survival_summary`, `hazard_ratio_summary`, `metric_summary`, `to_json_dict`.
@@ -36,7 +37,12 @@ from raypipe.metrics.bootstrap import (
     percentile_ci,
     unit_counts,
 )
-from raypipe.metrics.calibration import CalibrationGroups, survival_calibration
+from raypipe.metrics.calibration import (
+    CalibrationGroups,
+    LogisticRecalibration,
+    fit_logistic_recalibration,
+    survival_calibration,
+)
 from raypipe.metrics.decision import DecisionCurve, net_benefit, net_benefit_survival
 from raypipe.metrics.image import MS_SSIM_WEIGHTS, ms_ssim, ms_ssim_scales, psnr, ssim
 from raypipe.metrics.stratification import (
@@ -94,6 +100,7 @@ __all__ = [
     "HazardRatio",
     "KaplanMeier",
     "LogRankResult",
+    "LogisticRecalibration",
     "MetricCI",
     "TimeDependentAUROC",
     "auroc",
@@ -119,6 +126,7 @@ __all__ = [
     "cox_hazard_ratios",
     "delong_covariance",
     "delong_test",
+    "fit_logistic_recalibration",
     "group_hazard_ratios",
     "group_incidence",
     "hazard_ratio_summary",

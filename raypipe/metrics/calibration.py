@@ -1,8 +1,12 @@
-"""Calibration of predicted t-year risk: mean predicted risk against Kaplan-Meier observed risk per risk group.
+"""Calibration: observed against predicted t-year risk, and logistic recalibration of probabilities.
 
-Patients are cut into quantile groups of predicted risk by the horizon (deciles by default); in each group
-the observed risk is 1 - S(horizon) from Kaplan-Meier (so censoring before the horizon is handled), with
-its log(-log) 95% CI. A well calibrated model puts every group on the diagonal.
+`survival_calibration`: patients are cut into quantile groups of predicted risk by the horizon (deciles by
+default); in each group the observed risk is 1 - S(horizon) from Kaplan-Meier (so censoring before the horizon is
+handled), with its log(-log) 95% CI. A well calibrated model puts every group on the diagonal.
+
+`fit_logistic_recalibration` (Platt scaling on the logit): maps one model's probabilities onto the outcome scale
+of held-aside rows. Cross-validation fits it per fold on the fold's inner validation patients, so the fold
+models' out-of-fold probabilities share one scale before they are pooled (`raypipe.tune.cv`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ from numpy.typing import ArrayLike, NDArray
 
 from raypipe.metrics._checks import as_1d, as_binary
 from raypipe.metrics.survival import kaplan_meier
+
+MAX_RECALIBRATION_SLOPE = 20.0  # beyond this the rows separate the classes and the slope is not identified
+_EPS = 1e-6
 
 
 @dataclass(frozen=True)
@@ -58,3 +65,81 @@ def survival_calibration(
     p, o, lo, hi, n, ev = (np.array(c) for c in zip(*rows))
     return CalibrationGroups(float(horizon), p.astype(np.float64), o.astype(np.float64), lo.astype(np.float64),
                              hi.astype(np.float64), n.astype(np.int64), ev.astype(np.int64))
+
+
+@dataclass(frozen=True)
+class LogisticRecalibration:
+    """p -> sigmoid(intercept + slope * logit(p)); the identity is intercept 0, slope 1."""
+
+    intercept: float = 0.0
+    slope: float = 1.0
+    n: int = 0  # rows it was fitted on (0: not fitted, identity)
+
+    def __call__(self, p: ArrayLike) -> NDArray[np.float64]:
+        """Recalibrated probabilities (monotone in `p`, so rankings and AUROC are unchanged)."""
+        return _sigmoid(self.intercept + self.slope * _logit(np.asarray(p, dtype=np.float64)))
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {"intercept": self.intercept, "slope": self.slope, "n": self.n}
+
+
+def _logit(p: NDArray[np.float64]) -> NDArray[np.float64]:
+    q = np.clip(p, _EPS, 1.0 - _EPS)
+    return np.log(q) - np.log1p(-q)
+
+
+def _sigmoid(z: NDArray[np.float64]) -> NDArray[np.float64]:
+    return np.exp(-np.logaddexp(0.0, -z))
+
+
+def _log_likelihood(y: NDArray[np.float64], eta: NDArray[np.float64]) -> float:
+    return float(np.sum(y * eta - np.logaddexp(0.0, eta)))
+
+
+def _newton(y: NDArray[np.float64], design: NDArray[np.float64], offset: NDArray[np.float64],
+            iterations: int = 100) -> NDArray[np.float64] | None:
+    """Maximum-likelihood logistic coefficients by Newton-Raphson with step halving; None if it diverges."""
+    beta = np.zeros(design.shape[1])
+    ll = _log_likelihood(y, offset)
+    for _ in range(iterations):
+        eta = offset + design @ beta
+        mu = _sigmoid(eta)
+        grad = design.T @ (y - mu)
+        hess = design.T @ (design * (mu * (1.0 - mu))[:, None])
+        try:
+            step = np.linalg.solve(hess, grad)
+        except np.linalg.LinAlgError:
+            return None
+        for _ in range(30):  # halve until the likelihood does not fall
+            new = beta + step
+            new_ll = _log_likelihood(y, offset + design @ new)
+            if new_ll >= ll - 1e-12:
+                break
+            step = step / 2.0
+        beta, ll = new, new_ll
+        if not np.all(np.isfinite(beta)):
+            return None
+        if np.max(np.abs(step)) < 1e-10:
+            return beta
+    return beta
+
+
+def fit_logistic_recalibration(y: ArrayLike, p: ArrayLike) -> LogisticRecalibration:
+    """Platt's logistic recalibration of probabilities `p` to binary outcomes `y` (maximum likelihood).
+
+    Falls back to an intercept-only fit (slope 1: calibration in the large) when the fitted slope is not positive
+    or exceeds `MAX_RECALIBRATION_SLOPE` (a recalibration must keep the ranking and stay finite), and to the
+    identity when `y` holds one class only.
+    """
+    yy = as_binary(y, "y").astype(np.float64)
+    pp = as_1d(p, "p", yy.size)
+    if np.any((pp < 0) | (pp > 1)):
+        raise ValueError(f"p must be probabilities in [0, 1], found values in [{pp.min():.4g}, {pp.max():.4g}]")
+    z = _logit(pp)
+    if yy.size == 0 or yy.min() == yy.max():
+        return LogisticRecalibration(n=int(yy.size))
+    beta = _newton(yy, np.column_stack([np.ones_like(z), z]), np.zeros_like(z))
+    if beta is not None and 0.0 < beta[1] <= MAX_RECALIBRATION_SLOPE:
+        return LogisticRecalibration(float(beta[0]), float(beta[1]), int(yy.size))
+    shift = _newton(yy, np.ones((z.size, 1)), z)
+    return LogisticRecalibration(float(shift[0]) if shift is not None else 0.0, 1.0, int(yy.size))

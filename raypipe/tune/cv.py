@@ -16,7 +16,8 @@ fold-fit function:
    (mean of the fold scores; split `external`, `fold` = -1, model name + `@external`) go to
    `OUT/predictions.parquet`, with a `threshold` column: each fold's Youden cut-off chosen on its own
    `tune` rows (training patients), and for the external set the Youden cut-off of the out-of-fold
-   development predictions. `OUT/metrics.json` (DESIGN.md schema) holds both sets.
+   development predictions. Before pooling, each fold model's probabilities are recalibrated (Platt) on the
+   fold's `tune` rows, so every fold's scores are on one scale (`recalibrate_fold`). `OUT/metrics.json` (DESIGN.md schema) holds both sets.
 
 A fold-fit must write `predictions.parquet` (prediction schema; split `val` for the fold's held-out
 patients, `tune` for its inner validation patients, `external` for the external ones) and
@@ -309,13 +310,18 @@ def run_trials(spec: TrialSpec, cv: CVConfig, tracking: Tracking | None = None) 
 
 # ---------------------------------------------------------------------------------------------- collect
 def collect_predictions(out_dir: str, plan: FoldPlan) -> pd.DataFrame:
-    """Out-of-fold rows (fold = k) of every fold plus the external rows averaged over the fold models."""
+    """Out-of-fold rows (fold = k) of every fold plus the external rows averaged over the fold models.
+
+    Probability scores are first recalibrated per fold on the fold's `tune` rows (`recalibrate_fold`), so the
+    pooled out-of-fold rows and the averaged external scores put every fold model on one scale.
+    """
     from raypipe.predictions import read_predictions
 
     oof, ext = [], []
     for k in range(plan.n_folds):
         df = read_predictions(fold_dir(out_dir, k)).drop(columns=["source_file"], errors="ignore")
         df.attrs = {}
+        df = recalibrate_fold(df, k)
         val = df[df["split"] == DEV_SPLIT].assign(fold=k)
         wrong = set(val["patient_id"].astype(str)) - set(plan.patients(k)["val"])
         if wrong:
@@ -344,6 +350,43 @@ def collect_predictions(out_dir: str, plan: FoldPlan) -> pd.DataFrame:
         merged["model"] = merged["model"].astype(str) + EXTERNAL_SUFFIX
         parts.append(merged)
     return pd.concat([dev, *parts], ignore_index=True)
+
+
+def fold_recalibration(tune_rows: pd.DataFrame) -> Any:
+    """Platt recalibration of one model's probabilities fitted on a fold's `tune` rows (training patients).
+
+    Identity (`LogisticRecalibration()`) for log-risk scores (a Cox score has no scale to fix: concordance is
+    unchanged by a shift) and when the rows lack a label or one of its classes.
+    """
+    from raypipe import metrics as M
+    from raypipe.predictions import label_columns
+
+    if tune_rows.empty or (tune_rows["score_kind"] != "probability").any():
+        return M.LogisticRecalibration()
+    labels = label_columns(list(tune_rows.columns))
+    if not labels:
+        return M.LogisticRecalibration()
+    known = tune_rows[tune_rows[labels[0]].notna()]
+    return M.fit_logistic_recalibration(known[labels[0]].to_numpy(dtype=int), known["score"].to_numpy(dtype=float))
+
+
+def recalibrate_fold(df: pd.DataFrame, fold: int) -> pd.DataFrame:
+    """One fold's predictions with each model's probabilities recalibrated on that fold's `tune` rows.
+
+    Fold models trained on different patients stop at different epochs and land on different probability scales
+    (on a 900-patient synthetic CT cohort the mean out-of-fold logit ranged from -2.3 to -1.1 over three folds), so
+    pooling their raw scores ranks patients across folds by the fold they fell in: the pooled AUROC sat 0.05 below
+    the folds' own. The map is monotone (each fold's ranking is kept) and uses training patients only.
+    """
+    out = df.copy()
+    for model in out["model"].unique():
+        rows = out["model"] == model
+        cal = fold_recalibration(out[rows & (out["split"] == TUNE_SPLIT)])
+        if cal.n:
+            out.loc[rows, "score"] = cal(out.loc[rows, "score"].to_numpy(dtype=float))
+            log.info("fold %d, %s: scores recalibrated on %d tune rows (intercept %.3f, slope %.3f)", fold, model,
+                     cal.n, cal.intercept, cal.slope)
+    return out
 
 
 def youden_cutoff(rows: pd.DataFrame) -> float:
@@ -502,7 +545,9 @@ def run_cv(model: str, config: Any, data_dir: str, out_dir: str, cv: CVConfig | 
     metrics = summarise(predictions, n_boot=n_boot, seed=seed)
     meta_out: dict[str, Any] = {"model": config.name, "config_hash": config_hash(config), "cv_folds": cv.folds,
                                 "cv_seed": seed, "threshold_source": "per-fold Youden cut-off on the fold's "
-                                "inner validation (training) patients; external: Youden on the out-of-fold rows"}
+                                "inner validation (training) patients; external: Youden on the out-of-fold rows",
+                                "score_recalibration": "per-fold Platt scaling of probabilities on the fold's inner "
+                                "validation (training) patients"}
     write_predictions(predictions, storage.join(out, "predictions.parquet"), meta_out)
     storage.atomic_write_json(storage.join(out, "metrics.json"), metrics)
     storage.atomic_write_text(storage.join(out, "metrics.csv"), _fold_table(out, cv.folds))
