@@ -126,7 +126,8 @@ def test_survival_calibration_is_undefined_beyond_follow_up() -> None:
     assert np.isnan(cal.observed[0]) and cal.observed[1] == pytest.approx(1.0 - 0.5)
 
 
-def _miscalibrated(n: int = 600, seed: int = 4, intercept: float = 0.7, slope: float = 1.6) -> tuple[np.ndarray, np.ndarray]:
+def _miscalibrated(n: int = 600, seed: int = 4, intercept: float = 0.7,
+                   slope: float = 1.6) -> tuple[np.ndarray, np.ndarray]:
     """Outcomes drawn from sigmoid(intercept + slope * logit(p)): p is miscalibrated by a known map."""
     rng = np.random.default_rng(seed)
     z = rng.normal(-1.2, 1.3, n)

@@ -140,7 +140,8 @@ def test_fold_probabilities_are_recalibrated_on_tune_rows_only() -> None:
         M.auroc(raw.loc[val, "fracture_5y"], raw.loc[val, "score"]))
     permuted = raw.copy()
     held = permuted["split"] != "tune"
-    permuted.loc[held, "fracture_5y"] = np.random.default_rng(2).permutation(permuted.loc[held, "fracture_5y"].to_numpy())
+    labels = permuted.loc[held, "fracture_5y"].to_numpy()
+    permuted.loc[held, "fracture_5y"] = np.random.default_rng(2).permutation(labels)
     np.testing.assert_array_equal(recalibrate_fold(permuted, 0)["score"], out["score"])
 
 

@@ -17,7 +17,8 @@ fold-fit function:
    `OUT/predictions.parquet`, with a `threshold` column: each fold's Youden cut-off chosen on its own
    `tune` rows (training patients), and for the external set the Youden cut-off of the out-of-fold
    development predictions. Before pooling, each fold model's probabilities are recalibrated (Platt) on the
-   fold's `tune` rows, so every fold's scores are on one scale (`recalibrate_fold`). `OUT/metrics.json` (DESIGN.md schema) holds both sets.
+   fold's `tune` rows, so every fold's scores are on one scale (`recalibrate_fold`).
+   `OUT/metrics.json` (DESIGN.md schema) holds both sets.
 
 A fold-fit must write `predictions.parquet` (prediction schema; split `val` for the fold's held-out
 patients, `tune` for its inner validation patients, `external` for the external ones) and
