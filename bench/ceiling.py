@@ -25,11 +25,11 @@ The figures are then computed from each run's predictions.parquet joined to the 
 Output: one JSON line per figure {"name", "value", "unit"} on stdout, then a readable table. `--reuse`
 skips steps whose output folder already exists in `--out` (resume an interrupted bench).
 
-Cohort sizes the figures in bench/RESULTS.md are stated for (2 CPU cores, idle): `--patients 900 --models cnn-rnn`
-(~15 min) and `--patients 1500 --models deepsurv,pvf` (~10 + ~30 min). DeepSurv at 900 patients sits at the 0.10
-target rather than inside it (gaps 0.084-0.105 over three seeds; 0.051-0.072 at 1500). The pVF classifier needs
-~400 training radiographs per fold: a fold of 900 patients has 245 (out of fold 0.83 without the left-right flip,
-0.85 with `--pvf-set epochs=80`, 0.75 with the flip); a fold of 1500 has 424 (0.97 without the flip, 0.90 with it).
+The cohort size the target is stated for (2 CPU cores, idle): `--patients 1500` (CT ~20 min, DeepSurv ~10 min,
+pVF ~30 min), where every image model is within 0.10 of its ceiling. The CT CNN-RNN is also within it at 900
+patients (three seeds); DeepSurv at 900 sits at the target (gaps 0.084-0.105 over three seeds). The pVF classifier
+needs ~400 training radiographs per fold: a fold of 900 patients has 245 (out of fold 0.83 without the left-right
+flip, 0.85 with `--pvf-set epochs=80`, 0.75 with the flip); a fold of 1500 has 424 (0.97 without the flip, 0.90 with).
 """
 from __future__ import annotations
 
