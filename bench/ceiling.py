@@ -56,7 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # pVF on 2 cores: the tiny config (256 x 192, 50 epochs: the make-test budget) with 60 epochs here, where a fold's
 # validation AUROC still rises (out of fold 0.83 after 60 epochs, 0.85 after 80 on 900 patients: bench/RESULTS.md)
 PVF_SETS = ["epochs=60", "patience=60"]
-FOLDS: dict[str, list[tuple[int, int, float, float]]] = {}  # per model: (fold, rows, model, ceiling), filled by run
+FoldFigures = dict[str, list[tuple[int, int, float, float]]]  # per model: (fold, rows, model, ceiling)
 MODELS = {"CT CNN-RNN": ("fracture_5y", "true_image_lp"), "DeepSurv": ("survival", "true_lp"),
           "pVF": ("prevalent_fracture", "deformity")}
 
@@ -116,7 +116,7 @@ def per_fold(model: str, pred_path: Path, manifest: pd.DataFrame, modality: str)
     return out
 
 
-def run(args: argparse.Namespace) -> tuple[list[Comparison], list[Figure]]:
+def run(args: argparse.Namespace) -> tuple[list[Comparison], list[Figure], FoldFigures]:
     """The whole bench: cohort, preprocessing, the requested models, figures."""
     out = Path(args.out or tempfile.mkdtemp(prefix="raypipe-ceiling-")).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -129,12 +129,13 @@ def run(args: argparse.Namespace) -> tuple[list[Comparison], list[Figure]]:
     truth = pd.read_csv(manifest, dtype={"patient_id": str, "study_id": str})
     comps: list[Comparison] = []
     figs: list[Figure] = []
+    folds: FoldFigures = {}
     if "cnn-rnn" in models:
         ct = step(out / "ct", args.reuse, "preprocess", "ct", "--manifest", str(manifest), "--out", str(out / "ct"))
         cv = step(out / "cv_cnn_rnn", args.reuse, "cv", "cnn-rnn", "--config", args.ct_config, "--folds",
                   str(args.folds), "--data", str(ct), "--out", str(out / "cv_cnn_rnn"), done="predictions.parquet")
         c, f = _compare("CT CNN-RNN", cv / "predictions.parquet", truth, "CT", args.n_boot, args.seed)
-        FOLDS["CT CNN-RNN"] = per_fold("CT CNN-RNN", cv / "predictions.parquet", truth, "CT")
+        folds["CT CNN-RNN"] = per_fold("CT CNN-RNN", cv / "predictions.parquet", truth, "CT")
         comps, figs = comps + c, figs + f
     if "deepsurv" in models:        # pVF reads the radiographs from the manifest's DICOM itself
         xr = step(out / "xray", args.reuse, "preprocess", "xray", "--manifest", str(manifest), "--out",
@@ -142,19 +143,19 @@ def run(args: argparse.Namespace) -> tuple[list[Comparison], list[Figure]]:
         cv = step(out / "cv_deepsurv", args.reuse, "cv", "deepsurv", "--config", args.deepsurv_config, "--folds",
                   str(args.folds), "--data", str(xr), "--out", str(out / "cv_deepsurv"), done="predictions.parquet")
         c, f = _compare("DeepSurv", cv / "predictions.parquet", truth, "XR", args.n_boot, args.seed)
-        FOLDS["DeepSurv"] = per_fold("DeepSurv", cv / "predictions.parquet", truth, "XR")
+        folds["DeepSurv"] = per_fold("DeepSurv", cv / "predictions.parquet", truth, "XR")
         comps, figs = comps + c, figs + f
     if "pvf" in models:
         sets = [x for kv in args.pvf_set for x in ("--set", kv)]
         cv = step(out / "cv_pvf", args.reuse, "cv", "pvf", "--config", args.pvf_config, "--folds", str(args.folds),
                   "--data", str(manifest), "--out", str(out / "cv_pvf"), *sets, done="predictions.parquet")
         c, f = _compare("pVF", cv / "predictions.parquet", truth, "XR", args.n_boot, args.seed)
-        FOLDS["pVF"] = per_fold("pVF", cv / "predictions.parquet", truth, "XR")
+        folds["pVF"] = per_fold("pVF", cv / "predictions.parquet", truth, "XR")
         comps, figs = comps + c, figs + f
-    return comps, figs
+    return comps, figs, folds
 
 
-def report(comps: Sequence[Comparison], figs: Sequence[Figure], args: argparse.Namespace) -> None:
+def report(comps: Sequence[Comparison], figs: Sequence[Figure], folds: FoldFigures, args: argparse.Namespace) -> None:
     """JSON lines {"name","value","unit"} on stdout, then one line per model and rows on stderr: figure, ceiling, chance."""
     for rec in json_lines(figs, comps):
         figure(str(rec["name"]), float(rec["value"]), str(rec["unit"]))
@@ -162,14 +163,14 @@ def report(comps: Sequence[Comparison], figs: Sequence[Figure], args: argparse.N
           file=sys.stderr)
     for c in comps:
         print(c.line() + f"  gap {c.gap:.3f}", file=sys.stderr)
-    for model, folds in FOLDS.items():
+    for model, per_model in folds.items():
         unit = "c_index" if MODELS[model][0] == "survival" else "auroc"
-        for k, n, m, c in folds:
+        for k, n, m, c in per_model:
             figure(f"ceiling/{model}/fold{k}/model", m, unit, rows=n)
             figure(f"ceiling/{model}/fold{k}/ceiling", c, unit, rows=n)
-        gaps = [c - m for _, _, m, c in folds]
+        gaps = [c - m for _, _, m, c in per_model]
         figure(f"ceiling/{model}/out-of-fold/mean_fold_gap", sum(gaps) / len(gaps), unit)
-        print(f"{model} per fold (model / ceiling): " + ", ".join(f"{m:.3f} / {c:.3f}" for _, _, m, c in folds)
+        print(f"{model} per fold (model / ceiling): " + ", ".join(f"{m:.3f} / {c:.3f}" for _, _, m, c in per_model)
               + f"; mean gap {sum(gaps) / len(gaps):.3f}", file=sys.stderr)
 
 
@@ -193,8 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.pvf_set = PVF_SETS if args.pvf_set is None else args.pvf_set
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    comps, figs = run(args)
-    report(comps, figs, args)
+    comps, figs, folds = run(args)
+    report(comps, figs, folds, args)
     return 0
 
 

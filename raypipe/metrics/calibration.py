@@ -79,9 +79,6 @@ class LogisticRecalibration:
         """Recalibrated probabilities (monotone in `p`, so rankings and AUROC are unchanged)."""
         return _sigmoid(self.intercept + self.slope * _logit(np.asarray(p, dtype=np.float64)))
 
-    def to_dict(self) -> dict[str, float | int]:
-        return {"intercept": self.intercept, "slope": self.slope, "n": self.n}
-
 
 def _logit(p: NDArray[np.float64]) -> NDArray[np.float64]:
     q = np.clip(p, _EPS, 1.0 - _EPS)

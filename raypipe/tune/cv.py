@@ -53,6 +53,7 @@ from raypipe.train.fold import FoldTask
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # annotations only: tracking imports Ray Train
+    from raypipe.metrics import LogisticRecalibration
     from raypipe.tracking import Tracking
 
 EXTERNAL_SUFFIX = "@external"
@@ -353,22 +354,30 @@ def collect_predictions(out_dir: str, plan: FoldPlan) -> pd.DataFrame:
     return pd.concat([dev, *parts], ignore_index=True)
 
 
-def fold_recalibration(tune_rows: pd.DataFrame) -> Any:
+def labelled_probabilities(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray] | None:
+    """(label, score) of one model's rows with a known label; None unless the scores are probabilities and a
+    label column (`predictions.label_columns`, first one) is present."""
+    from raypipe.predictions import label_columns
+
+    if rows.empty or (rows["score_kind"] != "probability").any():
+        return None
+    labels = label_columns(list(rows.columns))
+    if not labels:
+        return None
+    known = rows[rows[labels[0]].notna()]
+    return known[labels[0]].to_numpy(dtype=int), known["score"].to_numpy(dtype=float)
+
+
+def fold_recalibration(tune_rows: pd.DataFrame) -> LogisticRecalibration:
     """Platt recalibration of one model's probabilities fitted on a fold's `tune` rows (training patients).
 
     Identity (`LogisticRecalibration()`) for log-risk scores (a Cox score has no scale to fix: concordance is
     unchanged by a shift) and when the rows lack a label or one of its classes.
     """
     from raypipe import metrics as M
-    from raypipe.predictions import label_columns
 
-    if tune_rows.empty or (tune_rows["score_kind"] != "probability").any():
-        return M.LogisticRecalibration()
-    labels = label_columns(list(tune_rows.columns))
-    if not labels:
-        return M.LogisticRecalibration()
-    known = tune_rows[tune_rows[labels[0]].notna()]
-    return M.fit_logistic_recalibration(known[labels[0]].to_numpy(dtype=int), known["score"].to_numpy(dtype=float))
+    labelled = labelled_probabilities(tune_rows)
+    return M.LogisticRecalibration() if labelled is None else M.fit_logistic_recalibration(*labelled)
 
 
 def recalibrate_fold(df: pd.DataFrame, fold: int) -> pd.DataFrame:
@@ -397,17 +406,11 @@ def youden_cutoff(rows: pd.DataFrame) -> float:
     out-of-fold rows for the external set: a cut-off never comes from the rows it is applied to.
     """
     from raypipe import metrics as M
-    from raypipe.predictions import label_columns
 
-    if rows.empty or (rows["score_kind"] != "probability").any():
+    labelled = labelled_probabilities(rows)
+    if labelled is None or np.unique(labelled[0]).size != 2:
         return float("nan")
-    labels = label_columns(list(rows.columns))
-    if not labels:
-        return float("nan")
-    known = rows[rows[labels[0]].notna()]
-    if known[labels[0]].nunique() != 2:
-        return float("nan")
-    return float(M.youden_threshold(known[labels[0]].to_numpy(dtype=int), known["score"].to_numpy(dtype=float)))
+    return float(M.youden_threshold(*labelled))
 
 
 def summarise(predictions: pd.DataFrame, n_boot: int, seed: int) -> dict[str, Any]:
